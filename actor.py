@@ -46,6 +46,11 @@ def load_actor(model_path: str, device: torch.device, world: int):
     """fp32 master weights; FSDP2 `fully_shard` per decoder layer, then the root, when world > 1."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    return shard_with_fsdp2(model, world)
+
+
+def shard_with_fsdp2(model, world: int):
+    """FSDP2 `fully_shard` per decoder layer, then the root (one process: unchanged). Actor and critic alike."""
     model.config.use_cache = False
     if world > 1:
         from torch.distributed.fsdp import fully_shard
@@ -127,7 +132,7 @@ def compute_old_logprobs(model, batch: RolloutBatch, args, device, probe_layer: 
         real = len(idx) > 0
         mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
         with autocast_context(args, device):
-            logp, entropy, hidden = policy_forward(model, _to(mb, device), probe_layer, with_entropy=True)
+            logp, entropy, hidden = policy_forward(model, to_device(mb, device), probe_layer, with_entropy=True)
         if not real:
             continue
         width = logp.shape[1]
@@ -145,10 +150,10 @@ def compute_old_logprobs(model, batch: RolloutBatch, args, device, probe_layer: 
         batch.features = feats
 
 
-def _to(mb: RolloutBatch, device) -> RolloutBatch:
+def to_device(mb: RolloutBatch, device) -> RolloutBatch:
     if device.type == "cpu":
         return mb
-    for name in ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages"):
+    for name in ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages", "old_values", "returns"):
         t = getattr(mb, name)
         if t is not None:
             setattr(mb, name, t.to(device))
@@ -202,7 +207,7 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
             optimizer.zero_grad(set_to_none=True)
             for idx in micro_batches(mini_batch.prompt_lens + mini_batch.response_lens, args.micro_batch_size):
                 weight = 1.0 if len(idx) else 0.0  # a rank with fewer rollouts still joins the collectives
-                mb = _to(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
+                mb = to_device(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
                 with autocast_context(args, device):
                     logp, _, _ = policy_forward(model, mb)
                 mask = mb.response_mask

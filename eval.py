@@ -3,6 +3,7 @@
     python eval.py --model runs/default/checkpoint-000024 --data arithmetic -k 4
     python eval.py --data ../shared/data/math500.jsonl --data ../shared/data/amc23.jsonl -k 16
     python eval.py plot runs/default                  # PNGs from runs/default/metrics.jsonl
+    python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (SPEC §8)
 
 avg@k  = mean over problems of (correct samples / k)                      (the papers use k = 16)
 pass@k = mean over problems of 1 - C(n - c, k) / C(n, k), with n samples and c correct (Chen et al.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +48,227 @@ def evaluate(engine, tokenizer, problems: list[Problem], k: int, max_new_tokens:
     out["avg_at_k"] = out["correct_sum"] / out["samples"]
     out["pass_at_k"] = pass_sum / len(problems)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Value-model quality (SPEC §8; GenAC paper §4 and Tables 2-4)
+#
+# A state is a held-out prompt plus a partial response of the policy cut at a segment boundary (the
+# segmentation GenAC uses: genac.segment_boundaries). Its ground-truth value is the Monte-Carlo mean
+# reward of M continuations sampled from it by the engine. "path" states (every segment start of one
+# response per prompt) measure MSE / MAE / Pearson r; "candidate" states (C continuations of one
+# prefix, each cut after its first segment) measure relative ranking: top-1 accuracy of picking the
+# best of 2 / 4 / 8 candidates. Any value model plugs in as
+#     value_fn(problems: list[str], partial_responses: list[str]) -> list[float] in [0, 1].
+
+
+def value_targets(engine, tokenizer, problems: list[Problem], prompt_ids: list[list[int]], states: list[dict], m: int,
+                  max_new_tokens: int, verifier, seed: int) -> None:
+    """Monte-Carlo ground truth, in place: state["value"] = mean reward of its m continuations (ONE engine call).
+
+    A state is {"problem_index", "prefix_ids" (response tokens so far), "finished"}; a finished state (the
+    response already ended) is worth its own reward. The continuation budget is what the policy had left.
+    """
+    open_states = [s for s in states if not s["finished"]]
+    samples = engine.generate([prompt_ids[s["problem_index"]] + s["prefix_ids"] for s in open_states], m,
+                              [max(max_new_tokens - len(s["prefix_ids"]), 1) for s in open_states], 1.0, 1.0, seed)
+    texts, owners = [], []
+    for s, group in zip(open_states, samples):
+        for c in group:
+            texts.append(tokenizer.decode(s["prefix_ids"] + c.token_ids, skip_special_tokens=True))
+            owners.append(s)
+    for s in states:
+        if s["finished"]:
+            texts.append(tokenizer.decode(s["prefix_ids"], skip_special_tokens=True))
+            owners.append(s)
+    rewards, _ = score_responses(texts, [problems[s["problem_index"]] for s in owners], verifier)
+    for s in states:
+        s["continuation_rewards"] = []
+    for s, r in zip(owners, rewards):
+        s["continuation_rewards"].append(r)
+    for s in states:
+        s["value"] = sum(s["continuation_rewards"]) / len(s["continuation_rewards"])
+
+
+def build_value_states(engine, tokenizer, problems: list[Problem], verifier, m: int = 16, candidates: int = 8,
+                       rank_prompts: int = 24, segment_tokens: int = 32, max_segments: int = 8, max_new_tokens: int = 128,
+                       seed: int = 0) -> list[dict]:
+    """-> states: path states of one policy response per problem, candidate groups for the first `rank_prompts`."""
+    import random
+
+    from genac import critic_state_prefixes, segment_boundaries, token_texts
+    rng = random.Random(seed)
+    prompt_ids = [format_prompt(tokenizer, p) for p in problems]
+    responses = engine.generate(prompt_ids, 1, max_new_tokens, 1.0, 1.0, seed)  # the policy's own samples
+    states: list[dict] = []
+    prefixes_for_ranking = []
+    for i, group in enumerate(responses):
+        ids = group[0].token_ids
+        ends = segment_boundaries(token_texts(tokenizer, ids), segment_tokens, max_segments)
+        path = critic_state_prefixes(ids, ends) if ends else [[]]
+        for k, prefix in enumerate(path):
+            states.append({"problem_index": i, "kind": "path", "segment": k, "prefix_ids": prefix, "finished": False})
+        if i < rank_prompts:
+            prefixes_for_ranking.append((i, path[rng.randrange(len(path))]))
+    if prefixes_for_ranking and candidates > 1:  # C first segments from the same prefix
+        outs = engine.generate([prompt_ids[i] + prefix for i, prefix in prefixes_for_ranking], candidates,
+                               [max(max_new_tokens - len(prefix), 1) for _, prefix in prefixes_for_ranking], 1.0, 1.0, seed + 1)
+        for g, ((i, prefix), group) in enumerate(zip(prefixes_for_ranking, outs)):
+            for c in group:
+                first = segment_boundaries(token_texts(tokenizer, c.token_ids), segment_tokens, max_segments)[:1] or [0]
+                cut = first[0]
+                finished = cut == len(c.token_ids) and (c.finish_reason == "stop" or len(prefix) + cut >= max_new_tokens)
+                states.append({"problem_index": i, "kind": "candidate", "group": g, "prefix_ids": prefix + c.token_ids[:cut],
+                               "finished": finished})
+    value_targets(engine, tokenizer, problems, prompt_ids, states, m, max_new_tokens, verifier, seed + 2)
+    for s in states:
+        s["problem"] = problems[s["problem_index"]].problem
+        s["partial_response"] = tokenizer.decode(s["prefix_ids"], skip_special_tokens=True)
+    return states
+
+
+def ranking_top1(true_values: list[float], predicted: list[float], c: int) -> float:
+    """Top-1 accuracy of picking a best candidate, averaged over every c-subset of the candidates.
+
+    Ties in the prediction are a uniformly random pick (a constant model scores chance); any pick whose
+    true value equals the subset's best is correct. Example: true [0.1, 0.9, 0.5], predicted [0.2, 0.8, 0.9],
+    c = 2: subsets {0,1} right, {0,2} right, {1,2} wrong -> 2/3.
+    """
+    from itertools import combinations
+    scores = []
+    for subset in combinations(range(len(true_values)), c):
+        best_true = max(true_values[j] for j in subset)
+        best_pred = max(predicted[j] for j in subset)
+        picks = [j for j in subset if predicted[j] >= best_pred - 1e-12]
+        scores.append(sum(true_values[j] >= best_true - 1e-12 for j in picks) / len(picks))
+    return sum(scores) / len(scores)
+
+
+def value_quality(states: list[dict], predictions: list[float], sizes=(2, 4, 8)) -> dict:
+    """MSE, MAE, Pearson r on path states; top-1@c over candidate groups with at least c candidates."""
+    path = [(s["value"], p) for s, p in zip(states, predictions) if s["kind"] == "path"]
+    truth, pred = [t for t, _ in path], [p for _, p in path]
+    n = len(path)
+    out = {"states": n, "mse": sum((t - p) ** 2 for t, p in path) / n, "mae": sum(abs(t - p) for t, p in path) / n}
+    mt, mp = sum(truth) / n, sum(pred) / n
+    st = math.sqrt(sum((t - mt) ** 2 for t in truth))
+    sp = math.sqrt(sum((p - mp) ** 2 for p in pred))
+    out["pearson"] = sum((t - mt) * (p - mp) for t, p in path) / (st * sp) if st > 0 and sp > 0 else float("nan")
+    groups: dict[int, list[tuple[float, float]]] = {}
+    for s, p in zip(states, predictions):
+        if s["kind"] == "candidate":
+            groups.setdefault(s["group"], []).append((s["value"], p))
+    for c in sizes:
+        accs = [ranking_top1([t for t, _ in g], [p for _, p in g], c) for g in groups.values() if len(g) >= c]
+        out[f"top1@{c}"] = sum(accs) / len(accs) if accs else float("nan")
+    return out
+
+
+def constant_baselines(states: list[dict]) -> dict[str, list[float]]:
+    """The references printed beside every model: the oracle state-zero value of each prompt (knows the
+    prompt's true success rate, ignores the partial response) and the dataset mean."""
+    zero = {s["problem_index"]: s["value"] for s in states if s["kind"] == "path" and s["segment"] == 0}
+    path_values = [s["value"] for s in states if s["kind"] == "path"]
+    mean = sum(path_values) / len(path_values)
+    return {"oracle state-zero value": [zero[s["problem_index"]] for s in states], "dataset mean": [mean] * len(states)}
+
+
+def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
+    """The state set is built once per (policy, data, settings) and cached as JSON (written atomically)."""
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved["meta"] != meta:
+            raise ValueError(f"{cache} was built with other settings {saved['meta']}; pass another --cache or --rebuild")
+        print(f"[values] {len(saved['states'])} cached states from {cache}", file=sys.stderr)
+        return saved["states"]
+    states = build()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "states": states}))
+    os.replace(tmp, cache)
+    print(f"[values] built {len(states)} states -> {cache}", file=sys.stderr)
+    return states
+
+
+def values_main(argv: list[str]) -> None:
+    """`python eval.py values`: the value-model benchmark (see the section comment above)."""
+    ap = argparse.ArgumentParser(prog="eval.py values", description="Value-model quality against Monte-Carlo values.")
+    ap.add_argument("--policy", default=None, help="policy whose values are measured (default: offline SmolLM2-135M)")
+    ap.add_argument("--data", default="arithmetic", help="'arithmetic[:levels]' (held-out split) or a JSONL file: OOD is one flag away")
+    ap.add_argument("-n", type=int, default=64, help="held-out prompts (one policy response each)")
+    ap.add_argument("-m", type=int, default=16, help="Monte-Carlo continuations per state")
+    ap.add_argument("--candidates", type=int, default=8, help="candidate segments per ranking prefix")
+    ap.add_argument("--rank-prompts", type=int, default=24, help="prompts that get a ranking group")
+    ap.add_argument("--segment-tokens", type=int, default=32, help="segment length (GenAC's --segment-tokens)")
+    ap.add_argument("--max-segments", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="the policy's response budget")
+    ap.add_argument("--critic", action="append", default=[], help="discriminative critic folder, or 'init' (fresh head "
+                    "on --critic-base); repeatable")
+    ap.add_argument("--critic-base", default=None, help="base model for --critic init (default: the policy)")
+    ap.add_argument("--cache", default=None, help="state-set cache (default: runs/values/<data>-<policy>-n<n>-m<m>.json)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached state set")
+    ap.add_argument("--problem-key", default="problem")
+    ap.add_argument("--answer-key", default="answer")
+    ap.add_argument("--engine-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the table to this JSON file")
+    args = ap.parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    from rollout import make_engine, resolve_model_path
+    try:
+        policy = resolve_model_path(args.policy)
+        problems = load_problems(args.data, "heldout", args.seed, args.problem_key, args.answer_key)[: args.n]
+        critic_paths = [c if c == "init" else resolve_model_path(c) for c in args.critic]
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    slug = lambda s: Path(str(s).rstrip("/")).name.replace(":", "_").replace(",", "_")  # noqa: E731
+    cache = Path(args.cache or f"runs/values/{slug(args.data)}-{slug(policy)}-n{args.n}-m{args.m}.json")
+    if args.rebuild and cache.exists():
+        cache.unlink()
+    meta = {"policy": policy, "data": args.data, "n": len(problems), "m": args.m, "candidates": args.candidates,
+            "rank_prompts": args.rank_prompts, "segment_tokens": args.segment_tokens, "max_segments": args.max_segments,
+            "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+
+    def build():
+        engine = make_engine("vllm", policy, dtype=args.engine_dtype, seed=args.seed, max_model_len=2048)
+        verifier = MathVerifier() if any(p.kind == "math" for p in problems) else None
+        try:
+            return build_value_states(engine, tokenizer, problems, verifier, args.m, args.candidates, args.rank_prompts,
+                                      args.segment_tokens, args.max_segments, args.max_new_tokens, args.seed)
+        finally:
+            if verifier is not None:
+                verifier.close()
+            engine.close()
+
+    try:
+        states = load_or_build_states(cache, meta, build)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    models = dict(constant_baselines(states))
+    problems_text, partials = [s["problem"] for s in states], [s["partial_response"] for s in states]
+    for spec in critic_paths:
+        from critic import discriminative_value_fn, load_value_model
+        path = resolve_model_path(args.critic_base) if spec == "init" and args.critic_base else policy if spec == "init" else spec
+        model = load_value_model(path, torch.device("cpu"), 1, seed=args.seed)
+        name = f"critic {'init (fresh head)' if spec == 'init' else spec}"
+        models[name] = discriminative_value_fn(model, tokenizer, torch.device("cpu"))(problems_text, partials)
+        del model
+    n_path = sum(s["kind"] == "path" for s in states)
+    n_groups = len({s["group"] for s in states if s["kind"] == "candidate"})
+    print(f"{n_path} path states from {len(problems)} prompts of {args.data}, {n_groups} ranking groups of {args.candidates}; "
+          f"ground truth = mean reward of {args.m} continuations")
+    print("| value model | MSE | MAE | Pearson r | top-1@2 | top-1@4 | top-1@8 |\n|---|---|---|---|---|---|---|")
+    results = {}
+    for name, predictions in models.items():
+        q = results[name] = value_quality(states, predictions)
+        cell = lambda x: "—" if x != x else f"{x:.3f}"  # noqa: E731  (nan -> dash)
+        print(f"| {name} | {cell(q['mse'])} | {cell(q['mae'])} | {cell(q['pearson'])} | {cell(q['top1@2'])} | "
+              f"{cell(q['top1@4'])} | {cell(q['top1@8'])} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +317,8 @@ def plot_run(run_dir: str) -> list[Path]:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["values"]:
+        return values_main(argv[1:])
     if argv[:1] == ["plot"]:
         for run_dir in argv[1:] or ["runs/default"]:
             try:

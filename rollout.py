@@ -379,14 +379,15 @@ class VLLMEngine:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         self.llm = LLM(**kwargs)
 
-    def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int, temperature: float,
+    def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int], temperature: float,
                  top_p: float, seed: int) -> list[list[Sample]]:
-        """-> samples[prompt][i]; `n` may differ per prompt (V0.5 asks for extra rollouts)."""
+        """-> samples[prompt][i]; `n` and `max_tokens` may differ per prompt (V0.5's extra rollouts, value states)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         counts = [n] * len(prompt_ids) if isinstance(n, int) else list(n)
+        limits = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else list(max_tokens)
         keep = [i for i, c in enumerate(counts) if c > 0]
-        params = [SamplingParams(n=counts[i], temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0)
+        params = [SamplingParams(n=counts[i], temperature=temperature, top_p=top_p, max_tokens=limits[i], logprobs=0)
                   for i in keep]
         torch.manual_seed(seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in keep], params, use_tqdm=False)
@@ -430,9 +431,10 @@ class HFEngine:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int, temperature: float,
+    def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int], temperature: float,
                  top_p: float, seed: int) -> list[list[Sample]]:
         counts = [n] * len(prompt_ids) if isinstance(n, int) else list(n)
+        limits = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else list(max_tokens)
         eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
         result: list[list[Sample]] = []
         for i, (ids, count) in enumerate(zip(prompt_ids, counts)):
@@ -441,7 +443,7 @@ class HFEngine:
                 continue
             torch.manual_seed(seed + i)  # one seed per prompt: independent of batching
             out = self.model.generate(torch.tensor([ids] * count), attention_mask=torch.ones(count, len(ids), dtype=torch.long),
-                                      do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_tokens,
+                                      do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=limits[i],
                                       output_scores=True, return_dict_in_generate=True, pad_token_id=self.pad)
             new = out.sequences[:, len(ids):]  # [count, L]
             logp = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [count, L]
@@ -510,6 +512,8 @@ class RolloutBatch:
     entropies: torch.Tensor | None = None  # [N, R]
     features: torch.Tensor | None = None  # [N, F] POISE features when asked
     advantages: torch.Tensor | None = None  # [N, R]
+    old_values: torch.Tensor | None = None  # [N, R] critic values V_t before the update (PPO, VC-PPO)
+    returns: torch.Tensor | None = None  # [N, R] critic targets
     extras: dict = field(default_factory=dict)
 
     @property
@@ -529,7 +533,8 @@ class RolloutBatch:
         return RolloutBatch(self.input_ids[idx][:, left:self.prompt_width + R], self.attention_mask[idx][:, left:self.prompt_width + R],
                             self.response_mask[idx][:, :R], self.prompt_lens[idx], self.response_lens[idx],
                             self.engine_logprobs[idx][:, :R], self.rewards[idx], self.group_index[idx], self.prompt_width - left,
-                            pick(self.old_logprobs), pick(self.entropies), pick(self.features), pick(self.advantages))
+                            pick(self.old_logprobs), pick(self.entropies), pick(self.features), pick(self.advantages),
+                            pick(self.old_values), pick(self.returns))
 
 
 def build_rollout_batch(prompt_ids: list[list[int]], samples: list[list[Sample]], rewards: list[float],

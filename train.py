@@ -7,6 +7,8 @@ Every algorithm is "PPO with a different advantage" (SPEC §1); `--algo` only pi
     rloo   r_i - mean_{j != i} r_j                                                     advantage.py
     v05    generalist value prior fused with sparse rollouts, OSLA extra rollouts     prior.py
     poise  hidden-state probe, cross-rollout baselines, 2 rollouts per prompt         probe.py
+    ppo    discriminative critic V_t, token-level GAE, batch-whitened                 critic.py
+    vcppo  ppo after --critic-warmup-steps of value pretraining on the frozen actor    critic.py
   --clip-high 0.28 on any of them is DAPO's clip-higher.
 
 Run it:
@@ -41,7 +43,8 @@ from actor import (all_gather_objects, all_reduce, compute_old_logprobs, full_st
 from rollout import (DataError, MathVerifier, Problem, RolloutBatch, build_rollout_batch, default_engine, format_prompt,
                      load_problems, make_engine, resolve_model_path, score_responses)
 
-ALGOS = ("grpo", "rloo", "v05", "poise")
+ALGOS = ("grpo", "rloo", "v05", "poise", "ppo", "vcppo")
+CRITIC_ALGOS = ("ppo", "vcppo")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,6 +100,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--v05-std", default="bernoulli", choices=("bernoulli", "none"))
     a("--prior-embedder", default=None, help="embedding model folder for the prior (default: all-MiniLM-L6-v2)")
     a("--prior-pooling", default="mean", choices=("mean", "last"), help="'last' for Qwen3-Embedding-style models")
+    # PPO / VC-PPO
+    a("--critic-model", default=None, help="critic base (default: the actor's base model); its LM head becomes a scalar head")
+    a("--critic-lr", type=float, default=5e-6)
+    a("--gamma", type=float, default=1.0, help="GAE discount")
+    a("--lam", type=float, default=1.0, help="GAE lambda of the actor's advantages (VC-PPO's critic always uses 1)")
+    a("--value-clip", type=float, default=0.5)
+    a("--critic-warmup-steps", type=int, default=None, help="critic-only iterations on the frozen actor before RL "
+      "(value pretraining; default 8 for vcppo, 0 for ppo)")
     # POISE
     a("--probe-layer", type=int, default=None, help="decoder layer for features (default 0.55 x depth)")
     a("--probe-bootstrap-steps", type=int, default=16, help="RLOO steps that fill the probe's buffer")
@@ -108,6 +119,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rollouts_per_prompt = 2
         if "--prompts-per-step" not in given:
             args.prompts_per_step *= 4
+    if args.critic_warmup_steps is None:
+        args.critic_warmup_steps = 8 if args.algo == "vcppo" else 0
+    if args.critic_warmup_steps and args.algo not in CRITIC_ALGOS:
+        p.error(f"--critic-warmup-steps needs a critic (--algo {' or '.join(CRITIC_ALGOS)})")
     if args.rollouts_per_prompt < 2 and args.algo in ("grpo", "rloo", "poise"):
         p.error("--rollouts-per-prompt must be >= 2 for group baselines")
     return args
@@ -137,10 +152,13 @@ def setup_distributed():
 class Algorithm:
     """The per-algorithm state the loop keeps (prior, probe); one small class, no hierarchy."""
 
-    def __init__(self, args, model_config):
-        self.args = args
-        self.prior = self.poise = None
+    def __init__(self, args, model_config, device=None, world: int = 1, critic_path: str | None = None):
+        self.args, self.device, self.world = args, device, world
+        self.prior = self.poise = self.critic = None
         self.probe_layer = None
+        if args.algo in CRITIC_ALGOS:
+            from critic import ValueCritic
+            self.critic = ValueCritic(critic_path, device, world, lr=args.critic_lr, weight_decay=args.weight_decay, seed=args.seed)
         if args.algo == "v05":
             from prior import ValuePrior
             self.prior = ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling, seed=args.seed)
@@ -153,7 +171,15 @@ class Algorithm:
             self.poise = PoiseBaseline(prompt_dim=model_config.hidden_size, bootstrap_steps=args.probe_bootstrap_steps)
 
     def advantages(self, batch: RolloutBatch, osla=None) -> tuple[torch.Tensor, dict]:
-        """-> sequence advantages [N] of this rank's rollouts, metrics. Group statistics are global."""
+        """-> token advantages [N, R] of this rank's rollouts, metrics. Group and batch statistics are global."""
+        if self.critic is not None:
+            from critic import critic_gae_advantages
+            return critic_gae_advantages(self.critic, batch, self.args, self.device)
+        sequence_advantages, metrics = self.sequence_advantages(batch, osla)  # [N]
+        return adv_math.broadcast_to_tokens(sequence_advantages, batch.response_mask), metrics
+
+    def sequence_advantages(self, batch: RolloutBatch, osla=None) -> tuple[torch.Tensor, dict]:
+        """-> sequence advantages [N] of this rank's rollouts, metrics."""
         args = self.args
         if args.algo == "grpo":
             return adv_math.grpo_advantages(batch.rewards, batch.group_index, use_std=not args.no_std), {}
@@ -178,7 +204,10 @@ class Algorithm:
         raise ValueError(args.algo)
 
     def state_dict(self) -> dict:
+        """Everything but the critic's weights (save_checkpoint writes those as a model folder). All ranks call."""
         state = {}
+        if self.critic is not None:
+            state["critic_optimizer"] = self.critic.optimizer_state_dict()
         if self.prior is not None:
             state["prior"] = self.prior.state_dict()
         if self.poise is not None:
@@ -186,6 +215,8 @@ class Algorithm:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.critic is not None and "critic_optimizer" in state:
+            self.critic.load_optimizer_state_dict(state["critic_optimizer"])
         if self.prior is not None and "prior" in state:
             self.prior.load_state_dict(state["prior"])
         if self.poise is not None and "poise" in state:
@@ -283,18 +314,22 @@ def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, stream: P
     """Atomic: everything is written into a temporary folder, which is then renamed into place.
 
     The folder loads directly with transformers / vLLM (`save_pretrained`); trainer_state.pt holds the
-    optimizer, step, RNG states, data position and the algorithm's state.
+    optimizer, step, RNG states, data position and the algorithm's state; PPO's critic is in `critic/`.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     weights = full_state_dict(model)  # all ranks gather
     optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    algo_state = algo.state_dict()
+    critic_weights = algo.critic.full_state_dict() if algo.critic is not None else None
     final = out / f"checkpoint-{step:06d}"
     if rank == 0:
         tmp = out / f".tmp-checkpoint-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in weights.items()})
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim_state, "stream": stream.state_dict(), "algorithm": algo.state_dict(),
+        if critic_weights is not None:  # loads with AutoModelForTokenClassification
+            algo.critic.save_pretrained(tmp / "critic", critic_weights, tokenizer)
+        torch.save({"step": step, "optimizer": optim_state, "stream": stream.state_dict(), "algorithm": algo_state,
                     "generated_tokens": generated_total,
                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
                    tmp / "trainer_state.pt")
@@ -345,7 +380,9 @@ def main(argv=None) -> None:
     ref_model = load_actor(base_model, device, world).eval() if args.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     try:
-        algo = Algorithm(args, model.config)
+        critic_path = str(resume_from / "critic") if resume_from and args.algo in CRITIC_ALGOS else (
+            resolve_model_path(args.critic_model) if args.critic_model else base_model)
+        algo = Algorithm(args, model.config, device, world, critic_path)
     except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. a missing --prior-embedder
         sys.exit(f"error: {e}")
     stream = PromptStream(train_problems, args.seed)
@@ -401,10 +438,13 @@ def main(argv=None) -> None:
     if local_prompts < 1:
         sys.exit(f"error: --prompts-per-step {args.prompts_per_step} is smaller than the number of ranks {world}")
 
+    warmup_steps = args.critic_warmup_steps  # VC-PPO: the first iterations train only the critic
+    total_steps = warmup_steps + args.steps
     from tqdm import tqdm
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master, desc=f"{args.algo}")
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master, desc=f"{args.algo}")
     for step in bar:
         t_step = time.time()
+        warming_up = step < warmup_steps
         problems = stream.next_batch(local_prompts * world)[rank * local_prompts:(rank + 1) * local_prompts]
         prompt_ids = [format_prompt(tokenizer, p) for p in problems]
 
@@ -424,26 +464,34 @@ def main(argv=None) -> None:
         compute_old_logprobs(model, batch, args, device, algo.probe_layer, marker)
         t_old = time.time() - t
 
-        # 3. advantages
+        # 3. advantages (PPO / VC-PPO: critic values -> GAE)
         t = time.time()
-        seq_adv, m_algo = algo.advantages(batch, osla)
-        batch.advantages = adv_math.broadcast_to_tokens(seq_adv, batch.response_mask)
+        batch.advantages, m_algo = algo.advantages(batch, osla)  # [N, R]
         t_adv = time.time() - t
 
-        # 4. update
+        # 4. update the actor (not while VC-PPO pretrains its critic), then the critic on the same batch
         t = time.time()
         model.train()
-        m_update = ppo_update(model, optimizer, batch, args, device, world, ref_model)
+        m_update = {} if warming_up else ppo_update(model, optimizer, batch, args, device, world, ref_model)
         t_update = time.time() - t
+        if algo.critic is not None:
+            t = time.time()
+            m_algo.update(algo.critic.update(batch, args, device, world))
+            m_algo["time/critic_update"] = time.time() - t
 
         # 5. sync the new weights into the engine
         t = time.time()
-        engine.wake()
-        engine.load_weights(full_state_dict(model).items())
+        if not warming_up:
+            engine.wake()
+            engine.load_weights(full_state_dict(model).items())
         t_sync = time.time() - t
+        if warming_up and step + 1 == warmup_steps:  # the value-pretrained critic, for `eval.py values`
+            from critic import save_critic_atomically
+            save_critic_atomically(algo.critic, out / "critic-pretrained", tokenizer, rank)
 
         # 6. log
         mask = batch.response_mask
+        seq_adv = (batch.advantages * mask).sum(1) / mask.sum(1).clamp(min=1)  # [N] mean advantage per rollout
         local = torch.tensor([float(batch.rewards.sum()), len(batch), float(mask.sum()), float(batch.attention_mask.sum()),
                               float((batch.entropies * mask).sum()), float((batch.old_logprobs - batch.engine_logprobs).abs().mul(mask).sum()),
                               float(seq_adv.sum()), float((seq_adv ** 2).sum()), float((seq_adv.abs() < 1e-8).sum()),
@@ -452,7 +500,7 @@ def main(argv=None) -> None:
         n, tokens = float(tot[1]), max(float(tot[2]), 1.0)
         adv_mean = float(tot[6]) / n
         record = {
-            "step": step + 1, "reward": float(tot[0]) / n, "response_length": tokens / n, "rollouts": int(n),
+            "step": step + 1, "phase": "critic_warmup" if warming_up else "rl", "reward": float(tot[0]) / n, "response_length": tokens / n, "rollouts": int(n),
             "generated_tokens": int(tot[2]), "trained_tokens": int(tot[3]), "entropy": float(tot[4]) / tokens,
             "logprob_diff_engine_trainer": float(tot[5]) / tokens, "adv_mean": adv_mean,
             "adv_std": math.sqrt(max(float(tot[7]) / n - adv_mean ** 2, 0.0)), "zero_adv_frac": float(tot[8]) / n,
@@ -471,21 +519,21 @@ def main(argv=None) -> None:
         log(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", len=f"{record['response_length']:.0f}", s=f"{record['time/step']:.0f}")
 
-        if args.token_budget and generated_total >= args.token_budget and step + 1 < args.steps:
+        if args.token_budget and generated_total >= args.token_budget and step + 1 < total_steps:
             if master:
                 print(f"[budget] {generated_total} generated tokens >= --token-budget {args.token_budget}; stopping after step {step + 1}", flush=True)
-            args.steps = step + 1
+            total_steps = step + 1
             break
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
             run_eval(step + 1)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(out, step + 1, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total)
 
-    if start_step < args.steps:
-        run_eval(args.steps)
-        final = save_checkpoint(out, args.steps, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total)
+    if start_step < total_steps:
+        run_eval(total_steps)
+        final = save_checkpoint(out, total_steps, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total)
         if master:
-            print(f"[done] {args.steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
+            print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
     if verifier is not None:
         verifier.close()
     engine.close()

@@ -1,0 +1,108 @@
+"""The discriminative critic (PPO, VC-PPO): GAE over a ragged batch, value positions, the update, the loop."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import advantage as A
+from critic import ValueCritic, critic_gae_advantages, discriminative_value_fn, value_forward
+from rollout import Sample, build_rollout_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gae_ragged_batch_lambda_below_one():
+    # two rollouts of lengths 3 and 1 (padding after), gamma 1, lambda 0.5
+    v = torch.tensor([[0.5, 0.4, 0.2], [0.3, 9.0, 9.0]])  # padding values must not leak in
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv, ret = A.gae_advantages(v, torch.tensor([1.0, 0.0]), m, gamma=1.0, lam=0.5)
+    d = [0.4 - 0.5, 0.2 - 0.4, 1.0 - 0.2]  # delta_t = r_t + V_{t+1} - V_t, V after the end = 0
+    a2 = d[2]
+    a1 = d[1] + 0.5 * a2
+    a0 = d[0] + 0.5 * a1
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2], [-0.3, 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.2], [0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def _batch():
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]  # different lengths -> left padding on row 0
+    samples = [[Sample([20, 21, 22, 23], [0.0] * 4, "", "stop"), Sample([24], [0.0], "", "stop")],
+               [Sample([25, 26], [0.0] * 2, "", "length")]]
+    return build_rollout_batch(prompts, samples, [1.0, 0.0, 1.0], pad_id=0), prompts, samples
+
+
+def _args(**kw):
+    base = dict(micro_batch_size=2, dtype="fp32", ppo_epochs=1, mini_batches=1, seed=0, value_clip=0.5, grad_clip=1.0,
+                gamma=1.0, lam=1.0, algo="ppo")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_critic_values_line_up_with_response_tokens(tiny_model):
+    """V_t = head output at the last token of x ∘ y_<t, whatever the padding and the micro-batching."""
+    critic = ValueCritic(tiny_model, torch.device("cpu"), 1)
+    batch, prompts, samples = _batch()
+    critic.compute_values(batch, _args(), torch.device("cpu"))
+    rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
+    for i, (prompt, sample) in enumerate(rows):
+        for t in range(len(sample.token_ids)):
+            state = torch.tensor([prompt + sample.token_ids[:t]])
+            with torch.no_grad():
+                expected = critic.model(input_ids=state).logits[0, -1, 0]
+            assert float(batch.old_values[i, t]) == pytest.approx(float(expected), abs=1e-5), (i, t)
+        assert float(batch.old_values[i, len(sample.token_ids):].abs().sum()) == 0  # padding carries no value
+    mb = batch.select(torch.tensor([1]))  # a trimmed single row reads the same values
+    assert torch.allclose(value_forward(critic.model, mb)[0], batch.old_values[1, :1], atol=1e-5)
+
+
+def test_critic_update_fits_returns_and_gae_whitening(tiny_model):
+    critic = ValueCritic(tiny_model, torch.device("cpu"), 1, lr=1e-3)
+    batch, _, _ = _batch()
+    args = _args()
+    adv, metrics = critic_gae_advantages(critic, batch, args, torch.device("cpu"))
+    raw, returns = A.gae_advantages(batch.old_values, batch.rewards, batch.response_mask)
+    assert torch.allclose(adv, A.masked_whiten(raw, batch.response_mask), atol=1e-5)  # one rank: the same whitening
+    assert torch.allclose(batch.returns, returns) and torch.allclose(returns[0, :4], torch.ones(4))  # lambda = 1: returns = r
+    first = critic.update(batch, args, torch.device("cpu"), 1)["critic/mse_to_returns"]
+    for _ in range(15):
+        critic.compute_values(batch, args, torch.device("cpu"))
+        last = critic.update(batch, args, torch.device("cpu"), 1)["critic/mse_to_returns"]
+    assert last < 0.5 * first, (first, last)
+    assert metrics["critic/values_mse"] == pytest.approx(first, rel=1e-4)
+
+
+def test_discriminative_value_fn_in_unit_interval(tiny_model, default_model):
+    from transformers import AutoTokenizer
+    critic = ValueCritic(tiny_model, torch.device("cpu"), 1)
+    tok = AutoTokenizer.from_pretrained(default_model)
+    values = discriminative_value_fn(critic.model, tok, torch.device("cpu"), batch_size=2)(
+        ["What is 2 + 2?", "What is 3 + 4?", "What is 1 + 1?"], ["", "3 + 4 = 7", "Let me think"])
+    assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_vcppo_warmup_trains_only_the_critic(tiny_model, tmp_path):
+    """--steps 0 with 2 warmup iterations: the actor's weights are untouched, the critic's moved, and the
+    value-pretrained critic is saved as a model folder next to the checkpoint."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--algo", "vcppo", "--model", tiny_model, "--out", str(out), "--steps", "0",
+           "--critic-warmup-steps", "2", "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "8",
+           "--no-eval", "--dtype", "fp32", "--critic-lr", "1e-3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["critic_warmup", "critic_warmup"]
+    assert all("critic/value_loss" in r and "policy_loss" not in r for r in rows)
+    actor = load_file(out / "checkpoint-000002" / "model.safetensors")
+    start = load_file(Path(tiny_model) / "model.safetensors")
+    assert all(torch.equal(actor[k], start[k]) for k in start)
+    critic = load_file(out / "checkpoint-000002" / "critic" / "model.safetensors")
+    pretrained = load_file(out / "critic-pretrained" / "model.safetensors")
+    assert max(float((critic[k] - start[k]).abs().max()) for k in start if k in critic) > 1e-6
+    assert all(torch.equal(critic[k], pretrained[k]) for k in critic)
+    assert "score.weight" in critic
