@@ -9,6 +9,7 @@ Every algorithm is "PPO with a different advantage" (SPEC §1); `--algo` only pi
     poise  hidden-state probe, cross-rollout baselines, 2 rollouts per prompt         probe.py
     ppo    discriminative critic V_t, token-level GAE, batch-whitened                 critic.py
     vcppo  ppo after --critic-warmup-steps of value pretraining on the frozen actor    critic.py
+    genac  generative critic judges each segment's state in text, ICC hints, GAE       genac.py
   --clip-high 0.28 on any of them is DAPO's clip-higher.
 
 Run it:
@@ -43,8 +44,8 @@ from actor import (all_gather_objects, all_reduce, compute_old_logprobs, full_st
 from rollout import (DataError, MathVerifier, Problem, RolloutBatch, build_rollout_batch, default_engine, format_prompt,
                      load_problems, make_engine, resolve_model_path, score_responses)
 
-ALGOS = ("grpo", "rloo", "v05", "poise", "ppo", "vcppo")
-CRITIC_ALGOS = ("ppo", "vcppo")
+ALGOS = ("grpo", "rloo", "v05", "poise", "ppo", "vcppo", "genac")
+CRITIC_ALGOS = ("ppo", "vcppo", "genac")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,14 +101,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--v05-std", default="bernoulli", choices=("bernoulli", "none"))
     a("--prior-embedder", default=None, help="embedding model folder for the prior (default: all-MiniLM-L6-v2)")
     a("--prior-pooling", default="mean", choices=("mean", "last"), help="'last' for Qwen3-Embedding-style models")
-    # PPO / VC-PPO
-    a("--critic-model", default=None, help="critic base (default: the actor's base model); its LM head becomes a scalar head")
-    a("--critic-lr", type=float, default=5e-6)
+    # PPO / VC-PPO / GenAC
+    a("--critic-model", "--critic", default=None, help="critic to start from (default: the actor's base model); PPO "
+      "replaces its LM head by a scalar head, GenAC keeps it (pass a `genac.py sft/pretrain` folder)")
     a("--gamma", type=float, default=1.0, help="GAE discount")
     a("--lam", type=float, default=1.0, help="GAE lambda of the actor's advantages (VC-PPO's critic always uses 1)")
     a("--value-clip", type=float, default=0.5)
     a("--critic-warmup-steps", type=int, default=None, help="critic-only iterations on the frozen actor before RL "
       "(value pretraining; default 8 for vcppo, 0 for ppo)")
+    # GenAC (and --critic-lr for every critic)
+    from genac import add_critic_arguments
+    add_critic_arguments(a)
     # POISE
     a("--probe-layer", type=int, default=None, help="decoder layer for features (default 0.55 x depth)")
     a("--probe-bootstrap-steps", type=int, default=16, help="RLOO steps that fill the probe's buffer")
@@ -119,10 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rollouts_per_prompt = 2
         if "--prompts-per-step" not in given:
             args.prompts_per_step *= 4
+    if args.critic_lr is None:
+        args.critic_lr = 1e-6 if args.algo == "genac" else 5e-6
     if args.critic_warmup_steps is None:
         args.critic_warmup_steps = 8 if args.algo == "vcppo" else 0
-    if args.critic_warmup_steps and args.algo not in CRITIC_ALGOS:
-        p.error(f"--critic-warmup-steps needs a critic (--algo {' or '.join(CRITIC_ALGOS)})")
+    if args.critic_warmup_steps and args.algo not in ("ppo", "vcppo"):
+        p.error("--critic-warmup-steps is value pretraining of PPO's critic (--algo ppo or vcppo); GenAC pretrains "
+                "with `python genac.py pretrain`")
     if args.rollouts_per_prompt < 2 and args.algo in ("grpo", "rloo", "poise"):
         p.error("--rollouts-per-prompt must be >= 2 for group baselines")
     return args
@@ -152,13 +159,17 @@ def setup_distributed():
 class Algorithm:
     """The per-algorithm state the loop keeps (prior, probe); one small class, no hierarchy."""
 
-    def __init__(self, args, model_config, device=None, world: int = 1, critic_path: str | None = None):
-        self.args, self.device, self.world = args, device, world
+    def __init__(self, args, model_config, device=None, world: int = 1, critic_path: str | None = None, tokenizer=None,
+                 actor_parameters: int | None = None):
+        self.args, self.device, self.world, self.tokenizer = args, device, world, tokenizer
         self.prior = self.poise = self.critic = None
         self.probe_layer = None
-        if args.algo in CRITIC_ALGOS:
+        if args.algo in ("ppo", "vcppo"):
             from critic import ValueCritic
             self.critic = ValueCritic(critic_path, device, world, lr=args.critic_lr, weight_decay=args.weight_decay, seed=args.seed)
+        if args.algo == "genac":
+            from genac import GenerativeCritic
+            self.critic = GenerativeCritic(critic_path, device, world, args, actor_parameters)
         if args.algo == "v05":
             from prior import ValuePrior
             self.prior = ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling, seed=args.seed)
@@ -170,8 +181,13 @@ class Algorithm:
                 raise ValueError(f"--probe-layer {self.probe_layer} out of range for a {layers}-layer model")
             self.poise = PoiseBaseline(prompt_dim=model_config.hidden_size, bootstrap_steps=args.probe_bootstrap_steps)
 
-    def advantages(self, batch: RolloutBatch, osla=None) -> tuple[torch.Tensor, dict]:
+    def advantages(self, batch: RolloutBatch, osla=None, problems=None) -> tuple[torch.Tensor, dict]:
         """-> token advantages [N, R] of this rank's rollouts, metrics. Group and batch statistics are global."""
+        if self.args.algo == "genac":  # segment values v_k from the critic's text -> GAE (lambda = 1: A = r - v_k)
+            from critic import whitened_gae
+            token_values, metrics = self.critic.judge_rollouts(batch, problems, self.tokenizer, seed=batch.extras["step"] * 31 + 5)
+            advantages, gae_metrics = whitened_gae(batch, token_values, self.args, returns_lambda=self.args.lam)
+            return advantages, {**metrics, **gae_metrics}
         if self.critic is not None:
             from critic import critic_gae_advantages
             return critic_gae_advantages(self.critic, batch, self.args, self.device)
@@ -382,7 +398,7 @@ def main(argv=None) -> None:
     try:
         critic_path = str(resume_from / "critic") if resume_from and args.algo in CRITIC_ALGOS else (
             resolve_model_path(args.critic_model) if args.critic_model else base_model)
-        algo = Algorithm(args, model.config, device, world, critic_path)
+        algo = Algorithm(args, model.config, device, world, critic_path, tokenizer, sum(p.numel() for p in model.parameters()))
     except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. a missing --prior-embedder
         sys.exit(f"error: {e}")
     stream = PromptStream(train_problems, args.seed)
@@ -466,7 +482,7 @@ def main(argv=None) -> None:
 
         # 3. advantages (PPO / VC-PPO: critic values -> GAE)
         t = time.time()
-        batch.advantages, m_algo = algo.advantages(batch, osla)  # [N, R]
+        batch.advantages, m_algo = algo.advantages(batch, osla, problems)  # [N, R]
         t_adv = time.time() - t
 
         # 4. update the actor (not while VC-PPO pretrains its critic), then the critic on the same batch
@@ -537,6 +553,8 @@ def main(argv=None) -> None:
     if verifier is not None:
         verifier.close()
     engine.close()
+    if args.algo == "genac":
+        algo.critic.close()  # its own engine
     if dist.is_initialized():
         dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()

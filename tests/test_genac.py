@@ -1,0 +1,136 @@
+"""GenAC's pure logic: segmentation, critic states, ICC prompt, parsing, critic reward, tau, GAE on segment
+values, and the sign of the critic's REINFORCE loss."""
+import pytest
+import torch
+
+import advantage as A
+from critic import (RunningSuccessRate, critic_advantages, critic_reward, format_actor_size, icc_prompt,
+                    parse_critic_value)
+from genac import critic_state_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
+
+
+def _check_cover(ends, n):
+    starts = [0] + ends[:-1]
+    assert ends[-1] == n and all(e > s for s, e in zip(starts, ends))  # exact cover, no empty segment
+
+
+def test_segmentation_prefers_paragraph_then_line_then_sentence():
+    texts = ["a", " b", " c", " d.", " e", " f", "\n",  # a sentence end after 4 tokens, a line break after 7
+             "g", " h", " o", " p\n", " q", "\n\n",  # from 7: a line break after 11, a paragraph break after 13
+             "i", " j", " k", " l", " m", " n"]
+    ends = segment_boundaries(texts, segment_tokens=4)
+    _check_cover(ends, len(texts))
+    assert ends[0] == 7  # cuts allowed after 4..8 tokens: the line break beats the sentence end
+    assert ends[1] == 13  # cuts allowed after 11..15 tokens: the paragraph break beats the earlier line break
+    only_sentences = ["a", " b", " c.", " d", " e", " f.", " g", " h", " i", " j"]
+    assert segment_boundaries(only_sentences, segment_tokens=3)[0] == 3  # sentence end at exactly L
+    assert segment_boundaries(only_sentences, segment_tokens=4)[0] == 6  # next sentence end inside [L, 2L]
+
+
+def test_segmentation_hard_cut_cap_and_edge_cases():
+    texts = [f" w{i}" for i in range(20)]  # no delimiter at all
+    assert segment_boundaries(texts, segment_tokens=6) == [6, 12, 18, 20]
+    capped = segment_boundaries(texts, segment_tokens=3, max_segments=3)
+    assert capped == [3, 6, 20]  # the tail merged into the last allowed segment
+    assert segment_boundaries(texts[:5], segment_tokens=6) == [5]  # short response: one segment
+    assert segment_boundaries([], segment_tokens=6) == []
+    for n in range(1, 30):  # exact cover on every length
+        _check_cover(segment_boundaries([" x", ".", "\n"] * n, 7, 8), 3 * n)
+
+
+def test_segmentation_on_real_tokens(default_model):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(default_model)
+    text = "First, 12 + 7 = 19.\n\nThen 19 * 2 = 38. So we get 38.\nThe answer is \\boxed{38}."
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = token_texts(tok, ids)
+    assert "".join(pieces) == tok.decode(ids)
+    ends = segment_boundaries(pieces, segment_tokens=8)  # digits are single tokens: the break ends token 15
+    _check_cover(ends, len(ids))
+    assert tok.decode(ids[:ends[0]]).endswith("\n\n")  # the first cut is the paragraph break
+    starts = [0] + ends[:-1]
+    assert "".join(tok.decode(ids[s:e]) for s, e in zip(starts, ends)) == text
+
+
+def test_critic_states_are_prompt_plus_earlier_segments():
+    prompt = [101, 102]
+    response = [1, 2, 3, 4, 5, 6, 7]
+    ends = [3, 5, 7]
+    states = [prompt + p for p in critic_state_prefixes(response, ends)]
+    assert states == [[101, 102], [101, 102, 1, 2, 3], [101, 102, 1, 2, 3, 4, 5]]
+
+
+def test_icc_prompt_with_and_without_hints():
+    with_icc = icc_prompt("What is 2 + 3?", "2 + 3 is", "135M", 0.2912)
+    assert "A 135M language model is solving a math problem" in with_icc
+    assert "average success rate of the model on the dataset is 0.29." in with_icc
+    assert "<problem>What is 2 + 3?</problem>" in with_icc and "<partial_solution>2 + 3 is</partial_solution>" in with_icc
+    assert "Recover the capabilities of the model" in with_icc and "\\boxed{}" in with_icc
+    without = icc_prompt("What is 2 + 3?", "2 + 3 is", None, None)
+    assert "A language model is solving" in without and "135M" not in without and "success rate" not in without
+    assert "Recover the capabilities of the model" in without  # only the hints are ICC
+    assert format_actor_size(134_515_008) == "135M" and format_actor_size(8_030_261_248) == "8B"
+    assert format_actor_size(1_543_714_304) == "1.5B"
+
+
+@pytest.mark.parametrize("text,value", [
+    ("The model is close. \\boxed{7}", 0.7), ("\\boxed{0}", 0.0), ("\\boxed{ 10 }", 1.0),
+    ("first \\boxed{3}, on reflection \\boxed{8}", 0.8),  # several boxes: the last counts
+    ("\\boxed{11}", None), ("\\boxed{-1}", None), ("\\boxed{7.5}", None), ("\\boxed{seven}", None),
+    ("I think 7", None), ("\\boxed{\\text{7}}", None), ("\\boxed{7", None), ("", None),
+])
+def test_parse_critic_value(text, value):
+    assert parse_critic_value(text) == value
+
+
+def test_critic_reward():
+    assert critic_reward(1.0, 0.7) == pytest.approx(1 - 0.09)
+    assert critic_reward(0.0, 0.7) == pytest.approx(1 - 0.49)
+    assert critic_reward(1.0, 1.0) == 1.0 and critic_reward(0.0, None) == 0.0 and critic_reward(1.0, None) == 0.0
+
+
+def test_running_success_rate_and_bias_correction():
+    tau = RunningSuccessRate(momentum=0.5)
+    assert tau.value is None
+    tau.update([1.0])  # tau = 0.5 -> corrected 0.5 / (1 - 0.5) = 1
+    assert tau.tau == pytest.approx(0.5) and tau.value == pytest.approx(1.0)
+    tau.update([0.0])  # tau = 0.25 -> 0.25 / 0.75
+    assert tau.tau == pytest.approx(0.25) and tau.value == pytest.approx(1 / 3)
+    constant = RunningSuccessRate(momentum=0.999)
+    for n in range(1, 50):
+        constant.update([0.3])
+        assert constant.value == pytest.approx(0.3)  # bias-corrected from the first sample
+    restored = RunningSuccessRate()
+    restored.load_state_dict(constant.state_dict())
+    assert restored.value == constant.value
+
+
+def test_segment_values_and_gae_give_r_minus_v_per_segment():
+    # rollout 0: 5 tokens, segments [0,2) [2,5) with values 0.3, 0.8, reward 1; rollout 1: 2 tokens, one segment, reward 0
+    v0 = segment_values_to_tokens([0.3, 0.8], [2, 5], 5)
+    v1 = segment_values_to_tokens([0.6], [2], 2)
+    values = torch.zeros(2, 5)
+    values[0], values[1, :2] = v0, v1
+    mask = torch.tensor([[1.0] * 5, [1.0, 1.0, 0, 0, 0]])
+    adv, _ = A.gae_advantages(values, torch.tensor([1.0, 0.0]), mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv[0], torch.tensor([0.7, 0.7, 0.2, 0.2, 0.2]), atol=1e-6)
+    assert torch.allclose(adv[1], torch.tensor([-0.6, -0.6, 0.0, 0.0, 0.0]), atol=1e-6)
+
+
+def test_critic_reinforce_loss_raises_above_baseline_answers():
+    """Three critic 'answers' from a softmax; rewards 0.9, 0.1, 0.5 -> mean baseline 0.5: a descent step on the
+    shared PPO loss (ratio 1) raises answer 0's log-probability and lowers answer 1's."""
+    logits = torch.zeros(3, requires_grad=True)
+    rewards = torch.tensor([0.9, 0.1, 0.5])
+    adv = critic_advantages(rewards, "mean")
+    assert torch.allclose(adv, torch.tensor([0.4, -0.4, 0.0]))
+    logp = torch.log_softmax(logits, 0)  # each answer is one token sampled once
+    losses, _ = A.ppo_token_losses(logp[:, None], logp.detach()[:, None], adv[:, None])
+    losses.sum().backward()
+    with torch.no_grad():
+        new = torch.log_softmax(logits - 0.1 * logits.grad, 0)
+    assert new[0] > logp[0] and new[1] < logp[1]
+    assert torch.equal(critic_advantages(rewards, "none"), rewards)
+    assert torch.allclose(critic_advantages(rewards, "mean", batch_mean=0.2), rewards - 0.2)
+    with pytest.raises(ValueError, match="unknown critic baseline"):
+        critic_advantages(rewards, "median")
