@@ -13,6 +13,12 @@ Trained with the clipped value loss (clip 0.5) to the GAE returns, its own AdamW
     critic.compute_values(batch, args, device)       # batch.old_values [N, R] (no grad)
     batch.returns = ...                              # GAE returns (train.py)
     critic.update(batch, args, device, world)        # clipped value loss, token-mean, epochs x mini-batches
+
+Generative critic (GenAC): a causal LM that keeps its LM head, reads the ICC prompt of a state
+(problem + partial solution + the actor's size and running success rate tau), reasons, and answers
+\boxed{n}, n in 0..10 -> v = n / 10. Rewarded R_v = 1 - (r - v)^2 (0 if unparsable), trained by
+REINFORCE with a batch-mean baseline through the actor's own PPO update; it has its own optimizer and
+its own vLLM engine. genac.py drives it (segments, states, the three training stages).
 """
 
 from __future__ import annotations

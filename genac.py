@@ -172,14 +172,14 @@ def add_critic_arguments(a) -> None:
     a("--critic-baseline", default="mean", choices=("mean", "none"), help="REINFORCE baseline of the critic update")
 
 
-def _common_arguments(p: argparse.ArgumentParser) -> None:
+def _common_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
     """What the stage commands need of train.py's flags (same names, same meaning)."""
     a = p.add_argument
     a("--actor", default=None, help="the actor (policy) whose values the critic learns (default: offline SmolLM2-135M)")
     a("--data", default="arithmetic", help="'arithmetic[:levels]' or a JSONL file")
     a("--problem-key", default="problem")
     a("--answer-key", default="answer")
-    a("--out", required=True, help="where the critic folder goes")
+    a("--out", default=out_default, help="where the critic folder and the stage's metrics go")
     a("--seed", type=int, default=0)
     a("--max-new-tokens", type=int, default=128, help="the actor's response budget")
     a("--engine", default="vllm", choices=("vllm", "hf"))
@@ -249,7 +249,7 @@ def sft_main(argv: list[str]) -> None:
     from actor import full_state_dict
     from rollout import DataError, load_problems, make_engine, resolve_model_path
     p = argparse.ArgumentParser(prog="genac.py sft", description=sft_main.__doc__)
-    _common_arguments(p)
+    _common_arguments(p, "runs/genac-sft")
     p.add_argument("--teacher", default=None, help="any model the engine loads (default: the critic's base = the actor)")
     p.add_argument("--critic-base", default=None, help="model the critic starts from (default: the actor)")
     p.add_argument("-n", type=int, default=64, help="held-out prompts whose responses give the states")
@@ -368,7 +368,7 @@ def pretrain_main(argv: list[str]) -> None:
     from eval import build_value_states, load_or_build_states, value_quality
     from rollout import DataError, build_rollout_batch, format_prompt, load_problems, resolve_model_path, score_responses
     p = argparse.ArgumentParser(prog="genac.py pretrain", description=pretrain_main.__doc__)
-    _common_arguments(p)
+    _common_arguments(p, "runs/genac-pretrain")
     p.add_argument("--critic", default=None, help="critic to start from (a `genac.py sft` folder; default: the actor's base)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts-per-step", type=int, default=4)
@@ -399,7 +399,8 @@ def pretrain_main(argv: list[str]) -> None:
 
     def benchmark_mse() -> dict:
         q = value_quality(states, value_fn([s["problem"] for s in states], [s["partial_response"] for s in states]))
-        return {"val/mse": q["mse"], "val/pearson": q["pearson"], "val/parse_failures": critic.last_parse_failures}
+        pearson = q["pearson"] if q["pearson"] == q["pearson"] else None  # nan (constant predictions) -> null
+        return {"val/mse": q["mse"], "val/pearson": pearson, "val/parse_failures": critic.last_parse_failures}
 
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
@@ -448,8 +449,7 @@ def explain_main(argv: list[str]) -> None:
     """A worked example: one response's segments, the critic's value of each state, and the advantages."""
     from rollout import DataError, build_rollout_batch, format_prompt, load_problems, resolve_model_path, score_responses
     p = argparse.ArgumentParser(prog="genac.py explain", description=explain_main.__doc__)
-    _common_arguments(p)
-    p.set_defaults(out="")
+    _common_arguments(p, "")
     p.add_argument("--critic", default=None, help="critic folder (default: the actor's base)")
     p.add_argument("--problem-index", type=int, default=0, help="which held-out problem")
     args = p.parse_args(argv)

@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--lam", type=float, default=1.0, help="GAE lambda of the actor's advantages (VC-PPO's critic always uses 1)")
     a("--value-clip", type=float, default=0.5)
     a("--critic-warmup-steps", type=int, default=None, help="critic-only iterations on the frozen actor before RL "
-      "(value pretraining; default 8 for vcppo, 0 for ppo)")
+      "(value pretraining; default 6 for vcppo, 0 for ppo)")
     # GenAC (and --critic-lr for every critic)
     from genac import add_critic_arguments
     add_critic_arguments(a)
@@ -126,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.critic_lr is None:
         args.critic_lr = 1e-6 if args.algo == "genac" else 5e-6
     if args.critic_warmup_steps is None:
-        args.critic_warmup_steps = 8 if args.algo == "vcppo" else 0
+        args.critic_warmup_steps = 6 if args.algo == "vcppo" else 0
     if args.critic_warmup_steps and args.algo not in ("ppo", "vcppo"):
         p.error("--critic-warmup-steps is value pretraining of PPO's critic (--algo ppo or vcppo); GenAC pretrains "
                 "with `python genac.py pretrain`")
@@ -185,7 +185,8 @@ class Algorithm:
         """-> token advantages [N, R] of this rank's rollouts, metrics. Group and batch statistics are global."""
         if self.args.algo == "genac":  # segment values v_k from the critic's text -> GAE (lambda = 1: A = r - v_k)
             from critic import whitened_gae
-            token_values, metrics = self.critic.judge_rollouts(batch, problems, self.tokenizer, seed=batch.extras["step"] * 31 + 5)
+            from genac import segment_values
+            token_values, metrics = segment_values(self.critic, batch, problems, self.tokenizer, seed=batch.extras["step"] * 31 + 5)
             advantages, gae_metrics = whitened_gae(batch, token_values, self.args, returns_lambda=self.args.lam)
             return advantages, {**metrics, **gae_metrics}
         if self.critic is not None:
@@ -474,10 +475,14 @@ def main(argv=None) -> None:
         batch = build_rollout_batch(prompt_ids, samples, rewards, pad_id)
         batch.extras["step"] = step
 
-        # 2. old log-probs (+ entropy, + POISE features) from the trainer's own forward pass
+        # 2. old log-probs (+ entropy, + POISE features) from the trainer's own forward pass (the frozen actor
+        #    of VC-PPO's warmup needs none)
         t = time.time()
         model.eval()
-        compute_old_logprobs(model, batch, args, device, algo.probe_layer, marker)
+        if warming_up:
+            batch.old_logprobs = batch.entropies = torch.zeros_like(batch.response_mask)
+        else:
+            compute_old_logprobs(model, batch, args, device, algo.probe_layer, marker)
         t_old = time.time() - t
 
         # 3. advantages (PPO / VC-PPO: critic values -> GAE)
@@ -526,6 +531,8 @@ def main(argv=None) -> None:
             **{k: v for k, v in m_gen.items() if k not in ("score_timeouts", "empty_responses", "truncated", "time/score")},
             **m_algo,
         }
+        if warming_up:  # no trainer forward pass of the actor in this iteration
+            del record["entropy"], record["logprob_diff_engine_trainer"]
         if "time/features" in batch.extras:  # POISE: feature pooling inside the old-log-prob pass
             record["time/features"] = batch.extras["time/features"]
         record["tokens_per_s/generate"] = record["generated_tokens"] / max(t_generate, 1e-9)
