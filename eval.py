@@ -190,6 +190,33 @@ def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
     return states
 
 
+def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str], args) -> list[float]:
+    """GenAC's critic through the value-model interface. Its ICC hint tau is the one it was trained with
+    (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from critic import GenerativeCritic
+    from genac import add_critic_arguments
+    defaults = argparse.ArgumentParser()
+    add_critic_arguments(defaults.add_argument)
+    critic_args = SimpleNamespace(**{**vars(defaults.parse_args([])), "critic_lr": 0.0, "weight_decay": 0.0, "engine": "vllm",
+                                     "engine_dtype": args.engine_dtype, "seed": args.seed, "gpu_memory_utilization": 0.2})
+    with torch.device("meta"):  # the actor's size for the ICC hint
+        actor_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.policy_path)).parameters())
+    critic = GenerativeCritic(path, torch.device("cpu"), 1, critic_args, actor_parameters)
+    if critic.success_rate.value is None:
+        zero = [s["value"] for s in states if s["kind"] == "path" and s["segment"] == 0]
+        critic.success_rate.update([sum(zero) / len(zero)])
+    values = critic.value_fn(samples=args.genac_samples, seed=args.seed + 5)(problems_text, partials)
+    print(f"[values] generative critic {path}: {critic.last_parse_failures:.1%} of answers unparsable (valued at tau = "
+          f"{critic.fallback_value():.2f})", file=sys.stderr)
+    critic.close()
+    return values
+
+
 def values_main(argv: list[str]) -> None:
     """`python eval.py values`: the value-model benchmark (see the section comment above)."""
     ap = argparse.ArgumentParser(prog="eval.py values", description="Value-model quality against Monte-Carlo values.")
@@ -205,6 +232,9 @@ def values_main(argv: list[str]) -> None:
     ap.add_argument("--critic", action="append", default=[], help="discriminative critic folder, or 'init' (fresh head "
                     "on --critic-base); repeatable")
     ap.add_argument("--critic-base", default=None, help="base model for --critic init (default: the policy)")
+    ap.add_argument("--genac", action="append", default=[], help="generative critic folder (`genac.py sft/pretrain`), "
+                    "or 'base' (the policy's base model, untrained); repeatable")
+    ap.add_argument("--genac-samples", type=int, default=1, help="critic answers averaged per state")
     ap.add_argument("--cache", default=None, help="state-set cache (default: runs/values/<data>-<policy>-n<n>-m<m>.json)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached state set")
     ap.add_argument("--problem-key", default="problem")
@@ -221,6 +251,7 @@ def values_main(argv: list[str]) -> None:
         policy = resolve_model_path(args.policy)
         problems = load_problems(args.data, "heldout", args.seed, args.problem_key, args.answer_key)[: args.n]
         critic_paths = [c if c == "init" else resolve_model_path(c) for c in args.critic]
+        genac_paths = [policy if g == "base" else resolve_model_path(g) for g in args.genac]
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     slug = lambda s: Path(str(s).rstrip("/")).name.replace(":", "_").replace(",", "_")  # noqa: E731
@@ -231,6 +262,7 @@ def values_main(argv: list[str]) -> None:
             "rank_prompts": args.rank_prompts, "segment_tokens": args.segment_tokens, "max_segments": args.max_segments,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     tokenizer = AutoTokenizer.from_pretrained(policy)
+    args.policy_path = policy
 
     def build():
         engine = make_engine("vllm", policy, dtype=args.engine_dtype, seed=args.seed, max_model_len=2048)
@@ -256,6 +288,8 @@ def values_main(argv: list[str]) -> None:
         name = f"critic {'init (fresh head)' if spec == 'init' else spec}"
         models[name] = discriminative_value_fn(model, tokenizer, torch.device("cpu"))(problems_text, partials)
         del model
+    for spec, path in zip(args.genac, genac_paths):
+        models[f"generative critic {spec}"] = generative_values(path, states, problems_text, partials, args)
     n_path = sum(s["kind"] == "path" for s in states)
     n_groups = len({s["group"] for s in states if s["kind"] == "candidate"})
     print(f"{n_path} path states from {len(problems)} prompts of {args.data}, {n_groups} ranking groups of {args.candidates}; "

@@ -197,20 +197,18 @@ def _common_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def _setup(args, critic_path: str):
-    """-> (actor tokenizer, actor engine, critic, problems of `split`, verifier). One process (CPU or one GPU)."""
-    from transformers import AutoConfig, AutoTokenizer
+    """-> (actor path, actor tokenizer, actor engine, critic, verifier). One process (a CPU or one GPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from rollout import MathVerifier, make_engine, resolve_model_path
     actor_path = resolve_model_path(args.actor)
     tokenizer = AutoTokenizer.from_pretrained(actor_path)
     actor_engine = make_engine(args.engine, actor_path, dtype=args.engine_dtype, seed=args.seed, max_model_len=1024,
                                gpu_memory_utilization=args.gpu_memory_utilization)
-    config = AutoConfig.from_pretrained(actor_path)
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):  # the actor's parameter count for the ICC hint, without loading weights
-        actor_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    critic = GenerativeCritic(critic_path, torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"),
-                              1, args, actor_parameters)
+    with torch.device("meta"):  # the actor's parameter count for the ICC hint, without loading its weights
+        actor_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(actor_path)).parameters())
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    critic = GenerativeCritic(critic_path, device, 1, args, actor_parameters)
     verifier = MathVerifier() if not args.data.startswith("arithmetic") else None
     return actor_path, tokenizer, actor_engine, critic, verifier
 
@@ -281,11 +279,11 @@ def sft_main(argv: list[str]) -> None:
         rows = [json.loads(line) for line in sft_path.read_text().splitlines() if line.strip()]
         print(f"[sft] reusing {len(rows)} teacher answers from {sft_path}", file=sys.stderr)
     else:
-        teacher = critic if teacher_path == critic_base else None
-        if teacher is None:  # a separate teacher engine, judging with the critic's prompt
-            teacher_engine = make_engine(args.engine, teacher_path, dtype=args.engine_dtype, seed=args.seed + 3,
-                                         max_model_len=args.critic_max_prompt_tokens + args.critic_max_new_tokens)
-            critic.engine, own_engine = teacher_engine, critic.engine
+        separate_teacher = teacher_path != critic_base
+        if separate_teacher:  # the teacher answers the critic's prompts through an engine of its own
+            own_engine, critic.engine = critic.engine, make_engine(
+                args.engine, teacher_path, dtype=args.engine_dtype, seed=args.seed + 3,
+                max_model_len=args.critic_max_prompt_tokens + args.critic_max_new_tokens)
         rows, asked = [], 0
         for j in range(args.teacher_samples):
             prompts, samples, parsed = critic.judge([s["problem"] for s in train_states],
@@ -295,8 +293,8 @@ def sft_main(argv: list[str]) -> None:
                 if v is not None:
                     rows.append({"prompt_ids": prompt, "response": sample.text, "response_ids": sample.token_ids, "value": v,
                                  "actor_reward": s["actor_reward"], "problem": s["problem"], "partial_response": s["partial_response"]})
-        if teacher is None:
-            teacher_engine.close()
+        if separate_teacher:
+            critic.engine.close()
             critic.engine = own_engine
         tmp = sft_path.with_name(sft_path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,5 +1,7 @@
 """GenAC's pure logic: segmentation, critic states, ICC prompt, parsing, critic reward, tau, GAE on segment
 values, and the sign of the critic's REINFORCE loss."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ import advantage as A
 from critic import (RunningSuccessRate, critic_advantages, critic_reward, format_actor_size, icc_prompt,
                     parse_critic_value)
 from genac import critic_state_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _check_cover(ends, n):
@@ -134,3 +138,57 @@ def test_critic_reinforce_loss_raises_above_baseline_answers():
     assert torch.allclose(critic_advantages(rewards, "mean", batch_mean=0.2), rewards - 0.2)
     with pytest.raises(ValueError, match="unknown critic baseline"):
         critic_advantages(rewards, "median")
+
+
+def _run(cmd, timeout=600):
+    import os
+    import subprocess
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_joint_training_step_logs_cost_and_checkpoints_critic(tiny_model, tmp_path):
+    """Mechanics of `train.py --algo genac` on a random tiny model (its answers never parse: all fall back to tau)."""
+    import json
+    import sys
+    pytest.importorskip("vllm")
+    out = tmp_path / "genac"
+    _run([sys.executable, "train.py", "--algo", "genac", "--model", tiny_model, "--steps", "1", "--no-eval", "--prompts-per-step",
+          "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "12", "--segment-tokens", "4", "--critic-max-new-tokens", "8",
+          "--out", str(out)])
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["genac/states"] >= 4 and row["genac/parse_failures"] == row["genac/states"]  # counted, not crashed on
+    assert row["cost/critic_prompt_tokens"] > 0 and row["cost/critic_generated_tokens"] > 0 and row["cost/flops_vs_ppo"] > 1
+    for key in ("time/critic_generate", "time/critic_update", "time/critic_sync", "genac/icc_success_rate"):
+        assert key in row
+    state = json.loads((out / "checkpoint-000001" / "critic" / "genac_state.json").read_text())
+    assert state["success_rate"]["count"] == 4 and state["actor_size"].endswith("M")
+
+
+def test_sft_stage_fits_teacher_answers(tiny_model, tmp_path):
+    """`genac.py sft` with a reusable teacher JSONL: the SFT loss falls and the critic folder is written."""
+    import json
+    import sys
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = []
+    for n in range(6):
+        prompt = tok.apply_chat_template([{"role": "user", "content": icc_prompt(f"What is {n} + 1?", "", "1M", 0.5)}],
+                                         add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"] if not isinstance(prompt, list) else prompt)
+        answer = f"Easy. \\boxed{{{n}}}"
+        rows.append({"prompt_ids": prompt, "response": answer, "response_ids": tok.encode(answer, add_special_tokens=False),
+                     "value": n / 10, "actor_reward": 0.0, "problem": "", "partial_response": ""})
+    data = tmp_path / "teacher.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    proc = _run([sys.executable, "genac.py", "sft", "--actor", tiny_model, "-n", "2", "--sft-data", str(data), "--epochs", "4",
+                 "--sft-lr", "1e-3", "--micro-batch-size", "2", "--max-new-tokens", "8", "--critic-max-new-tokens", "8",
+                 "--segment-tokens", "4", "--out", str(out)])
+    assert "reusing 6 teacher answers" in proc.stderr
+    report = json.loads((out / "sft_report.json").read_text())
+    assert report["sft_loss_last"] < 0.5 * report["sft_loss_first"]
+    assert set(report["before"]) == {"parse_rate", "critic_reward", "states"}
+    assert (out / "critic" / "model.safetensors").is_file() and (out / "critic" / "genac_state.json").is_file()
