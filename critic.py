@@ -16,7 +16,7 @@ Trained with the clipped value loss (clip 0.5) to the GAE returns, its own AdamW
 
 Generative critic (GenAC): a causal LM that keeps its LM head, reads the ICC prompt of a state
 (problem + partial solution + the actor's size and running success rate tau), reasons, and answers
-\boxed{n}, n in 0..10 -> v = n / 10. Rewarded R_v = 1 - (r - v)^2 (0 if unparsable), trained by
+\\boxed{n}, n in 0..10 -> v = n / 10. Rewarded R_v = 1 - (r - v)^2 (0 if unparsable), trained by
 REINFORCE with a batch-mean baseline through the actor's own PPO update; it has its own optimizer and
 its own vLLM engine. genac.py drives it (segments, states, the three training stages).
 """

@@ -153,7 +153,7 @@ def value_quality(states: list[dict], predictions: list[float], sizes=(2, 4, 8))
     mt, mp = sum(truth) / n, sum(pred) / n
     st = math.sqrt(sum((t - mt) ** 2 for t in truth))
     sp = math.sqrt(sum((p - mp) ** 2 for p in pred))
-    out["pearson"] = sum((t - mt) * (p - mp) for t, p in path) / (st * sp) if st > 0 and sp > 0 else float("nan")
+    out["pearson"] = sum((t - mt) * (p - mp) for t, p in path) / (st * sp) if st > 1e-9 and sp > 1e-9 else float("nan")
     groups: dict[int, list[tuple[float, float]]] = {}
     for s, p in zip(states, predictions):
         if s["kind"] == "candidate":

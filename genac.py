@@ -66,6 +66,8 @@ def segment_boundaries(texts: list[str], segment_tokens: int = 32, max_segments:
     Example, L = 2: ["a", ".", " b", "\n", "c", "d"] -> [4, 6]: the cuts allowed first are after 2, 3 or 4 tokens;
     after 2 is a sentence end, after 4 a line break, which wins; the 2 tokens left are the last segment.
     """
+    if segment_tokens < 1 or max_segments < 1:
+        raise ValueError(f"--segment-tokens ({segment_tokens}) and --max-segments ({max_segments}) must be >= 1")
     n = len(texts)
     ends: list[int] = []
     start = 0

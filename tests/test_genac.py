@@ -38,6 +38,8 @@ def test_segmentation_hard_cut_cap_and_edge_cases():
     assert capped == [3, 6, 20]  # the tail merged into the last allowed segment
     assert segment_boundaries(texts[:5], segment_tokens=6) == [5]  # short response: one segment
     assert segment_boundaries([], segment_tokens=6) == []
+    with pytest.raises(ValueError, match="segment-tokens"):
+        segment_boundaries(texts, segment_tokens=0)
     for n in range(1, 30):  # exact cover on every length
         _check_cover(segment_boundaries([" x", ".", "\n"] * n, 7, 8), 3 * n)
 
@@ -192,3 +194,29 @@ def test_sft_stage_fits_teacher_answers(tiny_model, tmp_path):
     assert report["sft_loss_last"] < 0.8 * report["sft_loss_first"]  # 10.9 -> 7.2 measured
     assert set(report["before"]) == {"parse_rate", "critic_reward", "states"}
     assert (out / "critic" / "model.safetensors").is_file() and (out / "critic" / "genac_state.json").is_file()
+
+
+def test_sentence_end_needs_whitespace_next_and_the_earliest_best_cut_wins():
+    decimals = ["3", ".", "5", " +", " 1", ".", "25", " =", " 4", ".", "75"]  # "." never followed by whitespace
+    assert segment_boundaries(decimals, segment_tokens=4) == [4, 8, 11]  # hard cuts
+    assert segment_boundaries(["a", " b", "?", " c", " d"], segment_tokens=2) == [3, 5]
+    assert segment_boundaries(["x", " y.", "\tz", " w", " v"], segment_tokens=2) == [2, 4, 5]
+    texts = ["a", "\n", "b", "\n", "\n", "c", "d", "e", "f", "g"]
+    assert segment_boundaries(texts, segment_tokens=3)[0] == 5  # two newline tokens make a paragraph
+    assert segment_boundaries(texts, segment_tokens=2)[0] == 2  # line breaks after 2 and 4 tokens: the earliest
+
+
+def test_segmentation_covers_random_responses_exactly():
+    import random
+    rng = random.Random(0)
+    vocab = ["a", " b", " c.", ".", "!", " d?", "\n", "\n\n", " e\n", "3", " 4", ".\n\n", "\ufffd", " "]
+    for _ in range(300):
+        texts = [rng.choice(vocab) for _ in range(rng.randint(1, 120))]
+        L, cap = rng.randint(1, 12), rng.randint(1, 10)
+        ends = segment_boundaries(texts, L, cap)
+        _check_cover(ends, len(texts))
+        assert len(ends) <= cap
+        uncapped = segment_boundaries(texts, L, 10**6)
+        sizes = [e - s for s, e in zip([0] + uncapped[:-1], uncapped)]
+        assert all(size <= 2 * L for size in sizes) and all(size >= L for size in sizes[:-1])
+        assert ends == (uncapped if len(uncapped) <= cap else uncapped[: cap - 1] + [len(texts)])

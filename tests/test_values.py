@@ -85,8 +85,9 @@ def test_values_cli_builds_caches_and_scores(tiny_model, tmp_path):
     for s in saved["states"]:
         assert s["value"] == pytest.approx(sum(s["continuation_rewards"]) / len(s["continuation_rewards"]))
         assert len(s["continuation_rewards"]) == (1 if s["finished"] else 2)
-    again = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0 and "cached states" in again.stderr
+    again = subprocess.run(base + ["--genac", "base"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "cached states" in again.stderr, again.stderr[-3000:]
+    assert "| generative critic base |" in again.stdout and "unparsable" in again.stderr  # a random model never parses
     other = subprocess.run(base[:-2] + ["--cache", str(cache), "-m", "3"], cwd=ROOT, capture_output=True, text=True,
                            timeout=600, env=env)
     assert other.returncode != 0 and "built with other settings" in other.stderr
