@@ -66,6 +66,18 @@ def full_state_dict(model) -> dict:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
 
 
+def full_optimizer_state_dict(model, optimizer) -> dict:
+    """The optimizer's state, unsharded, on CPU (all ranks must call this): what a checkpoint stores."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state_dict(model, optimizer, state: dict) -> None:
+    """Inverse of `full_optimizer_state_dict`; each rank keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def autocast_context(args, device):
     if args.dtype == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -122,18 +122,7 @@ class ValueCritic:
         return {"critic/value_loss": float(sums[3]) / steps, "critic/value_clip_frac": float(sums[0]) / n,
                 "critic/mse_to_returns": float(sums[1]) / n, "critic/grad_norm": grad_norm_sum / steps}
 
-    # --- checkpoints: weights load directly with AutoModelForTokenClassification -----------------
-
-    def full_state_dict(self) -> dict:
-        return full_state_dict(self.model)  # all ranks must call
-
-    def optimizer_state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # --- checkpoints (train.save_checkpoint gathers .model and .optimizer with actor's helpers) ---
 
     def save_pretrained(self, folder: Path, weights: dict, tokenizer=None) -> None:
         """Write weights (from full_state_dict) into `folder` (rank 0 only)."""
@@ -144,7 +133,7 @@ class ValueCritic:
 
 def save_critic_atomically(critic, folder: Path, tokenizer, rank: int) -> None:
     """All ranks gather; rank 0 writes a temporary folder and renames it into place."""
-    weights = critic.full_state_dict()
+    weights = full_state_dict(critic.model)  # all ranks gather
     if rank != 0:
         return
     folder = Path(folder)
@@ -425,18 +414,7 @@ class GenerativeCritic:
             return [sum(v) / len(v) for v in per_state]
         return value_fn
 
-    # --- checkpoints: the same interface as ValueCritic (train.save_checkpoint), plus tau ------------
-
-    def full_state_dict(self) -> dict:
-        return full_state_dict(self.model)  # all ranks must call
-
-    def optimizer_state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # --- checkpoints: a model folder plus tau (train.save_checkpoint gathers .model and .optimizer) ---
 
     def save_pretrained(self, folder: Path, weights: dict, tokenizer=None) -> None:
         """A model folder (transformers and vLLM load it) + genac_state.json with tau (rank 0 only)."""

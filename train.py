@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 import advantage as adv_math
-from actor import (all_gather_objects, all_reduce, compute_old_logprobs, full_state_dict, load_actor, ppo_update)
+from actor import (all_gather_objects, all_reduce, compute_old_logprobs, full_optimizer_state_dict, full_state_dict,
+                   load_actor, load_full_optimizer_state_dict, ppo_update)
 from rollout import (DataError, MathVerifier, Problem, RolloutBatch, build_rollout_batch, default_engine, format_prompt,
                      load_problems, make_engine, resolve_model_path, score_responses)
 
@@ -224,7 +225,7 @@ class Algorithm:
         """Everything but the critic's weights (save_checkpoint writes those as a model folder). All ranks call."""
         state = {}
         if self.critic is not None:
-            state["critic_optimizer"] = self.critic.optimizer_state_dict()
+            state["critic_optimizer"] = full_optimizer_state_dict(self.critic.model, self.critic.optimizer)
         if self.prior is not None:
             state["prior"] = self.prior.state_dict()
         if self.poise is not None:
@@ -233,7 +234,7 @@ class Algorithm:
 
     def load_state_dict(self, state: dict) -> None:
         if self.critic is not None and "critic_optimizer" in state:
-            self.critic.load_optimizer_state_dict(state["critic_optimizer"])
+            load_full_optimizer_state_dict(self.critic.model, self.critic.optimizer, state["critic_optimizer"])
         if self.prior is not None and "prior" in state:
             self.prior.load_state_dict(state["prior"])
         if self.poise is not None and "poise" in state:
@@ -333,11 +334,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, stream: P
     The folder loads directly with transformers / vLLM (`save_pretrained`); trainer_state.pt holds the
     optimizer, step, RNG states, data position and the algorithm's state; PPO's critic is in `critic/`.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     weights = full_state_dict(model)  # all ranks gather
-    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optim_state = full_optimizer_state_dict(model, optimizer)
     algo_state = algo.state_dict()
-    critic_weights = algo.critic.full_state_dict() if algo.critic is not None else None
+    critic_weights = full_state_dict(algo.critic.model) if algo.critic is not None else None
     final = out / f"checkpoint-{step:06d}"
     if rank == 0:
         tmp = out / f".tmp-checkpoint-{step:06d}"
@@ -405,9 +405,8 @@ def main(argv=None) -> None:
     stream = PromptStream(train_problems, args.seed)
     start_step, generated_total = 0, 0
     if resume_from:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        load_full_optimizer_state_dict(model, optimizer, state["optimizer"])
         stream.load_state_dict(state["stream"])
         algo.load_state_dict(state["algorithm"])
         random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
