@@ -172,6 +172,8 @@ def add_critic_arguments(a) -> None:
     a("--icc-momentum", type=float, default=0.999, help="c in tau <- c tau + (1 - c) r, per sample")
     a("--no-icc", action="store_true", help="drop the ICC hints (actor size, success rate): the paper's ablation")
     a("--critic-baseline", default="mean", choices=("mean", "none"), help="REINFORCE baseline of the critic update")
+    a("--critic-guided", action="store_true", help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with "
+      "the engine's guided decoding (vLLM); the update still uses the model's unconstrained log-probs")
 
 
 def _common_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
@@ -233,11 +235,18 @@ def _sample_states(actor_engine, tokenizer, problems, verifier, args, seed: int,
 
 
 def critic_quality(critic, states: list[dict], seed: int) -> dict:
-    """Parse rate and mean critic reward R_v of the critic's sampled answers on `states` (one answer each)."""
-    _, _, parsed = critic.judge([s["problem"] for s in states], [s["partial_response"] for s in states], seed)
-    rewards = [critic_reward(s["actor_reward"], v) for s, v in zip(states, parsed)]
-    return {"parse_rate": sum(v is not None for v in parsed) / len(parsed), "critic_reward": sum(rewards) / len(rewards),
-            "states": len(states)}
+    """Parse rate and mean critic reward R_v of the critic's sampled answers on `states` (one answer each), free
+    and (when the engine can) with guided decoding — the latter scores the values whatever the format."""
+    problems, partials = [s["problem"] for s in states], [s["partial_response"] for s in states]
+    report = {"states": len(states)}
+    for name, guided in (("", False), ("guided_", True)):
+        if guided and critic.args.engine == "hf":
+            continue
+        _, _, parsed = critic.judge(problems, partials, seed, guided=guided)
+        rewards = [critic_reward(s["actor_reward"], v) for s, v in zip(states, parsed)]
+        report[name + "parse_rate"] = sum(v is not None for v in parsed) / len(parsed)
+        report[name + "critic_reward"] = sum(rewards) / len(rewards)
+    return report
 
 
 def sft_main(argv: list[str]) -> None:
@@ -258,6 +267,8 @@ def sft_main(argv: list[str]) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--sft-lr", type=float, default=1e-5)
     p.add_argument("--val-frac", type=float, default=0.25, help="states held out to measure parse rate / critic reward")
+    p.add_argument("--no-guided-teacher", action="store_true", help="let the teacher answer freely (default: its answers "
+                   "are constrained to end in \\boxed{0..10}, since small teachers rarely follow the format)")
     args = p.parse_args(argv)
     try:
         problems = load_problems(args.data, "heldout", args.seed, args.problem_key, args.answer_key)[: args.n]
@@ -289,7 +300,8 @@ def sft_main(argv: list[str]) -> None:
         rows, asked = [], 0
         for j in range(args.teacher_samples):
             prompts, samples, parsed = critic.judge([s["problem"] for s in train_states],
-                                                    [s["partial_response"] for s in train_states], args.seed + 100 + j)
+                                                    [s["partial_response"] for s in train_states], args.seed + 100 + j,
+                                                    guided=not args.no_guided_teacher)
             asked += len(samples)
             for s, prompt, sample, v in zip(train_states, prompts, samples, parsed):
                 if v is not None:
@@ -310,7 +322,7 @@ def sft_main(argv: list[str]) -> None:
     critic.engine.load_weights(full_state_dict(critic.model).items())
     after = critic_quality(critic, val_states, args.seed + 7)
     critic.save(out / "critic", rank=0)
-    report = {"stage": "sft", "teacher": teacher_path, "sft_rows": len(rows), "before": before, "after": after, **metrics}
+    report = {"stage": "sft", "teacher": teacher_path, "teacher_guided": not args.no_guided_teacher, "sft_rows": len(rows), "before": before, "after": after, **metrics}
     (out / "sft_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"[sft] critic -> {out / 'critic'}; next: python genac.py pretrain --critic {out / 'critic'} --out ...", file=sys.stderr)

@@ -380,15 +380,18 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
 
     def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int], temperature: float,
-                 top_p: float, seed: int) -> list[list[Sample]]:
-        """-> samples[prompt][i]; `n` and `max_tokens` may differ per prompt (V0.5's extra rollouts, value states)."""
+                 top_p: float, seed: int, regex: str | None = None) -> list[list[Sample]]:
+        """-> samples[prompt][i]; `n` and `max_tokens` may differ per prompt (V0.5's extra rollouts, value states).
+        `regex`: every sample is constrained to match it (vLLM structured outputs; GenAC's answer format)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
         counts = [n] * len(prompt_ids) if isinstance(n, int) else list(n)
         limits = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else list(max_tokens)
         keep = [i for i, c in enumerate(counts) if c > 0]
-        params = [SamplingParams(n=counts[i], temperature=temperature, top_p=top_p, max_tokens=limits[i], logprobs=0)
-                  for i in keep]
+        guide = StructuredOutputsParams(regex=regex) if regex else None
+        params = [SamplingParams(n=counts[i], temperature=temperature, top_p=top_p, max_tokens=limits[i], logprobs=0,
+                                 structured_outputs=guide) for i in keep]
         torch.manual_seed(seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in keep], params, use_tqdm=False)
         result: list[list[Sample]] = [[] for _ in prompt_ids]
@@ -432,7 +435,9 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int], temperature: float,
-                 top_p: float, seed: int) -> list[list[Sample]]:
+                 top_p: float, seed: int, regex: str | None = None) -> list[list[Sample]]:
+        if regex:
+            raise ValueError("constrained (regex) generation needs the vLLM engine; drop --engine hf or the guidance flag")
         counts = [n] * len(prompt_ids) if isinstance(n, int) else list(n)
         limits = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else list(max_tokens)
         eos = set(self.eos if isinstance(self.eos, list) else [self.eos])

@@ -192,7 +192,8 @@ def test_sft_stage_fits_teacher_answers(tiny_model, tmp_path):
     assert "reusing 6 teacher answers" in proc.stderr
     report = json.loads((out / "sft_report.json").read_text())
     assert report["sft_loss_last"] < 0.8 * report["sft_loss_first"]  # 10.9 -> 7.2 measured
-    assert set(report["before"]) == {"parse_rate", "critic_reward", "states"}
+    assert set(report["before"]) == {"parse_rate", "critic_reward", "guided_parse_rate", "guided_critic_reward", "states"}
+    assert report["teacher_guided"] is True
     assert (out / "critic" / "model.safetensors").is_file() and (out / "critic" / "genac_state.json").is_file()
 
 
@@ -220,3 +221,28 @@ def test_segmentation_covers_random_responses_exactly():
         sizes = [e - s for s, e in zip([0] + uncapped[:-1], uncapped)]
         assert all(size <= 2 * L for size in sizes) and all(size >= L for size in sizes[:-1])
         assert ends == (uncapped if len(uncapped) <= cap else uncapped[: cap - 1] + [len(texts)])
+
+
+def test_guided_decoding_makes_the_real_model_answer_in_format(default_model):
+    """vLLM structured outputs with `answer_regex`: SmolLM2-135M's ICC answers end in a parseable \\boxed{0..10}
+    (free, it boxed 0 of 372 answers). A sample that ran out of tokens is the only allowed failure."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (bash install_cpu.sh)")
+    import re
+
+    from transformers import AutoTokenizer
+
+    from critic import answer_regex, icc_prompt, parse_critic_value
+    from rollout import VLLMEngine
+    tok = AutoTokenizer.from_pretrained(default_model)
+    states = [("What is 17 + 25?", "17 + 25 = 42, so"), ("Compute 8 * 7 - 5.", "8 * 7 = 56"), ("What is 144 / 12 + 3?", "")]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": icc_prompt(q, y, "135M", 0.3)}],
+                                            add_generation_prompt=True, tokenize=True)["input_ids"]) for q, y in states]
+    engine = VLLMEngine(default_model, max_model_len=1024)
+    regex = answer_regex(96)
+    samples = [s for group in engine.generate(prompts, 4, 96, 1.0, 1.0, seed=0, regex=regex) for s in group]
+    engine.close()
+    finished = [s for s in samples if s.finish_reason == "stop"]
+    assert len(finished) >= 10, [s.finish_reason for s in samples]
+    for s in finished:
+        assert re.fullmatch(regex, s.text), s.text
+        assert parse_critic_value(s.text) is not None
