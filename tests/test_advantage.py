@@ -117,3 +117,30 @@ def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_micro_batches_cover_rows_once_and_keep_long_rows_apart():
+    """Length-aware micro-batches: an exact cover with at most `size` rows each; a few truncated
+    128-token rollouts do not pad 13 short ones; and the split is optimal (brute force on small n)."""
+    import itertools
+
+    import actor
+    lengths = torch.tensor([67, 177, 67, 67, 177, 67, 67, 67, 67, 177, 67, 67, 67, 67, 67, 67])
+    groups = actor.micro_batches(lengths, 16, overhead_tokens=256)
+    assert sorted(torch.cat(groups).tolist()) == list(range(16))
+    assert sorted(lengths[g].max().item() * len(g) for g in groups) == [3 * 177, 13 * 67]  # 1402 padded tokens, not 2832
+
+    def cost(gs, overhead):
+        return sum(len(g) * int(lengths_[g].max()) + overhead for g in gs)
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n, size, overhead = 7, int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(0, 300, (1,), generator=gen))
+        lengths_ = torch.randint(10, 200, (n,), generator=gen)
+        groups = actor.micro_batches(lengths_, size, overhead_tokens=overhead)
+        assert sorted(torch.cat(groups).tolist()) == list(range(n)) and max(len(g) for g in groups) <= size
+        order = torch.argsort(lengths_, descending=True, stable=True)
+        brute = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (n,))], overhead)
+                    for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                    if all(b - a <= size for a, b in zip((0,) + cuts, cuts + (n,))))
+        assert cost(groups, overhead) == brute
