@@ -240,7 +240,7 @@ def critic_quality(critic, states: list[dict], seed: int) -> dict:
     problems, partials = [s["problem"] for s in states], [s["partial_response"] for s in states]
     report = {"states": len(states)}
     for name, guided in (("", False), ("guided_", True)):
-        if guided and critic.args.engine == "hf":
+        if guided and not critic.engine.supports_regex:
             continue
         _, _, parsed = critic.judge(problems, partials, seed, guided=guided)
         rewards = [critic_reward(s["actor_reward"], v) for s, v in zip(states, parsed)]

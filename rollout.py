@@ -363,6 +363,8 @@ class VLLMEngine:
     global RNG before each call (the in-process sampler draws from it).
     """
 
+    supports_regex = True  # generate(..., regex=) constrains samples (vLLM structured outputs)
+
     def __init__(self, model_path: str, dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.3, world_size: int = 1):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -425,6 +427,8 @@ class VLLMEngine:
 
 class HFEngine:
     """`--engine hf`: Hugging Face `generate` on its own copy of the weights (slower, no vLLM needed)."""
+
+    supports_regex = False
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
