@@ -110,7 +110,7 @@ def segment_values(critic, batch, problems, actor_tokenizer, seed: int) -> tuple
 
     Updates tau with the rollouts' rewards first (line 7), then judges every state s_k = x ∘ y_<k.
     """
-    from actor import all_gather_objects
+    from actor import all_gather_objects, all_reduce
     args = critic.args
     rewards = batch.rewards.tolist()
     for rs in all_gather_objects(rewards):  # every rank's tau sees every rollout, in rank order
@@ -138,19 +138,20 @@ def segment_values(critic, batch, problems, actor_tokenizer, seed: int) -> tuple
         if length:
             token_values[i, :length] = segment_values_to_tokens(values[k:k + len(ends)], ends, length)
         k += len(ends)
-    failures = sum(v is None for v in parsed)
-    metrics = {"genac/states": len(parsed), "genac/parse_failures": failures,
-               "genac/parse_rate": 1.0 - failures / max(len(parsed), 1),
-               "genac/critic_reward": sum(critic_rewards) / max(len(critic_rewards), 1),
+    # metrics over all ranks (each rank judged its own rollouts' states)
+    actor_tokens = float(batch.attention_mask.sum())
+    totals = all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards), actor_tokens,
+                                      sum(len(p) for p in prompts), sum(len(s.token_ids) for s in samples)], dtype=torch.float64))
+    states, failures, reward_sum, actor_tokens, critic_prompt_tokens, critic_generated_tokens = totals.tolist()
+    metrics = {"genac/states": int(states), "genac/parse_failures": int(failures),
+               "genac/parse_rate": 1.0 - failures / max(states, 1),
+               "genac/critic_reward": reward_sum / max(states, 1),
                "genac/icc_success_rate": critic.fallback_value(),
                "time/critic_generate": t_judge}
     # cost (paper App. C): PPO = 10 P T + 8 P T (critic forward + train on the actor's T tokens);
     # GenAC = 10 P T + 8 P T_c, T_c = the critic's prompt + generated tokens; same-size critic assumed
-    actor_tokens = float(batch.attention_mask.sum())
-    critic_prompt_tokens = sum(len(p) for p in prompts)
-    critic_generated_tokens = sum(len(s.token_ids) for s in samples)
-    metrics.update({"cost/actor_tokens": actor_tokens, "cost/critic_prompt_tokens": critic_prompt_tokens,
-                    "cost/critic_generated_tokens": critic_generated_tokens,
+    metrics.update({"cost/actor_tokens": actor_tokens, "cost/critic_prompt_tokens": int(critic_prompt_tokens),
+                    "cost/critic_generated_tokens": int(critic_generated_tokens),
                     "cost/flops_vs_ppo": (10 * actor_tokens + 8 * (critic_prompt_tokens + critic_generated_tokens))
                     / (18 * max(actor_tokens, 1.0))})
     return token_values, metrics
