@@ -5,7 +5,9 @@
                -> full_state_dict (gathered on every rank, for the engine sync and checkpoints)
 
 Rows are laid out [left-padded prompt | right-padded response] (rollout.RolloutBatch), so every
-response starts at the same column and the LM head only runs on response positions.
+response starts at the same column and the LM head only runs on response positions. By default
+(off: --no-share-prompts) the trainer's passes run a prompt once for all its rollouts in a micro-batch
+(pack_shared_prompts), with the log-probs and gradients of the unpacked rows.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def shard_with_fsdp2(model, world: int):
     return model
 
 
+def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.999) as one fused kernel: for 135M fp32 parameters on this CPU a step takes 0.1 s
+    fused vs 0.6-1.1 s with the default multi-tensor (foreach) implementation; same update rule."""
+    return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
+
+
 def full_state_dict(model) -> dict:
     """Full (unsharded) weights on every rank; FSDP2 gathers each DTensor (all ranks must call this)."""
     from torch.distributed.tensor import DTensor
@@ -92,12 +100,16 @@ def autocast_context(args, device):
 MICRO_BATCH_OVERHEAD_TOKENS = 32
 
 
-def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, with_entropy: bool = False):
+def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, with_entropy: bool = False,
+                   share_prompts: bool = False):
     """Log-probs of the response tokens under `model`.
 
     mb: [b, T] with prompts left-padded to column P and responses from column P on.
+    share_prompts: run each prompt once for all its rollouts in `mb` (pack_shared_prompts); same values.
     -> logprobs [b, R], entropy [b, R] or None, hidden [b, T, H] (output of decoder layer `hidden_layer`) or None.
     """
+    if share_prompts and hidden_layer is None:
+        return _packed_policy_forward(model, mb, with_entropy)
     R = mb.response_mask.shape[1]
     position_ids = (mb.attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     captured = {}
@@ -122,23 +134,95 @@ def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, wit
     return logprobs, entropy, hidden
 
 
-def micro_batches(lengths: torch.Tensor, size: int, overhead_tokens: int = MICRO_BATCH_OVERHEAD_TOKENS) -> list[torch.Tensor]:
-    """Row indices of each micro-batch: rows sorted by length, cut into runs of at most `size` rows so that
-    padded tokens + `overhead_tokens` per micro-batch are fewest (a small DP; verl's dynamic batch size
-    solves the same problem greedily).
+# ---------------------------------------------------------------------------------------------
+# Shared-prompt packing: a prompt's k rollouts cost one prompt + k responses instead of k (prompt + response)
+
+
+def pack_shared_prompts(mb: RolloutBatch) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The rollouts of one prompt become one row [pad | prompt | response_1 | ... | response_k | pad].
+
+    Each response attends to the prompt and to itself only, at the positions it has in its own row, so
+    its log-probs and gradients are those of the unpacked rows (the shared-prefix forward of Prefix
+    Grouper, 2025). With short answers to long prompts (GRPO's G rollouts) this runs 2-3x fewer tokens.
+
+    mb: [n, P + R] rows. -> model inputs for g packed rows [g, P + B] (a 4D attention mask [g, 1, P+B, P+B]),
+    packed_row [n] (the packed row of each rollout) and where [n, R]: the index, among the B logits of
+    columns P-1 .. P+B-2, of the logit predicting each response token (token 0: the prompt's last column).
+    """
+    P, R, n = mb.prompt_width, mb.response_mask.shape[1], len(mb)
+    prompt_rows: dict[int, list[int]] = {}  # prompt -> its rollouts in mb, in order
+    for i, prompt in enumerate(mb.group_index.tolist()):
+        prompt_rows.setdefault(prompt, []).append(i)
+    lens = mb.response_lens.tolist()
+    B = max(1, max(sum(lens[i] for i in rows) for rows in prompt_rows.values()))
+    g, T = len(prompt_rows), P + B
+    input_ids = torch.zeros(g, T, dtype=torch.long)
+    position_ids = torch.zeros(g, T, dtype=torch.long)
+    segment = torch.full((g, T), -1)  # -1 padding, 0 prompt, j + 1 the row's j-th response
+    packed_row, where = torch.zeros(n, dtype=torch.long), torch.zeros(n, R, dtype=torch.long)
+    for r, rows in enumerate(prompt_rows.values()):
+        p = int(mb.prompt_lens[rows[0]])
+        input_ids[r, :P] = mb.input_ids[rows[0], :P]
+        if any(not torch.equal(mb.input_ids[i, P - p:P], input_ids[r, P - p:P]) for i in rows[1:]):
+            raise ValueError("pack_shared_prompts: rollouts with the same group_index have different prompts")
+        segment[r, P - p:P] = 0
+        position_ids[r, P - p:P] = torch.arange(p)
+        offset = 0
+        for j, i in enumerate(rows):
+            L = lens[i]
+            input_ids[r, P + offset:P + offset + L] = mb.input_ids[i, P:P + L]
+            segment[r, P + offset:P + offset + L] = j + 1
+            position_ids[r, P + offset:P + offset + L] = torch.arange(p, p + L)
+            packed_row[i] = r
+            where[i, 1:L] = torch.arange(offset + 1, offset + max(L, 1))  # token t >= 1: column P + offset + t - 1
+            offset += L
+    query, key = segment[:, :, None], segment[:, None, :]  # [g, T, 1], [g, 1, T]
+    visible = torch.ones(T, T, dtype=torch.bool).tril() & (key >= 0) & ((key == 0) | (key == query))  # [g, T, T]
+    visible |= torch.eye(T, dtype=torch.bool)  # a padding column sees itself: no all-masked softmax row (NaN grads)
+    device = mb.input_ids.device
+    inputs = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                  attention_mask=visible[:, None].to(device))
+    return inputs, packed_row.to(device), where.to(device)
+
+
+def _packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool):
+    """policy_forward on shared-prompt packed rows -> logprobs [n, R], entropy [n, R] or None, None."""
+    inputs, packed_row, where = pack_shared_prompts(mb)
+    B = inputs["input_ids"].shape[1] - mb.prompt_width
+    out = model(**inputs, logits_to_keep=B + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()  # [g, B, V]: column P-1+k
+    log_normaliser = logits.logsumexp(-1)  # [g, B]
+    rows = packed_row[:, None].expand_as(where)  # [n, R]
+    logprobs = logits[rows, where, mb.response_ids] - log_normaliser[rows, where]  # [n, R]
+    entropy = None
+    if with_entropy:
+        entropy = (log_normaliser - (logits.softmax(-1) * logits).sum(-1))[rows, where]  # [n, R]
+    return logprobs, entropy, None
+
+
+def micro_batches(lengths: torch.Tensor, size: int, overhead_tokens: int = MICRO_BATCH_OVERHEAD_TOKENS,
+                  counts: list[int] | None = None) -> list[torch.Tensor]:
+    """Row indices of each micro-batch: rows sorted by length, cut into runs of at most `size` rollouts so
+    that padded tokens + `overhead_tokens` per micro-batch are fewest (a small DP; verl's dynamic batch
+    size solves the same problem greedily). counts[i]: rollouts in row i (a shared-prompt packed row; 1).
 
     Rows of a micro-batch are padded to its longest, so one 128-token response among 15 short ones
     would make 16 rows of 128: that row goes alone, or with the other long ones. lengths [n] (tokens per
-    rollout). Every rank runs the same number of micro-batches (FSDP2 collectives must match): a rank
+    row). Every rank runs the same number of micro-batches (FSDP2 collectives must match): a rank
     with fewer gets empty index tensors at the end, and its callers run a zero-weight forward/backward.
     """
     n = len(lengths)
     order = torch.argsort(lengths, descending=True, stable=True)
     longest = lengths[order].tolist()  # longest[i] = width of a micro-batch starting at sorted row i
+    rollouts = [1] * n if counts is None else [counts[i] for i in order.tolist()]
     best = [0.0] + [math.inf] * n  # best[j]: least cost of rows [0, j)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(max(0, j - size), j):
+        taken = 0
+        for i in range(j - 1, -1, -1):  # micro-batch = sorted rows [i, j)
+            taken += rollouts[i]
+            if taken > size and i < j - 1:  # a single row larger than `size` still goes alone
+                break
             cost = best[i] + (j - i) * longest[i] + overhead_tokens
             if cost < best[j]:
                 best[j], cut[j] = cost, i
@@ -151,6 +235,18 @@ def micro_batches(lengths: torch.Tensor, size: int, overhead_tokens: int = MICRO
     return groups + [order[:0]] * (count - len(groups))
 
 
+def rollout_micro_batches(batch: RolloutBatch, size: int, share_prompts: bool) -> list[torch.Tensor]:
+    """Rollout indices of each micro-batch (at most `size` rollouts). With shared prompts, a prompt's
+    rollouts stay together (in chunks of at most `size`), each chunk one packed row of P + sum of lengths."""
+    if not share_prompts:
+        return micro_batches(batch.prompt_lens + batch.response_lens, size)
+    chunks = [rows.split(size) for rows in (torch.nonzero(batch.group_index == p).flatten() for p in batch.group_index.unique())]
+    chunks = [c for cs in chunks for c in cs]  # rollouts of one packed row
+    lengths = torch.stack([batch.prompt_lens[c[0]] + batch.response_lens[c].sum() for c in chunks])
+    parts = micro_batches(lengths, size, counts=[len(c) for c in chunks])
+    return [torch.cat([chunks[k] for k in part.tolist()]) if len(part) else part for part in parts]
+
+
 @torch.no_grad()
 def compute_old_logprobs(model, batch: RolloutBatch, args, device, probe_layer: int | None = None,
                          reasoning_marker: list[int] | None = None) -> None:
@@ -159,11 +255,13 @@ def compute_old_logprobs(model, batch: RolloutBatch, args, device, probe_layer: 
     N, R = batch.response_mask.shape
     old, ent = torch.zeros(N, R), torch.zeros(N, R)
     feats = None
-    for idx in micro_batches(batch.prompt_lens + batch.response_lens, args.micro_batch_size):
+    share = args.share_prompts and probe_layer is None  # POISE reads per-rollout hidden states
+    for idx in rollout_micro_batches(batch, args.micro_batch_size, share):
         real = len(idx) > 0
         mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
         with autocast_context(args, device):
-            logp, entropy, hidden = policy_forward(model, to_device(mb, device), probe_layer, with_entropy=True)
+            logp, entropy, hidden = policy_forward(model, to_device(mb, device), probe_layer, with_entropy=True,
+                                                   share_prompts=share)
         if not real:
             continue
         width = logp.shape[1]
@@ -236,16 +334,16 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
             normaliser = torch.tensor([adv_math.loss_normaliser(mini_batch.response_mask, args.loss_agg)])
             normaliser = max(float(all_reduce(normaliser)), 1.0)
             optimizer.zero_grad(set_to_none=True)
-            for idx in micro_batches(mini_batch.prompt_lens + mini_batch.response_lens, args.micro_batch_size):
+            for idx in rollout_micro_batches(mini_batch, args.micro_batch_size, args.share_prompts):
                 weight = 1.0 if len(idx) else 0.0  # a rank with fewer rollouts still joins the collectives
                 mb = to_device(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
                 with autocast_context(args, device):
-                    logp, _, _ = policy_forward(model, mb)
+                    logp, _, _ = policy_forward(model, mb, share_prompts=args.share_prompts)
                 mask = mb.response_mask
                 token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high)
                 if args.kl_coef > 0:
                     with torch.no_grad(), autocast_context(args, device):
-                        ref_logp, _, _ = policy_forward(ref_model, mb)
+                        ref_logp, _, _ = policy_forward(ref_model, mb, share_prompts=args.share_prompts)
                     kl = adv_math.kl_k3(logp, ref_logp)
                     token_loss = token_loss + args.kl_coef * kl
                     stats["kl_ref"] += float((kl * mask).sum()) * weight

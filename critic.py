@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import advantage as adv_math
-from actor import all_reduce, autocast_context, full_state_dict, micro_batches, shard_with_fsdp2, to_device
+from actor import adamw, all_reduce, autocast_context, full_state_dict, micro_batches, shard_with_fsdp2, to_device
 from rollout import RolloutBatch
 
 
@@ -65,7 +65,7 @@ class ValueCritic:
     def __init__(self, model_path: str, device: torch.device, world: int, lr: float = 5e-6, weight_decay: float = 0.01,
                  seed: int = 0):
         self.model = load_value_model(model_path, device, world, seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+        self.optimizer = adamw(self.model.parameters(), lr=lr, weight_decay=weight_decay)
 
     @torch.no_grad()
     def compute_values(self, batch: RolloutBatch, args, device) -> None:
@@ -342,8 +342,7 @@ class GenerativeCritic:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.model = load_actor(model_path, device, world)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.critic_lr, betas=(0.9, 0.999),
-                                           weight_decay=args.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
         self.engine = make_engine(args.engine or "vllm", model_path, dtype=args.engine_dtype, seed=args.seed + 1,
                                   max_model_len=args.critic_max_prompt_tokens + args.critic_max_new_tokens,
                                   gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
@@ -398,7 +397,8 @@ class GenerativeCritic:
         critic_batch = build_rollout_batch(pending["prompts"], [[s] for s in pending["samples"]], rewards.tolist(), self.pad_id)
         critic_batch.extras["step"] = batch.extras.get("step", 0)
         critic_batch.advantages = critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None] * critic_batch.response_mask
-        update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1})
+        update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1,
+                                         "share_prompts": False})  # one answer per critic prompt: nothing to share
         t = time.time()
         self.model.eval()
         compute_old_logprobs(self.model, critic_batch, update_args, device)

@@ -410,7 +410,7 @@ def heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: int = 1
     flat = [(p, s) for p, group in enumerate(rollouts) for s in group]
     rewards, _ = score_responses([s.text for _, s in flat], [problems[p] for p, _ in flat], None)
     batch = build_rollout_batch(prompt_ids, rollouts, rewards, tokenizer.pad_token_id)
-    args = SimpleNamespace(micro_batch_size=16, dtype="bf16")
+    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
     actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), layer)
     values = poise.predict_values(batch.features)  # [N]
     count = torch.zeros(len(problems)).index_add_(0, batch.group_index, torch.ones(len(batch)))
@@ -436,7 +436,7 @@ def feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int = 45, 
     samples = [[Sample(torch.randint(10, 40000, (response_tokens,), generator=g).tolist(), [0.0] * response_tokens, "", "stop")
                 for _ in range(2)] for _ in prompts]
     batch = build_rollout_batch(prompts, samples, [0.0] * rollouts, pad_id=2)
-    args = SimpleNamespace(micro_batch_size=16, dtype="bf16")
+    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
     layer = probe_layer_index(model.config.num_hidden_layers)
     plain, with_features = [], []
     actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), None)  # warm-up

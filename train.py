@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 import advantage as adv_math
-from actor import (all_gather_objects, all_reduce, compute_old_logprobs, full_optimizer_state_dict, full_state_dict,
+from actor import (adamw, all_gather_objects, all_reduce, compute_old_logprobs, full_optimizer_state_dict, full_state_dict,
                    load_actor, load_full_optimizer_state_dict, ppo_update)
 from rollout import (DataError, MathVerifier, Problem, RolloutBatch, build_rollout_batch, default_engine, format_prompt,
                      load_problems, make_engine, resolve_model_path, score_responses)
@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--ppo-epochs", type=int, default=1)
     a("--mini-batches", type=int, default=2, help="optimizer steps per epoch (verl: batch / ppo_mini_batch_size)")
     a("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward")
+    a("--no-share-prompts", dest="share_prompts", action="store_false", help="run every rollout's prompt in the "
+      "trainer's forward passes (default: a prompt once per micro-batch for all its rollouts; same log-probs)")
     a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training autocast dtype (master weights fp32)")
     a("--engine", default=None, choices=("vllm", "hf"), help="generation engine (default: vllm if it imports)")
     a("--engine-dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -395,7 +397,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: problem {too_long[0].id!r} has a {too_long[1]}-token prompt, over --max-prompt-tokens {args.max_prompt_tokens}")
     model = load_actor(model_path, device, world)
     ref_model = load_actor(base_model, device, world).eval() if args.kl_coef > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     try:
         critic_path = str(resume_from / "critic") if resume_from and args.algo in CRITIC_ALGOS else (
             resolve_model_path(args.critic_model) if args.critic_model else base_model)

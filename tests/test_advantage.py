@@ -95,7 +95,8 @@ def test_masked_whiten():
 
 @pytest.mark.parametrize("mode", A.LOSS_AGG_MODES)
 def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
-    """The shared update's gradient is identical for micro-batches of 1, 3 and 8 rollouts."""
+    """The shared update's gradient is identical for micro-batches of 1, 3 and 8 rollouts, with and
+    without shared-prompt packing."""
     from transformers import AutoModelForCausalLM
 
     import actor
@@ -107,16 +108,33 @@ def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
     batch.old_logprobs = -torch.rand(batch.response_mask.shape) * batch.response_mask
     batch.advantages = torch.randn(len(batch))[:, None] * batch.response_mask
     grads = []
-    for mbs in (1, 3, 8):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=mbs, loss_agg=mode, clip_low=0.2, clip_high=0.2,
-                               kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for share in (False, True):
+        for mbs in (1, 3, 8):
+            model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+            args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=mbs, loss_agg=mode, clip_low=0.2, clip_high=0.2,
+                                   kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share)
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1)
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_shared_prompt_micro_batches_keep_a_prompts_rollouts_together():
+    """With packing, a micro-batch holds at most `size` rollouts, every rollout once, and a prompt's
+    rollouts are split only into chunks of `size`."""
+    import actor
+    from rollout import Sample, build_rollout_batch
+    lens = [[3, 7, 1, 5, 2], [4, 4], [9], [1, 1, 1]]
+    batch = build_rollout_batch([[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]],
+                                [[Sample([5] * n, [0.0] * n, "", "stop") for n in ls] for ls in lens], [0.0] * 11, pad_id=0)
+    for size in (1, 2, 3, 4, 16):
+        parts = actor.rollout_micro_batches(batch, size, share_prompts=True)
+        assert sorted(torch.cat(parts).tolist()) == list(range(11)) and max(len(p) for p in parts) <= size
+        for prompt, count in enumerate(map(len, lens)):
+            pieces = [int((batch.group_index[p] == prompt).sum()) for p in parts]
+            assert sorted(x for x in pieces if x) == sorted([size] * (count // size) + ([count % size] if count % size else []))
 
 
 def test_micro_batches_cover_rows_once_and_keep_long_rows_apart():

@@ -126,6 +126,38 @@ def test_left_padding_gives_the_same_logprobs(tiny_model):
     assert (ent[batch.response_mask > 0] > 0).all()
 
 
+def test_shared_prompt_packing_gives_the_same_logprobs_and_entropies(tiny_model):
+    """A prompt run once for all its rollouts (each response seeing the prompt and itself only) scores
+    every rollout as its own row does: prompts of different lengths, interleaved groups, an empty response."""
+    from transformers import AutoModelForCausalLM
+
+    import actor
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 400, (n,), generator=g).tolist() for n in (6, 2, 9)]
+    samples = [[Sample(torch.randint(10, 400, (n,), generator=g).tolist(), [0.0] * n, "", "stop") for n in lens]
+               for lens in ((3, 7, 1), (5, 0), (2, 4, 4, 6))]
+    batch = build_rollout_batch(prompts, samples, [0.0] * 9, pad_id=0)
+    batch = batch.select(torch.tensor([4, 0, 8, 2, 5, 1, 7, 3, 6]))  # groups interleaved, as in a shuffled mini-batch
+    inputs, packed_row, where = actor.pack_shared_prompts(batch)
+    assert inputs["input_ids"].shape[0] == 3 and inputs["input_ids"].shape[1] == batch.prompt_width + 16  # 3 rows, 2+4+4+6
+    with torch.no_grad():
+        lp, ent, _ = actor.policy_forward(model, batch, with_entropy=True)
+        lp_packed, ent_packed, _ = actor.policy_forward(model, batch, with_entropy=True, share_prompts=True)
+    mask = batch.response_mask > 0
+    assert mask.sum() == 32
+    assert torch.allclose(lp_packed[mask], lp[mask], atol=1e-5) and torch.allclose(ent_packed[mask], ent[mask], atol=1e-5)
+
+
+def test_shared_prompt_packing_rejects_different_prompts_under_one_group():
+    import actor
+    batch = build_rollout_batch([[11, 12], [13, 14]], [[Sample([1], [0.0], "", "stop")], [Sample([2], [0.0], "", "stop")]],
+                                [0.0, 0.0], pad_id=0)
+    batch.group_index = torch.tensor([0, 0])
+    with pytest.raises(ValueError, match="different prompts"):
+        actor.pack_shared_prompts(batch)
+
+
 def test_select_trims_padding_but_keeps_the_layout():
     prompts = [[11, 12, 13], [21]]
     samples = [[Sample([1, 2], [-0.1, -0.2], "", "stop")], [Sample([3, 4, 5], [-0.3, -0.4, -0.5], "", "stop"), Sample([6], [-0.6], "", "stop")]]
