@@ -95,9 +95,9 @@ def autocast_context(args, device):
 # ---------------------------------------------------------------------------------------------
 # Forward passes
 
-# Fixed cost of one forward/backward in padded tokens. Measured on SmolLM2-135M (CPU, fwd+bwd): 6.4 ms per token +
-# 30 ms per call, i.e. ~5 tokens; 32 keeps micro-batches from splitting to save a handful of pad tokens.
-MICRO_BATCH_OVERHEAD_TOKENS = 32
+# Fixed cost of one forward/backward in padded tokens. Measured on SmolLM2-135M (CPU, bf16 autocast, fwd+bwd, one
+# row of 32-512 tokens): 5.0 ms per token + 196 ms per call (weight casts, gradient accumulation), i.e. ~40 tokens.
+MICRO_BATCH_OVERHEAD_TOKENS = 40
 
 
 def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, with_entropy: bool = False,
@@ -315,6 +315,22 @@ def _reasoning_end(mb: RolloutBatch, marker: list[int] | None) -> torch.Tensor:
 # The shared update (SPEC §1)
 
 
+def mini_batch_indices(batch: RolloutBatch, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Rollout indices of each optimizer step's mini-batch: the prompts in random order, cut into `count`
+    runs, each mini-batch holding all rollouts of its prompts (verl's layout, where a prompt's G responses
+    are adjacent; shared-prompt packing then runs each prompt once per epoch). With fewer prompts than
+    `count`, the rollouts are split instead."""
+    N = len(batch)
+    if count <= 1:
+        return [torch.arange(N)]
+    prompts = batch.group_index.unique()
+    if len(prompts) >= count:
+        shuffled = prompts[torch.randperm(len(prompts), generator=generator)]
+        return [torch.nonzero(torch.isin(batch.group_index, part)).flatten() for part in shuffled.tensor_split(count)]
+    order = torch.randperm(N, generator=generator)
+    return list(order.chunk(count)) if N >= count else [order]
+
+
 def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, ref_model=None) -> dict:
     """PPO-clip on `batch.advantages` [N, R]: epochs x mini-batches of optimizer steps.
 
@@ -322,14 +338,12 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
     any backward, so the gradient is the same for every micro-batch split (tested). FSDP2 averages
     gradients over ranks, so the local loss is scaled by `world`.
     """
-    N = len(batch)
     stats = {k: 0.0 for k in ("policy_loss", "clip_frac", "approx_kl", "kl_ref", "grad_norm")}
     count_tokens = 0.0
     steps = 0
     g = torch.Generator().manual_seed(args.seed + 7919 * int(batch.extras.get("step", 0)))
     for _ in range(args.ppo_epochs):
-        order = torch.randperm(N, generator=g) if args.mini_batches > 1 else torch.arange(N)
-        for mini in order.chunk(args.mini_batches) if N >= args.mini_batches else [order]:
+        for mini in mini_batch_indices(batch, args.mini_batches, g):
             mini_batch = batch.select(mini)
             normaliser = torch.tensor([adv_math.loss_normaliser(mini_batch.response_mask, args.loss_agg)])
             normaliser = max(float(all_reduce(normaliser)), 1.0)

@@ -121,6 +121,20 @@ def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-5)
 
 
+def test_mini_batches_hold_whole_prompts():
+    """Each optimizer step's mini-batch holds all rollouts of its prompts (verl's layout); every rollout once."""
+    import actor
+    from rollout import Sample, build_rollout_batch
+    batch = build_rollout_batch([[1], [2], [3], [4], [5]], [[Sample([7], [0.0], "", "stop")] * 4 for _ in range(5)], [0.0] * 20, pad_id=0)
+    parts = actor.mini_batch_indices(batch, 2, torch.Generator().manual_seed(0))
+    assert len(parts) == 2 and sorted(torch.cat(parts).tolist()) == list(range(20))
+    assert sorted(len(p) for p in parts) == [8, 12]
+    assert set(batch.group_index[parts[0]].tolist()).isdisjoint(batch.group_index[parts[1]].tolist())
+    assert actor.mini_batch_indices(batch, 1, torch.Generator())[0].tolist() == list(range(20))
+    few = actor.mini_batch_indices(batch.select(torch.arange(8)), 4, torch.Generator().manual_seed(0))  # 2 prompts, 4 steps
+    assert [len(p) for p in few] == [2, 2, 2, 2]
+
+
 def test_shared_prompt_micro_batches_keep_a_prompts_rollouts_together():
     """With packing, a micro-batch holds at most `size` rollouts, every rollout once, and a prompt's
     rollouts are split only into chunks of `size`."""
