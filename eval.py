@@ -3,6 +3,7 @@
     python eval.py --model runs/default/checkpoint-000024 --data arithmetic -k 4
     python eval.py --data ../shared/data/math500.jsonl --data ../shared/data/amc23.jsonl -k 16
     python eval.py plot runs/default                  # PNGs from runs/default/metrics.jsonl
+    python eval.py summary runs/default               # the README's benchmark table from metrics.jsonl
     python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (SPEC §8)
 
 avg@k  = mean over problems of (correct samples / k)                      (the papers use k = 16)
@@ -349,10 +350,70 @@ def plot_run(run_dir: str) -> list[Path]:
     return written
 
 
+# ---------------------------------------------------------------------------------------------
+# Benchmark summary of a run (the README's table)
+
+
+def run_summary(run_dir: str) -> dict:
+    """Throughput and accuracy of a run from run_dir/metrics.jsonl (RL steps only).
+
+    tokens/s are ratios of sums (all tokens / all seconds of that phase), so long steps weigh as they
+    cost; `*_step_mean` is the plain mean of the per-step rates for comparison."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if r.get("phase", "rl") == "rl" and "time/step" in r]
+    if not steps:
+        raise ValueError(f"{path} has no RL steps")
+    total = lambda key: sum(r.get(key, 0.0) for r in steps)  # noqa: E731
+    mean = lambda key: total(key) / len(steps)  # noqa: E731
+    evals = [r for r in rows if "eval/avg_at_k" in r]
+    out = {"steps": len(steps), "seconds_in_steps": total("time/step"),
+           **{f"seconds_per_step/{k}": mean(f"time/{k}") for k in ("generate", "score", "old_logprob", "update", "sync", "step")},
+           "sync_max": max(r["time/sync"] for r in steps),
+           "generate_tokens_per_s": total("generated_tokens") / max(total("time/generate"), 1e-9),
+           "train_tokens_per_s": total("trained_tokens") / max(total("time/update"), 1e-9),
+           "generate_tokens_per_s_step_mean": mean("tokens_per_s/generate"),
+           "train_tokens_per_s_step_mean": mean("tokens_per_s/train"),
+           "response_length": mean("response_length"),
+           "logprob_diff_engine_trainer": mean("logprob_diff_engine_trainer")}
+    if evals:
+        out.update({"avg_at_k_before": evals[0]["eval/avg_at_k"], "avg_at_k_after": evals[-1]["eval/avg_at_k"],
+                    "pass_at_k_before": evals[0]["eval/pass_at_k"], "pass_at_k_after": evals[-1]["eval/pass_at_k"],
+                    "eval_k": evals[0].get("eval/k"), "eval_problems": evals[0].get("eval/problems")})
+    return out
+
+
+def print_summary(run_dir: str) -> None:
+    s = run_summary(run_dir)
+    print(f"| {run_dir} | |\n|---|---|")
+    if "avg_at_k_before" in s:
+        print(f"| held-out avg@{s['eval_k']} ({s['eval_problems']} problems), before -> after | "
+              f"{s['avg_at_k_before']:.3f} -> {s['avg_at_k_after']:.3f} |")
+        print(f"| held-out pass@{s['eval_k']}, before -> after | {s['pass_at_k_before']:.3f} -> {s['pass_at_k_after']:.3f} |")
+    phases = " / ".join(f"{s[f'seconds_per_step/{k}']:.2f}" for k in ("generate", "score", "old_logprob", "update", "sync", "step"))
+    print(f"| {s['steps']} steps, {s['seconds_in_steps'] / 60:.1f} min; seconds per step: generate / score / old log-probs / "
+          f"update / sync / total | {phases} |")
+    print(f"| generated tokens/s (all steps; mean of steps) | {s['generate_tokens_per_s']:.0f}; {s['generate_tokens_per_s_step_mean']:.0f} |")
+    print(f"| trained tokens/s: rollout prompt + response tokens / update seconds (all steps; mean of steps) | "
+          f"{s['train_tokens_per_s']:.0f}; {s['train_tokens_per_s_step_mean']:.0f} |")
+    print(f"| weight sync, mean (max) | {s['seconds_per_step/sync']:.2f} s ({s['sync_max']:.2f} s) |")
+    print(f"| mean response length; mean abs engine - trainer log-prob | {s['response_length']:.1f}; "
+          f"{s['logprob_diff_engine_trainer']:.3f} |")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["values"]:
         return values_main(argv[1:])
+    if argv[:1] == ["summary"]:
+        for run_dir in argv[1:] or ["runs/default"]:
+            try:
+                print_summary(run_dir)
+            except (FileNotFoundError, ValueError) as e:
+                sys.exit(f"error: {e}")
+        return
     if argv[:1] == ["plot"]:
         for run_dir in argv[1:] or ["runs/default"]:
             try:

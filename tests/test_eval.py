@@ -1,10 +1,10 @@
-"""Unbiased pass@k, and plots from a metrics file."""
+"""Unbiased pass@k, and plots and the benchmark summary from a metrics file."""
 import json
 import math
 
 import pytest
 
-from eval import pass_at_k, plot_run
+from eval import pass_at_k, plot_run, run_summary
 
 
 def test_pass_at_k_unbiased_estimator():
@@ -28,3 +28,23 @@ def test_plot_run_writes_pngs(tmp_path):
 def test_plot_run_missing_metrics(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_run(str(tmp_path))
+
+
+def test_run_summary_weighs_steps_by_their_seconds(tmp_path):
+    """tokens/s over the run = all tokens / all seconds (a slow step weighs more), next to the mean of steps;
+    VC-PPO's critic-warmup steps and evaluation rows are not RL steps."""
+    def step(s, gen_tokens, t_gen, trained, t_update, sync):
+        return {"step": s, "phase": "rl", "generated_tokens": gen_tokens, "trained_tokens": trained, "time/generate": t_gen,
+                "time/score": 0.0, "time/old_logprob": 1.0, "time/update": t_update, "time/sync": sync, "time/step": t_gen + t_update + 1,
+                "tokens_per_s/generate": gen_tokens / t_gen, "tokens_per_s/train": trained / t_update, "response_length": 10.0,
+                "logprob_diff_engine_trainer": 0.02}
+    rows = [{"step": 0, "eval/avg_at_k": 0.25, "eval/pass_at_k": 0.5, "eval/k": 4, "eval/problems": 200},
+            {"step": 1, "phase": "critic_warmup", "time/step": 99.0, "time/sync": 0.0},
+            step(2, 100, 1.0, 1000, 10.0, 0.2), step(3, 900, 3.0, 3000, 10.0, 0.6),
+            {"step": 3, "eval/avg_at_k": 0.5, "eval/pass_at_k": 0.75, "eval/k": 4, "eval/problems": 200}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = run_summary(str(tmp_path))
+    assert s["steps"] == 2 and s["generate_tokens_per_s"] == pytest.approx(1000 / 4.0)
+    assert s["generate_tokens_per_s_step_mean"] == pytest.approx((100 + 300) / 2)
+    assert s["train_tokens_per_s"] == pytest.approx(200.0) and s["sync_max"] == 0.6
+    assert s["seconds_per_step/update"] == 10.0 and (s["avg_at_k_before"], s["avg_at_k_after"]) == (0.25, 0.5)
