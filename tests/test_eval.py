@@ -48,3 +48,9 @@ def test_run_summary_weighs_steps_by_their_seconds(tmp_path):
     assert s["generate_tokens_per_s_step_mean"] == pytest.approx((100 + 300) / 2)
     assert s["train_tokens_per_s"] == pytest.approx(200.0) and s["sync_max"] == 0.6
     assert s["seconds_per_step/update"] == 10.0 and (s["avg_at_k_before"], s["avg_at_k_after"]) == (0.25, 0.5)
+
+
+def test_speed_rejects_a_malformed_shape(capsys):
+    import eval as eval_module
+    with pytest.raises(SystemExit, match="expected prompts x samples"):
+        eval_module.main(["speed", "--shapes", "4x8,16"])
