@@ -106,9 +106,12 @@ def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, wit
 
     mb: [b, T] with prompts left-padded to column P and responses from column P on.
     share_prompts: run each prompt once for all its rollouts in `mb` (pack_shared_prompts); same values.
+    A micro-batch with one rollout per prompt has nothing to share and takes the plain path.
     -> logprobs [b, R], entropy [b, R] or None, hidden [b, T, H] (output of decoder layer `hidden_layer`) or None.
     """
-    if share_prompts and hidden_layer is None:
+    if share_prompts and hidden_layer is not None:
+        raise ValueError("policy_forward: hidden states are per rollout row; share_prompts packs rows (use one or the other)")
+    if share_prompts and mb.group_index.unique().numel() < len(mb):  # some prompt has several rollouts here
         return _packed_policy_forward(model, mb, with_entropy)
     R = mb.response_mask.shape[1]
     position_ids = (mb.attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens count from 0

@@ -410,10 +410,9 @@ def print_summary(run_dir: str) -> None:
 
 def speed_main(argv: list[str]) -> None:
     """Generation tokens/s for several batch shapes (training sampling: temperature 1, the model's own
-    stopping), then the trainer's update (2 mini-batches, bf16 autocast) on the first shape's rollouts
-    with and without shared-prompt packing, each twice (this CPU's timings vary by ~20% run to run)."""
+    stopping), then the trainer's update (train.py's defaults: 2 mini-batches, bf16 autocast) on the first
+    shape's rollouts with and without shared-prompt packing, each twice (this CPU's timings drift)."""
     import time
-    from types import SimpleNamespace
 
     import torch
     from transformers import AutoTokenizer
@@ -458,10 +457,9 @@ def speed_main(argv: list[str]) -> None:
     first.extras["step"] = 0
     tokens = float(first.attention_mask.sum())
     print(f"\n| update of {len(first)} rollouts ({int(tokens)} prompt + response tokens) | seconds | rollout tokens/s |\n|---|---|---|")
+    from train import parse_args as train_defaults
     for share in (None, True, False, True, False):  # None: a warm-up update, not reported
-        run_args = SimpleNamespace(micro_batch_size=args.micro_batch_size, dtype="bf16", seed=0, ppo_epochs=1, mini_batches=2,
-                                   loss_agg="token-mean", clip_low=0.2, clip_high=0.2, kl_coef=0.0, grad_clip=1.0,
-                                   share_prompts=bool(share))
+        run_args = train_defaults(["--micro-batch-size", str(args.micro_batch_size)] + ([] if share is not False else ["--no-share-prompts"]))
         model.eval()
         actor.compute_old_logprobs(model, first, run_args, device)
         first.advantages = (first.rewards - first.rewards.mean())[:, None] * first.response_mask

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -380,6 +381,10 @@ class VLLMEngine:
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         self.llm = LLM(**kwargs)
+        # Every weight reload warns "RotaryEmbedding: Failed to load weights": its cos/sin table is a buffer that no
+        # checkpoint holds, and vLLM keeps its own. Drop that one line; other layers' failures still show.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda record: not record.getMessage().startswith("RotaryEmbedding:"))
 
     def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int], temperature: float,
                  top_p: float, seed: int, regex: str | None = None) -> list[list[Sample]]:

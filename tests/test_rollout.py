@@ -156,6 +156,8 @@ def test_shared_prompt_packing_rejects_different_prompts_under_one_group():
     batch.group_index = torch.tensor([0, 0])
     with pytest.raises(ValueError, match="different prompts"):
         actor.pack_shared_prompts(batch)
+    with pytest.raises(ValueError, match="use one or the other"):  # POISE's hidden states need unpacked rows
+        actor.policy_forward(None, batch, hidden_layer=0, share_prompts=True)
 
 
 def test_select_trims_padding_but_keeps_the_layout():
