@@ -1,7 +1,8 @@
-"""The actor: loading (FSDP2 when sharded), its forward passes, and the shared PPO-style update (SPEC §1).
+"""The actor: loading (FSDP2 when sharded), its forward passes, and the one update skeleton.
 
-    load_actor -> compute_old_logprobs (no grad: old log-probs, entropies, POISE features)
-               -> ppo_update (clipped surrogate, loss normaliser fixed per optimizer step)
+    load_actor -> compute_old_logprobs (no grad: old log-probs, entropies, pooled hidden features if asked)
+               -> ppo_update = optimizer_steps(micro_loss = clipped surrogate): the skeleton every model's
+                  update uses (actor, value critic, generative critic, SFT), normaliser fixed per step
                -> full_state_dict (gathered on every rank, for the engine sync and checkpoints)
 
 Rows are laid out [left-padded prompt | right-padded response] (rollout.RolloutBatch), so every
@@ -60,6 +61,25 @@ def shard_with_fsdp2(model, world: int):
             fully_shard(layer)
         fully_shard(model)
     return model
+
+
+def add_update_arguments(parser) -> None:
+    """The update's flags, shared by train.py and genac.py's stage commands (defaults: GenAC Table 5,
+    arXiv:2604.10701, except the CPU-sized lr)."""
+    a = parser.add_argument
+    a("--lr", type=float, default=2e-5, help="actor lr (papers: 1e-6 for 1.5-8B models; the 135M CPU default uses more)")
+    a("--weight-decay", type=float, default=0.01)
+    a("--grad-clip", type=float, default=1.0)
+    a("--clip-low", type=float, default=0.2)
+    a("--clip-high", type=float, default=0.2, help="0.28 = DAPO clip-higher")
+    a("--loss-agg", default="token-mean", choices=adv_math.LOSS_AGG_MODES)
+    a("--kl-coef", type=float, default=0.0, help="k3 KL to the initial model (0: no reference model loaded)")
+    a("--ppo-epochs", type=int, default=1)
+    a("--mini-batches", type=int, default=2, help="optimizer steps per epoch (verl: batch / ppo_mini_batch_size)")
+    a("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward")
+    a("--no-share-prompts", dest="share_prompts", action="store_false", help="run every rollout's prompt in the "
+      "trainer's forward passes (default: a prompt once per micro-batch for all its rollouts; same log-probs)")
+    a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training autocast dtype (master weights fp32)")
 
 
 def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -251,35 +271,41 @@ def rollout_micro_batches(batch: RolloutBatch, size: int, share_prompts: bool) -
 
 
 @torch.no_grad()
-def compute_old_logprobs(model, batch: RolloutBatch, args, device, probe_layer: int | None = None,
-                         reasoning_marker: list[int] | None = None) -> None:
-    """Fills batch.old_logprobs [N, R], batch.entropies [N, R] and, for POISE, batch.features [N, F]."""
-    from probe import rollout_features
+def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_features=None) -> dict:
+    """Fills batch.old_logprobs [N, R], batch.entropies [N, R] and, when `hidden_features` is given,
+    batch.features [N, F]. -> metrics (seconds spent pooling features).
+
+    hidden_features: None, or (layer, pool) for an algorithm that reads the actor's hidden states (POISE):
+    pool(mb, hidden [b, T, H] = output of decoder `layer`, entropy [b, R]) -> features [b, F], called on
+    every micro-batch so no full [N, T, H] tensor is ever kept.
+    """
     N, R = batch.response_mask.shape
     old, ent = torch.zeros(N, R), torch.zeros(N, R)
-    feats = None
-    share = args.share_prompts and probe_layer is None  # POISE reads per-rollout hidden states
+    layer, pool = hidden_features if hidden_features is not None else (None, None)
+    feats, pool_seconds = None, 0.0
+    share = args.share_prompts and layer is None  # hidden states are per rollout row
     for idx in rollout_micro_batches(batch, args.micro_batch_size, share):
         real = len(idx) > 0
         mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
         with autocast_context(args, device):
-            logp, entropy, hidden = policy_forward(model, to_device(mb, device), probe_layer, with_entropy=True,
+            logp, entropy, hidden = policy_forward(model, to_device(mb, device), layer, with_entropy=True,
                                                    share_prompts=share)
         if not real:
             continue
         width = logp.shape[1]
         old[idx, :width], ent[idx, :width] = logp.float().cpu(), entropy.float().cpu()
-        if probe_layer is not None:
+        if pool is not None:
             start = time.time()
-            f = rollout_features(*_right_align(hidden.float().cpu(), mb), entropy.float().cpu() * mb.response_mask,
-                                 _reasoning_end(mb, reasoning_marker))
+            f = pool(mb, hidden.float().cpu(), entropy.float().cpu())  # [b, F]
             feats = torch.zeros(N, f.shape[1]) if feats is None else feats
             feats[idx] = f
-            batch.extras["time/features"] = batch.extras.get("time/features", 0.0) + time.time() - start
+            pool_seconds += time.time() - start
     batch.old_logprobs = old * batch.response_mask
     batch.entropies = ent * batch.response_mask
-    if probe_layer is not None:
+    if pool is not None:
         batch.features = feats
+        return {"time/features": pool_seconds}
+    return {}
 
 
 def to_device(mb: RolloutBatch, device) -> RolloutBatch:
@@ -292,30 +318,8 @@ def to_device(mb: RolloutBatch, device) -> RolloutBatch:
     return mb
 
 
-def _right_align(hidden: torch.Tensor, mb: RolloutBatch):
-    """Our rows are [pad | prompt | response | pad]; probe.rollout_features wants [prompt | response | pad].
-    hidden [b, T, H] -> (hidden [b, T, H], prompt_lens [b], response_lens [b])."""
-    b, T, H = hidden.shape
-    shift = mb.prompt_width - mb.prompt_lens  # [b] left-pad width of each row
-    src = (torch.arange(T)[None, :] + shift[:, None]).clamp(max=T - 1)  # [b, T]
-    return hidden.gather(1, src[:, :, None].expand(b, T, H)), mb.prompt_lens, mb.response_lens
-
-
-def _reasoning_end(mb: RolloutBatch, marker: list[int] | None) -> torch.Tensor:
-    """Response tokens up to and including the last end-of-reasoning marker, else the response length. [b]"""
-    ends = mb.response_lens.clone()
-    if marker:
-        for i, row in enumerate(mb.response_ids.tolist()):
-            row = row[: int(mb.response_lens[i])]
-            for j in range(len(row) - len(marker), -1, -1):
-                if row[j:j + len(marker)] == marker:
-                    ends[i] = j + len(marker)
-                    break
-    return ends
-
-
 # ---------------------------------------------------------------------------------------------
-# The shared update (SPEC §1)
+# The shared update: PPO-clip for every algorithm (GRPO is PPO with another advantage)
 
 
 def mini_batch_indices(batch: RolloutBatch, count: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -334,50 +338,72 @@ def mini_batch_indices(batch: RolloutBatch, count: int, generator: torch.Generat
     return list(order.chunk(count)) if N >= count else [order]
 
 
-def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, ref_model=None) -> dict:
-    """PPO-clip on `batch.advantages` [N, R]: epochs x mini-batches of optimizer steps.
+def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Tensor], micro_loss, args, device,
+                    world: int, loss_agg: str = "token-mean", share_prompts: bool = False) -> dict:
+    """The one update skeleton (actor PPO, value critic, generative critic, SFT): one optimizer step per entry
+    of `steps` (rollout indices of its mini-batch), each accumulated over micro-batches.
 
-    The loss normaliser of each optimizer step is summed over all its micro-batches and ranks before
-    any backward, so the gradient is the same for every micro-batch split (tested). FSDP2 averages
-    gradients over ranks, so the local loss is scaled by `world`.
+    micro_loss(model, mb) -> (token_loss [b, R], sums: {name: masked sum to log}) runs under autocast.
+    The loss normaliser of a step is summed over all its micro-batches and ranks before any backward, so
+    the gradient is the same for every micro-batch split (tested). FSDP2 averages gradients over ranks,
+    so the local loss is scaled by `world`; a rank with fewer micro-batches runs zero-weight ones so the
+    FSDP2 collectives still match. -> {"loss", "grad_norm" (means over steps), "optimizer_steps",
+    "tokens", and every name of `sums`}, summed over micro-batches and ranks.
     """
-    stats = {k: 0.0 for k in ("policy_loss", "clip_frac", "approx_kl", "kl_ref", "grad_norm")}
-    count_tokens = 0.0
-    steps = 0
+    stats: dict[str, float] = {"tokens": 0.0}
+    loss_sum = grad_norm_sum = 0.0
+    for mini in steps:
+        mini_batch = batch.select(mini)
+        normaliser = torch.tensor([adv_math.loss_normaliser(mini_batch.response_mask, loss_agg)])
+        normaliser = max(float(all_reduce(normaliser)), 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        for idx in rollout_micro_batches(mini_batch, args.micro_batch_size, share_prompts):
+            weight = 1.0 if len(idx) else 0.0  # a rank with fewer rollouts still joins the collectives
+            mb = to_device(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
+            with autocast_context(args, device):
+                token_loss, sums = micro_loss(model, mb)  # [b, R], {name: scalar}
+            loss = adv_math.aggregate_loss(token_loss, mb.response_mask, loss_agg, normaliser) * world * weight
+            loss.backward()
+            loss_sum += float(loss) / world
+            stats["tokens"] += float(mb.response_mask.sum()) * weight
+            for name, value in sums.items():
+                stats[name] = stats.get(name, 0.0) + float(value) * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm_sum += float(grad_norm)
+        optimizer.step()
+    names = list(stats)
+    totals = all_reduce(torch.tensor([stats[k] for k in names] + [loss_sum], dtype=torch.float64)).tolist()
+    out = dict(zip(names, totals[:-1]))
+    n = max(len(steps), 1)
+    out.update(loss=totals[-1] / n, grad_norm=grad_norm_sum / n, optimizer_steps=len(steps))
+    return out
+
+
+def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, ref_model=None) -> dict:
+    """PPO-clip on `batch.advantages` [N, R] (arXiv:1707.06347 Eq. 7): epochs x mini-batches of optimizer steps,
+    the k3 KL to `ref_model` added per token when --kl-coef > 0."""
     g = torch.Generator().manual_seed(args.seed + 7919 * int(batch.extras.get("step", 0)))
-    for _ in range(args.ppo_epochs):
-        for mini in mini_batch_indices(batch, args.mini_batches, g):
-            mini_batch = batch.select(mini)
-            normaliser = torch.tensor([adv_math.loss_normaliser(mini_batch.response_mask, args.loss_agg)])
-            normaliser = max(float(all_reduce(normaliser)), 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            for idx in rollout_micro_batches(mini_batch, args.micro_batch_size, args.share_prompts):
-                weight = 1.0 if len(idx) else 0.0  # a rank with fewer rollouts still joins the collectives
-                mb = to_device(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
-                with autocast_context(args, device):
-                    logp, _, _ = policy_forward(model, mb, share_prompts=args.share_prompts)
-                mask = mb.response_mask
-                token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high)
-                if args.kl_coef > 0:
-                    with torch.no_grad(), autocast_context(args, device):
-                        ref_logp, _, _ = policy_forward(ref_model, mb, share_prompts=args.share_prompts)
-                    kl = adv_math.kl_k3(logp, ref_logp)
-                    token_loss = token_loss + args.kl_coef * kl
-                    stats["kl_ref"] += float((kl * mask).sum()) * weight
-                loss = adv_math.aggregate_loss(token_loss, mask, args.loss_agg, normaliser) * world * weight
-                loss.backward()
-                with torch.no_grad():
-                    stats["policy_loss"] += float(loss) / world
-                    stats["clip_frac"] += float((clipped.float() * mask).sum()) * weight
-                    stats["approx_kl"] += float((0.5 * (logp - mb.old_logprobs) ** 2 * mask).sum()) * weight
-                    count_tokens += float(mask.sum()) * weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            stats["grad_norm"] += float(grad_norm)
-            optimizer.step()
-            steps += 1
-    sums = all_reduce(torch.tensor([stats["clip_frac"], stats["approx_kl"], stats["kl_ref"], count_tokens, stats["policy_loss"]]))
-    tokens = max(float(sums[3]), 1.0)
-    return {"policy_loss": float(sums[4]) / steps, "clip_frac": float(sums[0]) / tokens, "approx_kl": float(sums[1]) / tokens,
-            "kl_ref": float(sums[2]) / tokens, "grad_norm": stats["grad_norm"] / steps, "optimizer_steps": steps}
+    steps = [mini for _ in range(args.ppo_epochs) for mini in mini_batch_indices(batch, args.mini_batches, g)]
+
+    def micro_loss(model, mb):
+        logp, _, _ = policy_forward(model, mb, share_prompts=args.share_prompts)  # [b, R]
+        mask = mb.response_mask
+        token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high)
+        sums = {}
+        if args.kl_coef > 0:
+            with torch.no_grad():
+                ref_logp, _, _ = policy_forward(ref_model, mb, share_prompts=args.share_prompts)
+            kl = adv_math.kl_k3(logp, ref_logp)
+            token_loss = token_loss + args.kl_coef * kl
+            sums["kl_ref"] = (kl * mask).sum()
+        with torch.no_grad():
+            sums["clip_frac"] = (clipped.float() * mask).sum()
+            sums["approx_kl"] = (0.5 * (logp - mb.old_logprobs) ** 2 * mask).sum()
+        return token_loss, sums
+
+    s = optimizer_steps(model, optimizer, batch, steps, micro_loss, args, device, world, args.loss_agg, args.share_prompts)
+    tokens = max(s["tokens"], 1.0)
+    return {"policy_loss": s["loss"], "clip_frac": s["clip_frac"] / tokens, "approx_kl": s["approx_kl"] / tokens,
+            "kl_ref": s.get("kl_ref", 0.0) / tokens, "grad_norm": s["grad_norm"], "optimizer_steps": s["optimizer_steps"]}

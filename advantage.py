@@ -163,3 +163,33 @@ def aggregate_loss(token_losses: torch.Tensor, mask: torch.Tensor, mode: str, no
     if mode == "seq-mean-token-sum":
         return masked.sum() / normaliser
     raise ValueError(f"unknown loss aggregation {mode!r}; choose from {LOSS_AGG_MODES}")
+
+
+def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+                 returns_lam: float, sum_over_ranks=lambda t: t) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Token-level GAE from values [N, R], whitened over the whole batch (PPO, VC-PPO, GenAC).
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_l (gamma lambda)^l delta_{t+l},   returns_t = A_t + V_t
+        (gamma = lambda = 1: A_t = r - V_t)
+
+    The returns (the critic's targets) use `returns_lam`: VC-PPO regresses the Monte-Carlo return (lambda = 1)
+    whatever the actor's lambda ("decoupled GAE", arXiv:2503.01491). `sum_over_ranks` all-reduces a float64
+    tensor of sums, so the whitening and the metrics are global. -> (advantages [N, R], returns [N, R], metrics).
+    """
+    values = values * mask
+    advantages, returns = gae_advantages(values, rewards, mask, gamma, lam)
+    if returns_lam != lam:
+        _, returns = gae_advantages(values, rewards, mask, gamma, returns_lam)
+    s = sum_over_ranks(torch.tensor([float((advantages * mask).sum()), float(mask.sum()), float((returns * mask).sum()),
+                                     float((returns ** 2 * mask).sum()), float(((returns - values) ** 2 * mask).sum()),
+                                     float((values * mask).sum())], dtype=torch.float64))
+    n = max(float(s[1]), 1.0)
+    mean = float(s[0]) / n
+    centred_sq = sum_over_ranks(torch.tensor([float((((advantages - mean) ** 2) * mask).sum())], dtype=torch.float64))
+    var = float(centred_sq[0]) / max(n - 1, 1.0)
+    whitened = (advantages - mean) * (var + 1e-8) ** -0.5 * mask  # = masked_whiten on one rank
+    returns_var = float(s[3]) / n - (float(s[2]) / n) ** 2
+    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n, "critic/values_mse": float(s[4]) / n}
+    if returns_var > 1e-6:  # R^2 of the values against the returns (undefined when every reward is equal)
+        metrics["critic/r2"] = 1.0 - float(s[4]) / n / returns_var
+    return whitened, returns, metrics

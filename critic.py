@@ -1,31 +1,30 @@
-"""Value models (SPEC §3, §4): the discriminative critic of PPO / VC-PPO and GenAC's generative critic.
+"""PPO and VC-PPO: a discriminative critic V_t, token-level GAE, and (VC-PPO) value pretraining.
 
-Discriminative critic (PPO, VC-PPO): a causal LM whose LM head is replaced by a linear layer to one
-scalar (transformers' `...ForTokenClassification` with one label, as verl and TRL build it).
+PPO (arXiv:1707.06347) with a learned value model, as verl and TRL build it for LLMs:
 
-    V_t = w . h_{P-1+t} + b      the value of the state x ∘ y_<t, read at the last token before y_t
+    1. the critic is a causal LM whose LM head is replaced by a linear layer to one scalar
+       (transformers' `...ForTokenClassification` with one label); over a rollout laid out
+       [left-padded prompt (width P) | response (R)], V_t = w . h_{P-1+t} + b is the value of the
+       state x ∘ y_<t, read at the last token before y_t (the columns whose LM logits give the
+       actor's log-probs)                                                          `value_forward`
+    2. GAE with the outcome reward on the last token, gamma = lambda = 1 by default (A_t = r - V_t),
+       advantages whitened over the whole batch (arXiv:1506.02438 Eq. 16)         `PPO.advantages`
+    3. the actor takes the shared PPO update with these token advantages          (train.py -> actor.ppo_update)
+    4. the critic regresses the returns with the clipped value loss (clip 0.5), token-mean, its own
+       AdamW at lr 5e-6 (GenAC Table 5, arXiv:2604.10701)                          `PPO.after_update`
 
-so over a rollout laid out [left-padded prompt (width P) | response (R)] the values of the R response
-positions come from columns P-1 .. P+R-2, the same columns whose LM logits give the actor's log-probs.
-Trained with the clipped value loss (clip 0.5) to the GAE returns, its own AdamW (lr 5e-6).
+VC-PPO (arXiv:2503.01491) = PPO + value pretraining: the first --critic-warmup-steps (6) iterations
+train only the critic on rollouts of the frozen initial actor (no actor forward pass, no sync), and
+the critic's targets are Monte-Carlo returns (lambda = 1, "decoupled GAE") whatever the actor's lambda.
+The pretrained critic is saved as OUT/critic-pretrained/ for `python eval.py values --critic ...`.
 
-    critic = ValueCritic(path, device, world, lr=5e-6)
-    critic.compute_values(batch, args, device)       # batch.old_values [N, R] (no grad)
-    batch.returns = ...                              # GAE returns (train.py)
-    critic.update(batch, args, device, world)        # clipped value loss, token-mean, epochs x mini-batches
-
-Generative critic (GenAC): a causal LM that keeps its LM head, reads the ICC prompt of a state
-(problem + partial solution + the actor's size and running success rate tau), reasons, and answers
-\\boxed{n}, n in 0..10 -> v = n / 10. Rewarded R_v = 1 - (r - v)^2 (0 if unparsable), trained by
-REINFORCE with a batch-mean baseline through the actor's own PPO update; it has its own optimizer and
-its own vLLM engine. genac.py drives it (segments, states, the three training stages).
+    python train.py --algo ppo
+    python train.py --algo vcppo --critic-warmup-steps 6
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -33,8 +32,12 @@ from pathlib import Path
 import torch
 
 import advantage as adv_math
-from actor import adamw, all_reduce, autocast_context, full_state_dict, micro_batches, shard_with_fsdp2, to_device
-from rollout import RolloutBatch
+from actor import (adamw, all_reduce, autocast_context, full_optimizer_state_dict, full_state_dict,
+                   load_full_optimizer_state_dict, micro_batches, optimizer_steps, shard_with_fsdp2, to_device)
+from rollout import RolloutBatch, resolve_model_path
+
+# ---------------------------------------------------------------------------------------------
+# 1. The value model: a causal LM body with a scalar head
 
 
 def load_value_model(model_path: str, device: torch.device, world: int, seed: int = 0):
@@ -59,135 +62,137 @@ def value_forward(model, mb: RolloutBatch) -> torch.Tensor:
     return out.logits[:, P - 1:P - 1 + R, 0].float()  # [b, R]
 
 
-class ValueCritic:
-    """The discriminative critic of PPO / VC-PPO: model + its own optimizer."""
+# ---------------------------------------------------------------------------------------------
+# 2-4. The algorithm: GAE advantages from the critic, then the critic's clipped value update
 
-    def __init__(self, model_path: str, device: torch.device, world: int, lr: float = 5e-6, weight_decay: float = 0.01,
-                 seed: int = 0):
-        self.model = load_value_model(model_path, device, world, seed)
-        self.optimizer = adamw(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+
+class PPO:
+    """PPO with a discriminative critic (see the module docstring); the algorithm interface of train.py."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        a = parser.add_argument
+        a("--critic-model", "--critic", default=None, help="critic to start from (default: the actor's base model, "
+          "its LM head replaced by a fresh scalar head)")
+        a("--critic-lr", type=float, default=5e-6)
+        a("--gamma", type=float, default=1.0, help="GAE discount")
+        a("--lam", type=float, default=1.0, help="GAE lambda of the actor's advantages")
+        a("--critic-lam", type=float, default=None, help="GAE lambda of the critic's returns (default: --lam; VC-PPO: 1)")
+        a("--value-clip", type=float, default=0.5)
+        a("--critic-warmup-steps", type=int, default=0, help="critic-only iterations on the frozen actor before RL "
+          "(value pretraining; VC-PPO: 6)")
+
+    @staticmethod
+    def check_arguments(args) -> None: pass  # any G >= 1 works: the critic is the baseline
+
+    def __init__(self, args, actor, tokenizer, device, world: int, checkpoint: Path | None = None):
+        self.args, self.device, self.world, self.tokenizer = args, device, world, tokenizer
+        path = str(checkpoint / "critic") if checkpoint else resolve_model_path(args.critic_model or args.model)
+        self.model = load_value_model(path, device, world, args.seed)
+        self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+        self.warmup_steps = args.critic_warmup_steps  # iterations that train only the critic
+        self.hidden_features = None  # the loop keeps no hidden states for PPO
+
+    def sample(self, problems, prompt_ids, generate, seed: int):
+        """G rollouts per prompt. generate(counts, seed) -> (samples[prompt][i], flat rewards)."""
+        samples, rewards = generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed)
+        return samples, rewards, {}
 
     @torch.no_grad()
-    def compute_values(self, batch: RolloutBatch, args, device) -> None:
-        """Fills batch.old_values [N, R] (zero on padding)."""
+    def values(self, batch: RolloutBatch) -> torch.Tensor:
+        """The critic's V_t [N, R] for every response token (zero on padding), in micro-batches."""
         self.model.eval()
         N, R = batch.response_mask.shape
         values = torch.zeros(N, R)
-        for idx in micro_batches(batch.prompt_lens + batch.response_lens, args.micro_batch_size):
+        for idx in micro_batches(batch.prompt_lens + batch.response_lens, self.args.micro_batch_size):
             real = len(idx) > 0
             mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
-            with autocast_context(args, device):
-                v = value_forward(self.model, to_device(mb, device))
+            with autocast_context(self.args, self.device):
+                v = value_forward(self.model, to_device(mb, self.device))
             if real:
                 values[idx, :v.shape[1]] = v.cpu()
-        batch.old_values = values * batch.response_mask
+        return values * batch.response_mask
 
-    def update(self, batch: RolloutBatch, args, device, world: int) -> dict:
-        """Clipped value loss 0.5 * max((V - G)^2, (clip(V, V_old ± c) - G)^2) to batch.returns, token-mean per
-        optimizer step (normaliser summed over micro-batches and ranks first, as in actor.ppo_update)."""
+    def advantages(self, batch: RolloutBatch, problems) -> tuple[torch.Tensor, dict]:
+        """Step 2: V_t -> whitened GAE. Sets batch.old_values and batch.returns (the critic's targets).
+        -> (token advantages [N, R], metrics)."""
+        t = time.time()
+        args = self.args
+        batch.old_values = self.values(batch)  # [N, R]
+        returns_lam = args.lam if args.critic_lam is None else args.critic_lam
+        advantages, batch.returns, metrics = adv_math.whitened_gae(batch.old_values, batch.rewards, batch.response_mask,
+                                                                   args.gamma, args.lam, returns_lam, all_reduce)
+        metrics["time/value"] = time.time() - t
+        return advantages, metrics
+
+    def after_update(self, batch: RolloutBatch) -> dict:
+        """Step 4: clipped value loss 0.5 max((V - G)^2, (clip(V, V_old ± c) - G)^2) to batch.returns,
+        token-mean per optimizer step, epochs x mini-batches of rollouts. VC-PPO: the critic is saved
+        as OUT/critic-pretrained after its last warm-up iteration."""
+        t = time.time()
+        args, step = self.args, int(batch.extras.get("step", 0))
         self.model.train()
         N = len(batch)
-        loss_sum = grad_norm_sum = clip_count = err_sum = tokens = 0.0
-        steps = 0
-        g = torch.Generator().manual_seed(args.seed + 104723 * int(batch.extras.get("step", 0)))
+        g = torch.Generator().manual_seed(args.seed + 104723 * step)
+        steps = []
         for _ in range(args.ppo_epochs):
             order = torch.randperm(N, generator=g) if args.mini_batches > 1 else torch.arange(N)
-            for mini in order.chunk(args.mini_batches) if N >= args.mini_batches else [order]:
-                mini_batch = batch.select(mini)
-                normaliser = max(float(all_reduce(torch.tensor([float(mini_batch.response_mask.sum())]))), 1.0)
-                self.optimizer.zero_grad(set_to_none=True)
-                for idx in micro_batches(mini_batch.prompt_lens + mini_batch.response_lens, args.micro_batch_size):
-                    weight = 1.0 if len(idx) else 0.0
-                    mb = to_device(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
-                    with autocast_context(args, device):
-                        values = value_forward(self.model, mb)  # [b, R]
-                    mask = mb.response_mask
-                    token_loss = adv_math.clipped_value_loss(values, mb.old_values, mb.returns, args.value_clip)
-                    loss = (token_loss * mask).sum() / normaliser * world * weight
-                    loss.backward()
-                    with torch.no_grad():
-                        loss_sum += float(loss) / world
-                        moved = (values - mb.old_values).abs() > args.value_clip
-                        clip_count += float((moved.float() * mask).sum()) * weight
-                        err_sum += float((((values - mb.returns) ** 2) * mask).sum()) * weight
-                        tokens += float(mask.sum()) * weight
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                grad_norm_sum += float(grad_norm)
-                self.optimizer.step()
-                steps += 1
-        sums = all_reduce(torch.tensor([clip_count, err_sum, tokens, loss_sum], dtype=torch.float64))
-        n = max(float(sums[2]), 1.0)
-        return {"critic/value_loss": float(sums[3]) / steps, "critic/value_clip_frac": float(sums[0]) / n,
-                "critic/mse_to_returns": float(sums[1]) / n, "critic/grad_norm": grad_norm_sum / steps}
+            steps += list(order.chunk(args.mini_batches)) if N >= args.mini_batches else [order]
 
-    # --- checkpoints (train.save_checkpoint gathers .model and .optimizer with actor's helpers) ---
+        def micro_loss(model, mb):
+            values = value_forward(model, mb)  # [b, R]
+            mask = mb.response_mask
+            token_loss = adv_math.clipped_value_loss(values, mb.old_values, mb.returns, args.value_clip)
+            with torch.no_grad():
+                moved = (values - mb.old_values).abs() > args.value_clip
+                sums = {"clipped": (moved.float() * mask).sum(), "squared_error": (((values - mb.returns) ** 2) * mask).sum()}
+            return token_loss, sums
 
-    def save_pretrained(self, folder: Path, weights: dict, tokenizer=None) -> None:
-        """Write weights (from full_state_dict) into `folder` (rank 0 only)."""
-        self.model.save_pretrained(folder, state_dict={k: v.cpu() for k, v in weights.items()})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        s = optimizer_steps(self.model, self.optimizer, batch, steps, micro_loss, args, self.device, self.world)
+        tokens = max(s["tokens"], 1.0)
+        metrics = {"critic/value_loss": s["loss"], "critic/value_clip_frac": s["clipped"] / tokens,
+                   "critic/mse_to_returns": s["squared_error"] / tokens, "critic/grad_norm": s["grad_norm"],
+                   "time/critic_update": time.time() - t}
+        if step + 1 == self.warmup_steps:  # the value-pretrained critic, for `eval.py values`
+            save_value_model(self.model, Path(args.out) / "critic-pretrained", self.tokenizer)
+        return metrics
+
+    def state_dict(self) -> dict:
+        """The critic's optimizer (its weights go into the checkpoint folder by `save`). All ranks call."""
+        return {"critic_optimizer": full_optimizer_state_dict(self.model, self.optimizer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_full_optimizer_state_dict(self.model, self.optimizer, state["critic_optimizer"])
+
+    def save(self, folder: Path) -> None:
+        """The critic as folder/critic (loads with AutoModelForTokenClassification). All ranks call."""
+        save_value_model(self.model, Path(folder) / "critic", self.tokenizer)
+
+    def close(self) -> None: pass
 
 
-def save_critic_atomically(critic, folder: Path, tokenizer, rank: int) -> None:
-    """All ranks gather; rank 0 writes a temporary folder and renames it into place."""
-    weights = full_state_dict(critic.model)  # all ranks gather
-    if rank != 0:
+class VCPPO(PPO):
+    """VC-PPO (arXiv:2503.01491): PPO with 6 value-pretraining iterations and Monte-Carlo critic targets."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        PPO.add_arguments(parser)
+        parser.set_defaults(critic_warmup_steps=6, critic_lam=1.0)
+
+
+def save_value_model(model, folder: Path, tokenizer) -> None:
+    """All ranks gather the weights; rank 0 writes a temporary folder and renames it into place."""
+    weights = full_state_dict(model)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    critic.save_pretrained(tmp, weights, tokenizer)
+    model.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in weights.items()})
+    tokenizer.save_pretrained(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-
-
-# ---------------------------------------------------------------------------------------------
-# PPO's advantages from the critic
-
-
-def critic_gae_advantages(critic: ValueCritic, batch: RolloutBatch, args, device) -> tuple[torch.Tensor, dict]:
-    """PPO / VC-PPO (SPEC §3): critic values V_t [N, R] -> `whitened_gae`. -> (advantages [N, R], metrics)."""
-    t = time.time()
-    critic.compute_values(batch, args, device)  # batch.old_values [N, R]
-    advantages, metrics = whitened_gae(batch, batch.old_values, args, returns_lambda=1.0 if args.algo == "vcppo" else args.lam)
-    metrics["time/value"] = time.time() - t
-    return advantages, metrics
-
-
-def whitened_gae(batch: RolloutBatch, values: torch.Tensor, args, returns_lambda: float) -> tuple[torch.Tensor, dict]:
-    """Token-level GAE from values [N, R], whitened over the whole batch (all ranks). PPO, VC-PPO and GenAC.
-
-        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_l (gamma lambda)^l delta_{t+l},   returns_t = A_t + V_t
-        (gamma = lambda = 1: A_t = r - V_t)
-
-    Sets batch.old_values and batch.returns [N, R], the critic's targets computed with `returns_lambda`
-    (VC-PPO regresses the Monte-Carlo return, lambda = 1, whatever the actor's lambda: "decoupled GAE").
-    -> (advantages [N, R], metrics).
-    """
-    mask = batch.response_mask
-    batch.old_values = values * mask
-    advantages, returns = adv_math.gae_advantages(batch.old_values, batch.rewards, mask, args.gamma, args.lam)
-    if returns_lambda != args.lam:
-        _, returns = adv_math.gae_advantages(batch.old_values, batch.rewards, mask, args.gamma, returns_lambda)
-    batch.returns = returns
-    # global statistics: whitening, and how much of the returns' variance the values explain
-    s = all_reduce(torch.tensor([float((advantages * mask).sum()), float(mask.sum()), float((returns * mask).sum()),
-                                 float((returns ** 2 * mask).sum()), float(((returns - batch.old_values) ** 2 * mask).sum()),
-                                 float((batch.old_values * mask).sum())], dtype=torch.float64))
-    n = max(float(s[1]), 1.0)
-    mean = float(s[0]) / n
-    centred_sq = all_reduce(torch.tensor([float((((advantages - mean) ** 2) * mask).sum())], dtype=torch.float64))
-    var = float(centred_sq[0]) / max(n - 1, 1.0)
-    whitened = (advantages - mean) * (var + 1e-8) ** -0.5 * mask  # = advantage.masked_whiten on one rank
-    returns_var = float(s[3]) / n - (float(s[2]) / n) ** 2
-    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n, "critic/values_mse": float(s[4]) / n}
-    if returns_var > 1e-6:  # R^2 of the values against the returns (undefined when every reward is equal)
-        metrics["critic/r2"] = 1.0 - float(s[4]) / n / returns_var
-    return whitened, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,222 +227,3 @@ def discriminative_value_fn(model, tokenizer, device, batch_size: int = 16):
         return out
 
     return value_fn
-
-
-# ---------------------------------------------------------------------------------------------
-# Generative critic (GenAC, SPEC §4): the ICC prompt, parsing, the critic's reward
-
-
-def format_actor_size(num_parameters: int) -> str:
-    """134_515_008 -> '135M', 1_543_714_304 -> '1.5B', 8_030_261_248 -> '8B'."""
-    if num_parameters >= 1e9:
-        b = num_parameters / 1e9
-        return f"{b:.0f}B" if b >= 10 or abs(b - round(b)) < 0.05 else f"{b:.1f}B"
-    return f"{num_parameters / 1e6:.0f}M"
-
-
-def icc_prompt(problem: str, partial_solution: str, actor_size: str | None, success_rate: float | None) -> str:
-    """The critic's prompt (paper Fig. 3). The ICC hints — actor size and running success rate — are
-    dropped when None (`--no-icc`, the paper's Table 2 ablation); the rest of the template stays."""
-    who = f"A {actor_size} language model" if actor_size else "A language model"
-    rate = (f" For your reference, the average success rate of the model on the dataset is {success_rate:.2f}."
-            if success_rate is not None else "")
-    return (f"{who} is solving a math problem. Your job is to evaluate its probability of success, given the partial "
-            f"solution it has already generated.{rate}\n\n"
-            f"<problem>{problem}</problem>\n\n"
-            f"<partial_solution>{partial_solution}</partial_solution>\n\n"
-            "Instructions:\n"
-            "1. Evaluate the difficulty of the problem.\n"
-            "2. Recover the capabilities of the model based on the partial solution.\n"
-            "3. Skim through the partial solution and detect any progress, error, or confusion.\n"
-            "4. Analyze the probability of success if the model finishes the solution.\n"
-            "5. Output the final answer as an integer between 0 and 10 inclusive (10 most likely), inside \\boxed{}.")
-
-
-_BOXED = re.compile(r"\\boxed\s*\{")
-
-
-def parse_critic_value(text: str) -> float | None:
-    """The last \\boxed{n} with an integer 0 <= n <= 10 -> n / 10; anything else -> None (a parse failure).
-
-    '... \\boxed{3} then \\boxed{7}' -> 0.7;  '\\boxed{11}' -> None;  '\\boxed{7.5}' -> None;  no box -> None.
-    """
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    i, depth = starts[-1], 1
-    for j in range(i, len(text)):  # match braces so \\boxed{\\text{7}} is read whole
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            content = text[i:j].strip()
-            return int(content) / 10 if re.fullmatch(r"\d{1,2}", content) and int(content) <= 10 else None
-    return None
-
-
-def answer_regex(max_new_tokens: int) -> str:
-    """The critic's answer format as a regex for the engine's guided decoding (`--critic-guided`, and the SFT
-    teacher by default): reasoning without backslashes, at most 2 characters per token of budget, then
-    \\boxed{0..10}. Small models rarely box a score unprompted (SmolLM2-135M: 0 of 372); this makes every
-    answer parse, except one that runs out of tokens first (it stays a counted parse failure)."""
-    return r"[^\\]{0,%d}\\boxed\{(10|[0-9])\}" % (2 * max_new_tokens)
-
-
-def critic_reward(actor_reward: float, value: float | None) -> float:
-    """R_v = 1 - (r - v)^2 (paper §5.2); 0 when the critic's answer did not parse."""
-    return 0.0 if value is None else 1.0 - (actor_reward - value) ** 2
-
-
-def critic_advantages(critic_rewards: torch.Tensor, baseline: str = "mean", batch_mean: float | None = None) -> torch.Tensor:
-    """REINFORCE-with-baseline advantage of each critic answer: R_v - b with b the batch mean of R_v ('mean'; pass
-    `batch_mean` when the batch spans ranks), or R_v ('none'). [M] -> [M]."""
-    if baseline == "mean":
-        return critic_rewards - (critic_rewards.mean() if batch_mean is None else batch_mean)
-    if baseline == "none":
-        return critic_rewards.clone()
-    raise ValueError(f"unknown critic baseline {baseline!r}; choose 'mean' or 'none'")
-
-
-class RunningSuccessRate:
-    """The ICC hint tau (Alg. 1 l. 7): tau <- c tau + (1 - c) r per sample, tau_0 = 0; reported bias-corrected
-    as tau / (1 - c^n) after n samples (so a constant stream reads as that constant from the first sample)."""
-
-    def __init__(self, momentum: float = 0.999):
-        self.momentum, self.tau, self.count = momentum, 0.0, 0
-
-    def update(self, rewards) -> None:
-        for r in rewards:
-            self.tau = self.momentum * self.tau + (1.0 - self.momentum) * float(r)
-            self.count += 1
-
-    @property
-    def value(self) -> float | None:
-        return None if self.count == 0 else self.tau / (1.0 - self.momentum ** self.count)
-
-    def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "tau": self.tau, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.momentum, self.tau, self.count = state["momentum"], state["tau"], state["count"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The generative critic: its own model, optimizer and engine (Alg. 1 lines 12-23)
-
-
-class GenerativeCritic:
-    """GenAC's critic: a causal LM (fp32 master weights, FSDP2 when sharded) with its own AdamW and its
-    own vLLM engine, synced after each update. One iteration:
-
-        token_values = genac.segment_values(critic, batch, ...)  # segments -> states -> ONE engine call -> v_k
-        ... actor PPO with GAE on token_values ...
-        critic.update()                                          # REINFORCE on the critic's own answers
-    """
-
-    def __init__(self, model_path: str, device, world: int, args, actor_num_parameters: int | None):
-        from transformers import AutoTokenizer
-
-        from actor import load_actor
-        from rollout import make_engine
-        self.args, self.device, self.world, self.model_path = args, device, world, model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.model = load_actor(model_path, device, world)
-        self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-        self.engine = make_engine(args.engine or "vllm", model_path, dtype=args.engine_dtype, seed=args.seed + 1,
-                                  max_model_len=args.critic_max_prompt_tokens + args.critic_max_new_tokens,
-                                  gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
-        self.success_rate = RunningSuccessRate(args.icc_momentum)
-        self.actor_size = None if args.no_icc or not actor_num_parameters else format_actor_size(actor_num_parameters)
-        self.pending: dict | None = None  # this iteration's critic samples, waiting for `update`
-        self.last_parse_failures = 0.0
-        icc_state = Path(model_path) / "genac_state.json"  # a critic from `genac.py sft/pretrain` keeps its tau
-        if icc_state.is_file():
-            self.success_rate.load_state_dict(json.loads(icc_state.read_text())["success_rate"])
-
-    # --- prompting and judging -------------------------------------------------------------
-
-    def prompt_ids(self, problem: str, partial_solution: str) -> list[int]:
-        """The chat-formatted ICC prompt of one state (no hints under --no-icc)."""
-        rate = None if self.args.no_icc else (self.success_rate.value if self.success_rate.value is not None else 0.0)
-        text = icc_prompt(problem, partial_solution, None if self.args.no_icc else self.actor_size, rate)
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
-        return ids[-self.args.critic_max_prompt_tokens:] if len(ids) > self.args.critic_max_prompt_tokens else ids
-
-    def judge(self, problems: list[str], partials: list[str], seed: int, temperature: float | None = None,
-              guided: bool | None = None):
-        """ONE engine call for all states -> (critic prompt ids, samples, values in [0, 1] or None on a parse failure).
-        guided (default --critic-guided): answers constrained to `answer_regex` by the engine."""
-        prompts = [self.prompt_ids(q, y) for q, y in zip(problems, partials)]
-        guided = self.args.critic_guided if guided is None else guided
-        regex = answer_regex(self.args.critic_max_new_tokens) if guided else None
-        samples = [g[0] for g in self.engine.generate(prompts, 1, self.args.critic_max_new_tokens,
-                                                      self.args.critic_temperature if temperature is None else temperature,
-                                                      1.0, seed, regex=regex)]
-        return prompts, samples, [parse_critic_value(s.text) for s in samples]
-
-    def fallback_value(self) -> float:
-        """A state whose answer does not parse takes the running success rate tau as its value (SPEC §4)."""
-        return self.success_rate.value if self.success_rate.value is not None else 0.5
-
-    # --- the critic update: REINFORCE with a baseline through the shared PPO update --------------
-
-    def update(self, batch, args, device, world: int) -> dict:
-        """Alg. 1 line 23 on the answers judged this iteration (`batch` only gives the step): token loss
-        -(R_v - b) log pi_phi(z_t | s, z_<t) via actor.ppo_update (ratio 1 on the first mini-batch), then the
-        new weights go into the critic's engine. b = batch mean of R_v over all ranks (--critic-baseline)."""
-        from types import SimpleNamespace
-
-        from actor import compute_old_logprobs, ppo_update
-        from rollout import build_rollout_batch
-        pending = self.pending
-        rewards = torch.tensor(pending["critic_rewards"], dtype=torch.float32)  # [M]
-        totals = all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards))], dtype=torch.float64))
-        batch_mean = float(totals[0]) / max(float(totals[1]), 1.0)
-        critic_batch = build_rollout_batch(pending["prompts"], [[s] for s in pending["samples"]], rewards.tolist(), self.pad_id)
-        critic_batch.extras["step"] = batch.extras.get("step", 0)
-        critic_batch.advantages = critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None] * critic_batch.response_mask
-        update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1,
-                                         "share_prompts": False})  # one answer per critic prompt: nothing to share
-        t = time.time()
-        self.model.eval()
-        compute_old_logprobs(self.model, critic_batch, update_args, device)
-        self.model.train()
-        stats = ppo_update(self.model, self.optimizer, critic_batch, update_args, device, world)
-        t_update = time.time() - t
-        t = time.time()
-        self.engine.load_weights(full_state_dict(self.model).items())
-        self.pending = None
-        return {"genac/critic_loss": stats["policy_loss"], "genac/critic_grad_norm": stats["grad_norm"],
-                "genac/critic_reward_mean": batch_mean, "cost/critic_trained_tokens": int(critic_batch.attention_mask.sum()),
-                "time/critic_update": t_update, "time/critic_sync": time.time() - t}
-
-    def value_fn(self, samples: int = 1, temperature: float = 0.6, seed: int = 0):
-        """The `eval.py values` interface: (problems, partials) -> values in [0, 1]; parse failures take tau and
-        are counted in `self.last_parse_failures`; `samples` > 1 averages several answers per state."""
-        def value_fn(problems: list[str], partials: list[str]) -> list[float]:
-            failures, per_state = 0, [[] for _ in problems]
-            for j in range(samples):
-                _, _, parsed = self.judge(problems, partials, seed + j, temperature)
-                for i, v in enumerate(parsed):
-                    failures += v is None
-                    per_state[i].append(self.fallback_value() if v is None else v)
-            self.last_parse_failures = failures / max(len(problems) * samples, 1)
-            return [sum(v) / len(v) for v in per_state]
-        return value_fn
-
-    # --- checkpoints: a model folder plus tau (train.save_checkpoint gathers .model and .optimizer) ---
-
-    def save_pretrained(self, folder: Path, weights: dict, tokenizer=None) -> None:
-        """A model folder (transformers and vLLM load it) + genac_state.json with tau (rank 0 only)."""
-        self.model.save_pretrained(folder, state_dict={k: v.cpu() for k, v in weights.items()})
-        self.tokenizer.save_pretrained(folder)
-        (Path(folder) / "genac_state.json").write_text(json.dumps({"success_rate": self.success_rate.state_dict(),
-                                                                   "actor_size": self.actor_size}))
-
-    def save(self, folder, rank: int) -> None:
-        """Atomic save (all ranks call): a temporary folder renamed into place."""
-        save_critic_atomically(self, folder, self.tokenizer, rank)
-
-    def close(self) -> None:
-        self.engine.close()

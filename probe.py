@@ -1,37 +1,29 @@
 """POISE end to end: value from the actor's own hidden states, with cross-rollout baselines.
 
-Paper: "Your Language Model is Its Own Critic" (poise-internal-state-probe.txt); SPEC.md §7 restores
-the method from the authors' code (github.com/holi-lab/POISE). Rewards r ∈ {0,1}; G ≥ 2 rollouts
-per prompt (the authors use G = 2).
+Paper: "Your Language Model is Its Own Critic: Reinforcement Learning with Value Estimation from
+Actor's Internal States" (Choi et al., 2026); settings from the authors' code (github.com/holi-lab/POISE).
+Rewards r ∈ {0,1}; G ≥ 2 rollouts per prompt (the authors use G = 2). One step of `--algo poise`:
 
-Features (`rollout_features`), read off the old-log-prob forward pass, so no extra forward. With h_t
-the output of decoder layer L ≈ 0.55·depth (`probe_layer_index`), P prompt tokens, R response tokens,
-E ≤ R the response tokens up to and including `</think>` (E = R without a marker), H_t the entropy
-of the distribution that sampled response token t:
+    1. features z_i (`rollout_features`), pooled in the old-log-prob pass (no extra forward) from h_t, the
+       output of decoder layer L ≈ 0.55·depth, and H_t, the entropy of the distribution that sampled
+       response token t (P prompt tokens, R response tokens, E ≤ R up to and including `</think>`, else R):
+           z_i = [ mean h_t over the last 10 prompt tokens,                      H dims
+                   mean h_t over the last 10 response tokens ending at token E,  H dims
+                   mean H_t over [0, R), over [0, E), over [E, R) ]              3 dims (empty span -> [0, R))
+    2. the probe (`RidgeProbe`): g(z) = clip(w·φ(z) + c, 0, 1), φ = PCA of the prompt block (32 axes) and the
+       response block (64), scores scaled to unit variance, plus the 3 standardised entropies; (w, c) is
+       ridge regression, α = 100, unpenalised intercept: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred
+    3. cross-rollout advantages (`PoiseBaseline`), the probe fitted on EARLIER steps only:
+           y_i = mean_{j≠i} r_j        b_i = mean_{j≠i} g(z_j)        A_i = r_i − b_i   (no std scaling)
+       Given x, b_i depends only on the siblings' responses, independent of y_i, so E[b_i ∇log π(y_i|x)|x]
+       = E[b_i|x]·E[∇log π(y_i|x)|x] = 0: the gradient stays unbiased although z_j reads a whole
+       trajectory (a baseline g(z_i) would not be; tests/test_probe.py measures both on a toy bandit)
+    4. this step's (z, y) rows enter a FIFO buffer of the newest 4096 and the probe is refitted in closed
+       form (0.3 s at 4096 rows, H = 576); the first 16 steps use RLOO (b_i = y_i) while it fills.
+       One probe serves all ranks: every rank gathers all rows, fits the same probe and keeps its share.
 
-    z_i = [ mean h_t over the last 10 prompt tokens,                       H dims
-            mean h_t over the last 10 response tokens ending at token E,   H dims
-            mean H_t over [0, R),  over [0, E),  over [E, R) ]             3 dims (an empty span
-                                                                           falls back to [0, R))
-Probe (`RidgeProbe`): g(z) = clip(w·φ(z) + c, 0, 1), where φ standardises every feature, projects
-the prompt block on its top 32 principal axes and the response block on its top 64, scales each
-score to unit variance and appends the 3 standardised entropies; (w, c) is ridge regression with
-α = 100 and an unpenalised intercept, in closed form: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred.
-
-Cross-rollout construction: the probe's target for rollout i is its siblings' mean reward, and the
-baseline of rollout i averages the probe over its siblings only:
-
-    y_i = mean_{j≠i} r_j        b_i = mean_{j≠i} g(z_j)        A_i = r_i − b_i   (no std scaling)
-
-Given x, b_i depends only on the siblings' responses y_j, which are independent of y_i, so
-E[b_i ∇log π(y_i|x) | x] = E[b_i | x]·E[∇log π(y_i|x) | x] = 0: the policy gradient stays unbiased
-although z_j reads a whole trajectory. A baseline g(z_i) from the rollout's own states would not be
-(tests/test_probe.py measures both on a toy bandit). This needs g fixed before the step: fitting on
-this step's rows first would let r_i, the target of its sibling's row, leak into b_i.
-
-Schedule (`PoiseBaseline`): the first 16 steps use RLOO (b_i = y_i) while the FIFO buffer of the
-newest 4096 (z, y) rows fills; every later step predicts with the probe fitted on earlier steps,
-logs its quality on this step's rows, then appends them and refits (0.3 s at 4096 rows, H = 576).
+    python train.py --algo poise                      # G = 2, 16 prompts per step by default
+    python eval.py probe runs/poise                   # probe value vs held-out avg@8 (the authors' check)
 """
 
 from __future__ import annotations
@@ -39,9 +31,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from pathlib import Path
 
 import torch
+
+from actor import all_gather_objects
+from advantage import broadcast_to_tokens
 
 POOL_TOKENS = 10  # tokens averaged for each hidden-state feature [code]
 ENTROPY_FEATURES = 3  # whole-response, reasoning-span and answer-span mean entropy
@@ -112,6 +106,28 @@ def rollout_features(hidden: torch.Tensor, prompt_lens: torch.Tensor, response_l
     return torch.cat([prompt_hidden, response_hidden, entropies], dim=1)  # [b, 2H + 3]
 
 
+def _right_align(hidden: torch.Tensor, mb):
+    """Our rows are [pad | prompt | response | pad]; rollout_features wants [prompt | response | pad].
+    hidden [b, T, H] -> (hidden [b, T, H], prompt_lens [b], response_lens [b])."""
+    b, T, H = hidden.shape
+    shift = mb.prompt_width - mb.prompt_lens  # [b] left-pad width of each row
+    src = (torch.arange(T)[None, :] + shift[:, None]).clamp(max=T - 1)  # [b, T]
+    return hidden.gather(1, src[:, :, None].expand(b, T, H)), mb.prompt_lens, mb.response_lens
+
+
+def reasoning_end(mb, marker: list[int] | None) -> torch.Tensor:
+    """Response tokens up to and including the last end-of-reasoning marker, else the response length. [b]"""
+    ends = mb.response_lens.clone()
+    if marker:
+        for i, row in enumerate(mb.response_ids.tolist()):
+            row = row[: int(mb.response_lens[i])]
+            for j in range(len(row) - len(marker), -1, -1):
+                if row[j:j + len(marker)] == marker:
+                    ends[i] = j + len(marker)
+                    break
+    return ends
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. The probe: standardise -> PCA per block -> ridge -> clip, fitted in closed form (float64)
 
@@ -142,7 +158,7 @@ class RidgeProbe:
     """g(z) ∈ [0, 1] from features [prompt hidden (H) | response hidden (H) | entropies (3)].
 
     `standardize_hidden=False` only centres the hidden blocks before PCA, as the authors' sklearn
-    pipeline does (PCA on raw states, StandardScaler on the scores); SPEC §7 standardises first."""
+    pipeline does (PCA on raw states, StandardScaler on the scores)."""
 
     def __init__(self, prompt_dim: int, pca_prompt: int = 32, pca_response: int = 64,
                  ridge_alpha: float = 100.0, standardize_hidden: bool = True):
@@ -373,107 +389,61 @@ class PoiseBaseline:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Commands: the probe against held-out avg@8, and the cost of the features
+# 7. The algorithm: features from the old-log-prob pass -> cross-rollout advantages over all ranks
 
 
-def heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: int = 100, samples: int = 8,
-                    max_new_tokens: int = 128, seed: int = 0) -> dict[str, float]:
-    """The authors' headline check: the probe's prompt value vs avg@`samples` of held-out prompts.
+class POISE:
+    """POISE as train.py's algorithm interface (see the module docstring)."""
 
-    Loads the newest checkpoint of a `--algo poise` run (policy + probe), samples `samples` rollouts per
-    held-out prompt at temperature 1, extracts their features with the trainer's forward pass, and
-    compares mean_i g(z_i) per prompt with the prompt's observed success rate.
-    """
-    from types import SimpleNamespace
+    @staticmethod
+    def add_arguments(parser) -> None:
+        a = parser.add_argument
+        a("--probe-layer", type=int, default=None, help="decoder layer for features (default 0.55 x depth)")
+        a("--probe-bootstrap-steps", type=int, default=16, help="RLOO steps that fill the probe's buffer")
+        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16)  # G = 2 at GRPO's rollout budget
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    @staticmethod
+    def check_arguments(args) -> None:
+        if args.rollouts_per_prompt < 2:
+            raise ValueError("--rollouts-per-prompt must be >= 2: POISE's baselines average the siblings")
 
-    import actor
-    import train
-    from rollout import build_rollout_batch, format_prompt, load_problems, make_engine, default_engine, score_responses
-    ckpt = train.latest_checkpoint(Path(run_dir))
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}")
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)["algorithm"]
-    if "poise" not in state:
-        raise ValueError(f"{ckpt} was not trained with --algo poise (no probe in its trainer_state.pt)")
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    poise = PoiseBaseline(prompt_dim=model.config.hidden_size)
-    poise.load_state_dict(state["poise"])
-    layer = probe_layer_index(model.config.num_hidden_layers)
-    problems = load_problems(data, "heldout", seed)[:num_prompts]
-    prompt_ids = [format_prompt(tokenizer, p) for p in problems]
-    engine = make_engine(default_engine(), str(ckpt), seed=seed, max_model_len=1024)
-    rollouts = engine.generate(prompt_ids, samples, max_new_tokens, 1.0, 1.0, seed)
-    engine.close()
-    flat = [(p, s) for p, group in enumerate(rollouts) for s in group]
-    rewards, _ = score_responses([s.text for _, s in flat], [problems[p] for p, _ in flat], None)
-    batch = build_rollout_batch(prompt_ids, rollouts, rewards, tokenizer.pad_token_id)
-    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
-    actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), layer)
-    values = poise.predict_values(batch.features)  # [N]
-    count = torch.zeros(len(problems)).index_add_(0, batch.group_index, torch.ones(len(batch)))
-    predicted = torch.zeros(len(problems)).index_add_(0, batch.group_index, values.float()) / count  # [P]
-    observed = torch.zeros(len(problems)).index_add_(0, batch.group_index, batch.rewards) / count  # [P]
-    quality = probe_quality(predicted, observed)
-    return {**quality, "prompts": len(problems), "samples": samples, "observed_mean": float(observed.mean()),
-            "mae_of_constant": float((observed - observed.mean()).abs().mean())}
+    def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
+        self.args = args
+        layers = actor.config.num_hidden_layers
+        layer = args.probe_layer if args.probe_layer is not None else probe_layer_index(layers)
+        if not 0 <= layer < layers:
+            raise ValueError(f"--probe-layer {layer} out of range for a {layers}-layer model")
+        self.baseline = PoiseBaseline(prompt_dim=actor.config.hidden_size, bootstrap_steps=args.probe_bootstrap_steps)
+        self.marker = tokenizer.encode("</think>", add_special_tokens=False) if "</think>" in tokenizer.get_vocab() else None
+        self.warmup_steps = 0
+        self.hidden_features = (layer, self.pool_features)  # the old-log-prob pass keeps decoder `layer`'s output
 
+    def pool_features(self, mb, hidden: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """hidden [b, T, H] of one micro-batch, entropy [b, R] -> features z [b, 2H + 3] (`rollout_features`)."""
+        return rollout_features(*_right_align(hidden, mb), entropy * mb.response_mask, reasoning_end(mb, self.marker))
 
-def feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int = 45, response_tokens: int = 40) -> dict[str, float]:
-    """Seconds of the old-log-prob pass without and with feature extraction on the default workload
-    shape (default model, bf16 autocast), alternating to share the machine's noise."""
-    from types import SimpleNamespace
+    def sample(self, problems, prompt_ids, generate, seed: int):
+        return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})  # G rollouts per prompt
 
-    from transformers import AutoModelForCausalLM
+    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
+        """Every rank gathers all ranks' (features, rewards, groups), computes the same advantages (and refits
+        the same probe), and keeps its own rows. -> (token advantages [N, R], metrics)."""
+        rows = all_gather_objects((batch.features, batch.rewards, batch.group_index))
+        group_offsets = [0]
+        for _, _, groups in rows:
+            group_offsets.append(group_offsets[-1] + int(groups.max()) + 1)
+        features = torch.cat([f for f, _, _ in rows])  # [N_all, F]
+        rewards = torch.cat([r for _, r, _ in rows])  # [N_all]
+        group_index = torch.cat([g + off for (_, _, g), off in zip(rows, group_offsets)])  # [N_all] globally unique
+        advantages, metrics = self.baseline.advantages(features, rewards, group_index)  # [N_all]
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        first = sum(len(r) for _, r, _ in rows[:rank])
+        return broadcast_to_tokens(advantages[first:first + len(batch)].float(), batch.response_mask), metrics
 
-    import actor
-    from rollout import Sample, build_rollout_batch, resolve_model_path
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(None), dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, 40000, (prompt_tokens,), generator=g).tolist() for _ in range(rollouts // 2)]
-    samples = [[Sample(torch.randint(10, 40000, (response_tokens,), generator=g).tolist(), [0.0] * response_tokens, "", "stop")
-                for _ in range(2)] for _ in prompts]
-    batch = build_rollout_batch(prompts, samples, [0.0] * rollouts, pad_id=2)
-    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
-    layer = probe_layer_index(model.config.num_hidden_layers)
-    plain, with_features = [], []
-    actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), None)  # warm-up
-    for _ in range(repeats):
-        for layer_arg, out in ((None, plain), (layer, with_features)):
-            start = time.perf_counter()
-            actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), layer_arg)
-            out.append(time.perf_counter() - start)
-    base, feat = min(plain), min(with_features)
-    H = model.config.hidden_size  # the closed-form refit at a full buffer of 4096 rows
-    rows, targets = torch.randn(4096, 2 * H + 3, generator=g), torch.rand(4096, generator=g)
-    refits = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        RidgeProbe(H).fit(rows, targets)
-        refits.append(time.perf_counter() - start)
-    return {"old_logprob_s": base, "old_logprob_with_features_s": feat, "overhead": feat / base - 1,
-            "refit_4096_rows_s": min(refits)}
+    def after_update(self, batch) -> dict:
+        return {}  # the probe was refitted on this step's rows in `advantages`, after they got their baselines
 
-
-def main(argv=None) -> None:
-    import argparse
-    import json
-    ap = argparse.ArgumentParser(description="POISE probe commands")
-    sub = ap.add_subparsers(dest="command", required=True)
-    h = sub.add_parser("heldout", help="probe value vs held-out avg@k under the run's policy")
-    h.add_argument("run_dir")
-    h.add_argument("--data", default="arithmetic")
-    h.add_argument("-n", type=int, default=100, help="held-out prompts")
-    h.add_argument("-k", type=int, default=8, help="samples per prompt")
-    sub.add_parser("cost", help="seconds the features add to the old-log-prob pass, and the refit at 4096 rows")
-    args = ap.parse_args(argv)
-    if args.command == "heldout":
-        print(json.dumps(heldout_quality(args.run_dir, args.data, args.n, args.k), indent=1))
-    else:
-        print(json.dumps(feature_cost(), indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    def state_dict(self) -> dict: return {"poise": self.baseline.state_dict()}
+    def load_state_dict(self, state: dict) -> None: self.baseline.load_state_dict(state["poise"])
+    def save(self, folder) -> None: pass
+    def close(self) -> None: pass

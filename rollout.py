@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
@@ -106,8 +107,45 @@ def arithmetic_problems(levels: tuple[int, ...], split: str, seed: int) -> list[
     return mixed
 
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _checked_fields(row: dict, where: str, problem_key: str, answer_key: str) -> tuple[str, str]:
+    """-> (problem, answer) as strings, or a DataError saying at `where` (e.g. "d.jsonl:3") what is wrong.
+
+    The problem must be a non-empty string; the answer a non-empty string or a finite number (42 -> "42").
+    A list of answers (several accepted forms) gives its first one.
+    """
+    for key in (problem_key, answer_key):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r} (fields: {sorted(row)}); "
+                            f"map names with --problem-key/--answer-key")
+    problem, answer = row[problem_key], row[answer_key]
+    if not isinstance(problem, str):
+        raise DataError(f"{where}: {problem_key!r} must be a string, got {type(problem).__name__} {_short(problem)}")
+    if not problem.strip():
+        raise DataError(f"{where}: {problem_key!r} is empty")
+    if isinstance(answer, list):
+        answer = answer[0] if answer else ""
+    if answer is None:
+        raise DataError(f"{where}: {answer_key!r} is null")
+    number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+    non_finite = isinstance(answer, float) and not abs(answer) < float("inf")  # NaN, inf (JSON allows both)
+    if not (isinstance(answer, str) or number) or non_finite:
+        raise DataError(f"{where}: {answer_key!r} must be a string or a finite number, got {type(answer).__name__} {_short(answer)}")
+    if not str(answer).strip():
+        raise DataError(f"{where}: {answer_key!r} is empty")
+    return problem, str(answer)
+
+
 def load_jsonl(path: str, problem_key: str = "problem", answer_key: str = "answer") -> list[Problem]:
-    """Rows `{"problem": ..., "answer": ...}` (other names via the key flags); errors name file:line."""
+    """Rows `{"problem": ..., "answer": ...}` (other names via the key flags); errors name file:line.
+
+    A null, empty or non-scalar answer, or a problem that is not a non-empty string, is an error (it
+    would otherwise train silently on reward 0). Numeric answers become strings: 42 -> "42".
+    """
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     problems = []
@@ -121,16 +159,8 @@ def load_jsonl(path: str, problem_key: str = "problem", answer_key: str = "answe
                 raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            for key in (problem_key, answer_key):
-                if key not in row:
-                    raise DataError(f"{path}:{line_no}: missing field {key!r} (fields: {sorted(row)}); "
-                                    f"map names with --problem-key/--answer-key")
-            answer = row[answer_key]
-            if isinstance(answer, list) and answer:
-                answer = answer[0]
-            if not str(row[problem_key]).strip() or str(answer).strip() == "":
-                raise DataError(f"{path}:{line_no}: empty {problem_key!r} or {answer_key!r}")
-            problems.append(Problem(str(row[problem_key]), str(answer), "math", str(row.get("id", f"{Path(path).stem}-{line_no}"))))
+            problem, answer = _checked_fields(row, f"{path}:{line_no}", problem_key, answer_key)
+            problems.append(Problem(problem, answer, "math", str(row.get("id", f"{Path(path).stem}-{line_no}"))))
     if not problems:
         raise DataError(f"{path}: no rows")
     return problems
@@ -152,7 +182,7 @@ def load_problems(spec: str, split: str = "train", seed: int = 0, problem_key: s
         rows = datasets.load_dataset(spec, split="test" if split == "heldout" else split)
     except Exception as e:  # noqa: BLE001 - hub errors vary; name the input instead of a deep traceback
         raise DataError(f"could not load {spec!r} as a file or a Hugging Face dataset: {e}") from None
-    return [Problem(str(r[problem_key]), str(r[answer_key]), "math", f"{spec}-{i}") for i, r in enumerate(rows)]
+    return [Problem(*_checked_fields(r, f"{spec}[{i}]", problem_key, answer_key), "math", f"{spec}-{i}") for i, r in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,34 +203,85 @@ def format_prompt(tokenizer, problem: Problem) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # Reward
 
-BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
-INTEGER = re.compile(r"-?\d[\d,]*(?:\.0+)?")
+BOXED_START = re.compile(r"\\boxed\s*\{")
+INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")  # 12, -3, 1,000, 12.0, 12.5
+UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last-opened non-empty \\boxed{...}, braces matched; None without one.
+
+    `a \\boxed{5}, again \\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`; escaped braces (`\\{1, 2\\}`) do not
+    count, and a box left open (a truncated response) is skipped. One pass: linear in len(text).
+    """
+    box_braces = {m.end() - 1 for m in BOXED_START.finditer(text)}  # index of each box's "{"
+    open_braces, best = [], None  # best: (index of "{", index of "}")
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 1  # skip the escaped character: \{ \} \\
+        elif text[i] == "{":
+            open_braces.append(i)
+        elif text[i] == "}" and open_braces:
+            at = open_braces.pop()
+            if at in box_braces and (best is None or at > best[0]) and text[at + 1:i].strip():
+                best = (at, i)
+        i += 1
+    return None if best is None else text[best[0] + 1:best[1]]
+
+
+def _exact_integer(token: str) -> int | None:
+    """An INTEGER match as an exact int, never via float: '1,000' -> 1000, '-12.00' -> -12, '12.5' -> None.
+
+    None past Python's 4300-digit str -> int limit too: no integer reference is that long.
+    """
+    whole, _, fraction = token.replace(",", "").partition(".")
+    if fraction.strip("0"):
+        return None
+    try:
+        return int(whole)
+    except ValueError:
+        return None
 
 
 def extract_integer_answer(text: str) -> int | None:
     """The last non-empty \\boxed{...} as an integer; without a box, the last integer in the text.
 
     The fallback exists because a 135M model often writes "The answer is 12." next to an empty
-    \\boxed{}; the reward still asks for the right number. `x = 3`, `$12$`, `1,000`, `12.0` parse.
+    \\boxed{}; the reward still asks for the right number. `x = 3`, `$12$`, `1,000`, `12.0` parse;
+    `12.5` is no integer (None). Any length is exact, and no input raises.
     """
-    boxes = [b for b in BOXED.findall(text) if b.strip()]
-    candidates = INTEGER.findall(boxes[-1] if boxes else text)
-    if not candidates:
-        return None
-    try:
-        return int(float(candidates[-1].replace(",", "")))
-    except ValueError:
-        return None
+    box = last_boxed(text)
+    candidates = INTEGER.findall(text if box is None else box)
+    return _exact_integer(candidates[-1]) if candidates else None
 
 
 def reward_for(response: str, problem: Problem) -> float:
     """1.0 if the response's answer equals the integer reference (kind "int"), else 0.0."""
     got = extract_integer_answer(response)
-    return float(got is not None and str(got) == problem.answer.strip())
+    gold = problem.answer.strip()
+    return float(got is not None and INTEGER.fullmatch(gold) is not None and got == _exact_integer(gold))
 
 
-class _VerifierTimeout(Exception):
-    pass
+def _gold_latex(gold: str) -> str:
+    """The reference as math-verify input: its last box if boxed, kept if $-delimited, else wrapped in $...$.
+
+    An escaped dollar is currency, not a delimiter: `\\$18.90` -> `$\\$18.90$` (parses to 18.9).
+    """
+    box = last_boxed(gold)
+    if box is not None:
+        return f"\\boxed{{{box}}}"
+    return gold if UNESCAPED_DOLLAR.search(gold) else f"${gold}$"
+
+
+def _response_latex(response: str) -> str:
+    """The response as math-verify input: only its last box when it has one (`\\boxed{5} ... \\boxed{7}` -> 7)."""
+    box = last_boxed(response)
+    return response if box is None else f"\\boxed{{{box}}}"
+
+
+class _VerifierTimeout(BaseException):
+    """SIGALRM's per-answer timeout. A BaseException, so math-verify's `except Exception` cannot swallow it."""
 
 
 def _raise_timeout(signum, frame):
@@ -211,18 +292,21 @@ def _math_verify_worker(args: tuple[str, str, float]) -> str:
     """Runs in a worker process's main thread, where SIGALRM timeouts work. -> 'correct'|'wrong'|'timeout'."""
     gold, response, timeout_s = args
     from math_verify import parse, verify
-    signal.signal(signal.SIGALRM, _raise_timeout)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
     try:
-        gold_parsed = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$", parsing_timeout=None)
-        ok = verify(gold_parsed, parse(response, parsing_timeout=None), timeout_seconds=None)
-        return "correct" if ok else "wrong"
-    except _VerifierTimeout:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            gold_parsed = parse(_gold_latex(gold), parsing_timeout=None)
+            ok = verify(gold_parsed, parse(_response_latex(response), parsing_timeout=None), timeout_seconds=None)
+            return "correct" if ok else "wrong"
+        except Exception:  # noqa: BLE001 - an unparsable answer is wrong, not a crash
+            return "wrong"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _VerifierTimeout:  # outside the `finally`, so an alarm landing while it disarms is caught too
         return "timeout"
-    except Exception:  # noqa: BLE001 - an unparsable answer is wrong, not a crash
-        return "wrong"
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class MathVerifier:
@@ -266,7 +350,7 @@ class MathVerifier:
 
 @dataclass
 class ScoreStats:
-    timeouts: int = 0
+    timeouts: int = 0  # math answers whose check ran past the verifier's budget (each scored 0)
     empty_responses: int = 0
     truncated: int = 0
 
@@ -359,7 +443,7 @@ class Sample:
 class VLLMEngine:
     """An in-process vLLM engine per training rank (TRL's colocate mode), with weight sync.
 
-    CPU facts (GUIDE §5): in-process engine (V1 multiprocessing off), KV cache 2 GiB, eager mode.
+    CPU facts (measured on a 2-core host): in-process engine (V1 multiprocessing off), KV cache 2 GiB, eager mode.
     Per-request seeds are broken in the CPU sampler, so determinism comes from seeding torch's
     global RNG before each call (the in-process sampler draws from it).
     """
@@ -575,3 +659,34 @@ def build_rollout_batch(prompt_ids: list[list[int]], samples: list[list[Sample]]
     return RolloutBatch(input_ids, attention, response_mask,
                         torch.tensor([len(prompt_ids[p]) for p, _ in rows]), torch.tensor([len(s.token_ids) for _, s in rows]),
                         engine_lp, torch.tensor(rewards, dtype=torch.float32), torch.tensor([p for p, _ in rows]), P)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out accuracy: avg@k and unbiased pass@k (train.py's evaluations, eval.py's command)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(engine, tokenizer, problems: list[Problem], k: int, max_new_tokens: int, verifier=None,
+             temperature: float = 0.6, top_p: float = 0.95, seed: int = 0) -> dict:
+    """k samples per problem in one engine call -> sums that can be all-reduced over ranks, plus means."""
+    if not problems:
+        return {"correct_sum": 0.0, "samples": 0, "pass_at_k_sum": 0.0, "problems": 0, "generated_tokens": 0, "avg_at_k": float("nan"), "pass_at_k": float("nan")}
+    prompt_ids = [format_prompt(tokenizer, p) for p in problems]
+    samples = engine.generate(prompt_ids, k, max_new_tokens, temperature, top_p, seed)
+    texts = [s.text for group in samples for s in group]
+    rewards, _ = score_responses(texts, [p for p, group in zip(problems, samples) for _ in group], verifier)
+    correct_per_problem = [sum(rewards[i * k:(i + 1) * k]) for i in range(len(problems))]
+    pass_sum = sum(pass_at_k(k, int(c), k) for c in correct_per_problem)
+    out = {"correct_sum": float(sum(rewards)), "samples": len(rewards), "pass_at_k_sum": pass_sum, "problems": len(problems),
+           "generated_tokens": sum(len(s.token_ids) for group in samples for s in group)}
+    out["avg_at_k"] = out["correct_sum"] / out["samples"]
+    out["pass_at_k"] = pass_sum / len(problems)
+    return out

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import advantage as A
-from critic import ValueCritic, critic_gae_advantages, discriminative_value_fn, value_forward
+from critic import PPO, discriminative_value_fn, value_forward
 from rollout import Sample, build_rollout_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,15 +39,21 @@ def _batch():
 
 def _args(**kw):
     base = dict(micro_batch_size=2, dtype="fp32", ppo_epochs=1, mini_batches=1, seed=0, value_clip=0.5, grad_clip=1.0,
-                gamma=1.0, lam=1.0, algo="ppo")
+                gamma=1.0, lam=1.0, critic_lam=None, critic_lr=5e-6, weight_decay=0.01, critic_warmup_steps=0,
+                critic_model=None, out="unused")
     return SimpleNamespace(**{**base, **kw})
+
+
+def _ppo(tiny_model, **kw):
+    """The PPO algorithm with a critic started from the tiny model."""
+    return PPO(_args(critic_model=tiny_model, model=tiny_model, **kw), None, None, torch.device("cpu"), 1)
 
 
 def test_critic_values_line_up_with_response_tokens(tiny_model):
     """V_t = head output at the last token of x ∘ y_<t, whatever the padding and the micro-batching."""
-    critic = ValueCritic(tiny_model, torch.device("cpu"), 1)
+    critic = _ppo(tiny_model)
     batch, prompts, samples = _batch()
-    critic.compute_values(batch, _args(), torch.device("cpu"))
+    batch.old_values = critic.values(batch)
     rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
     for i, (prompt, sample) in enumerate(rows):
         for t in range(len(sample.token_ids)):
@@ -61,24 +67,23 @@ def test_critic_values_line_up_with_response_tokens(tiny_model):
 
 
 def test_critic_update_fits_returns_and_gae_whitening(tiny_model):
-    critic = ValueCritic(tiny_model, torch.device("cpu"), 1, lr=1e-3)
+    critic = _ppo(tiny_model, critic_lr=1e-3)
     batch, _, _ = _batch()
-    args = _args()
-    adv, metrics = critic_gae_advantages(critic, batch, args, torch.device("cpu"))
+    adv, metrics = critic.advantages(batch, problems=None)
     raw, returns = A.gae_advantages(batch.old_values, batch.rewards, batch.response_mask)
     assert torch.allclose(adv, A.masked_whiten(raw, batch.response_mask), atol=1e-5)  # one rank: the same whitening
     assert torch.allclose(batch.returns, returns) and torch.allclose(returns[0, :4], torch.ones(4))  # lambda = 1: returns = r
-    first = critic.update(batch, args, torch.device("cpu"), 1)["critic/mse_to_returns"]
+    first = critic.after_update(batch)["critic/mse_to_returns"]
     for _ in range(15):
-        critic.compute_values(batch, args, torch.device("cpu"))
-        last = critic.update(batch, args, torch.device("cpu"), 1)["critic/mse_to_returns"]
+        batch.old_values = critic.values(batch)
+        last = critic.after_update(batch)["critic/mse_to_returns"]
     assert last < 0.5 * first, (first, last)
     assert metrics["critic/values_mse"] == pytest.approx(first, rel=1e-4)
 
 
 def test_discriminative_value_fn_in_unit_interval(tiny_model, default_model):
     from transformers import AutoTokenizer
-    critic = ValueCritic(tiny_model, torch.device("cpu"), 1)
+    critic = _ppo(tiny_model)
     tok = AutoTokenizer.from_pretrained(default_model)
     values = discriminative_value_fn(critic.model, tok, torch.device("cpu"), batch_size=2)(
         ["What is 2 + 2?", "What is 3 + 4?", "What is 1 + 1?"], ["", "3 + 4 = 7", "Let me think"])
@@ -96,7 +101,7 @@ def test_vcppo_warmup_trains_only_the_critic(tiny_model, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["critic_warmup", "critic_warmup"]
+    assert [r["phase"] for r in rows] == ["warmup", "warmup"]
     assert all("critic/value_loss" in r and "policy_loss" not in r for r in rows)
     actor = load_file(out / "checkpoint-000002" / "model.safetensors")
     start = load_file(Path(tiny_model) / "model.safetensors")

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import advantage as A
-from critic import (RunningSuccessRate, critic_advantages, critic_reward, format_actor_size, icc_prompt,
-                    parse_critic_value)
-from genac import critic_state_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
+from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, format_actor_size, icc_prompt,
+                   parse_critic_value, segment_boundaries, segment_values_to_tokens, token_texts)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,7 +185,7 @@ def test_sft_stage_fits_teacher_answers(tiny_model, tmp_path):
     data = tmp_path / "teacher.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "sft"
-    proc = _run([sys.executable, "genac.py", "sft", "--actor", tiny_model, "-n", "2", "--sft-data", str(data), "--epochs", "12",
+    proc = _run([sys.executable, "genac_stages.py", "sft", "--actor", tiny_model, "-n", "2", "--sft-data", str(data), "--epochs", "12",
                  "--sft-lr", "1e-3", "--micro-batch-size", "2", "--max-new-tokens", "8", "--critic-max-new-tokens", "8",
                  "--segment-tokens", "4", "--out", str(out)])
     assert "reusing 6 teacher answers" in proc.stderr
@@ -231,7 +230,7 @@ def test_guided_decoding_makes_the_real_model_answer_in_format(default_model):
 
     from transformers import AutoTokenizer
 
-    from critic import answer_regex, icc_prompt, parse_critic_value
+    from genac import answer_regex, icc_prompt, parse_critic_value
     from rollout import VLLMEngine
     tok = AutoTokenizer.from_pretrained(default_model)
     states = [("What is 17 + 25?", "17 + 25 = 42, so"), ("Compute 8 * 7 - 5.", "8 * 7 = 56"), ("What is 144 / 12 + 3?", "")]

@@ -172,7 +172,7 @@ def test_sample_round_must_return_what_was_asked():
         prior.sample_with_osla([0.5, 0.5], lambda wanted: [[1.0] * w for w in wanted[:1]])
 
 
-def test_osla_metrics_and_flat_scores():
+def test_osla_metrics():
     res = prior.OslaResult(rewards=[[1, 0, 1, 1], [0, 0, 0, 0], [1] * 16], counts=torch.tensor([4, 4, 16]),
                            bias_sq=t64(0, 0, 0.5), weight=t64(0, 0, 0.9), fused_baseline=t64(0.5, -1, 0.9),
                            rounds=2, rejected=torch.tensor([False, False, True]))
@@ -180,8 +180,17 @@ def test_osla_metrics_and_flat_scores():
     assert (m["rollouts_per_prompt_mean"], m["rollouts_per_prompt_min"], m["rollouts_per_prompt_max"]) == (8, 4, 16)
     assert m["rollouts_hist_k4"] == 2 and m["rollouts_hist_k16"] == 1 and "rollouts_hist_k8" not in m
     assert m["prior_rejected_share"] == pytest.approx(1 / 3) and m["fusion_weight_mean"] == pytest.approx(0.3)
-    scores, group = res.flat_scores()
-    assert scores[:8].tolist() == [1, -1, 1, 1, -1, -1, -1, -1] and group.tolist() == [0] * 4 + [1] * 4 + [2] * 16
+
+
+def test_v05_advantages_follow_each_rollouts_own_prompt():
+    """The fused baseline of prompt p goes to the rollouts whose group_index is p, in whatever order the rows come."""
+    from types import SimpleNamespace
+    algo = prior.V05.__new__(prior.V05)  # advantages() reads only the step's fused baselines and the std mode
+    algo.args, algo.fused_baseline = SimpleNamespace(v05_std="none"), t64(0.5, -1.0, 0.2)
+    batch = SimpleNamespace(rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]), group_index=torch.tensor([2, 0, 1, 0]),
+                            response_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    advantages, _ = algo.advantages(batch, problems=None)  # [N, R]: s_i - b̂ on every token, s = 2r - 1
+    assert advantages.flatten().tolist() == pytest.approx([0.8, 0.8, -1.5, 0.0, 2.0, 2.0, 0.5, 0.5])
 
 
 # ---------------------------------------------------------------- in-context head (no embedder)

@@ -124,7 +124,7 @@ def test_ridge_probe_matches_numpy_closed_form():
     x, y = low_rank_features(gen, 400, H)
     x_new, _ = low_rank_features(gen, 50, H)
     x32, x_new32 = x.float(), x_new.float()
-    for standardize_hidden in (True, False):  # SPEC's order, and the authors' (PCA on raw states)
+    for standardize_hidden in (True, False):  # standardise then PCA, and the authors' order (PCA on raw states)
         probe = RidgeProbe(H, 5, 8, ridge_alpha=100.0, standardize_hidden=standardize_hidden).fit(x32, y)
         expected = numpy_reference_probe(x32.double().numpy(), y.numpy(), x_new32.double().numpy(),
                                          H, 5, 8, 100.0, standardize_hidden)

@@ -1,12 +1,13 @@
 """Tasks, data loading errors, the reward function, and the batch layout."""
 import json
+import signal
 import time
 
 import pytest
 import torch
 
-from rollout import (DataError, MathVerifier, Problem, Sample, arithmetic_problems, build_rollout_batch,
-                     extract_integer_answer, load_jsonl, load_problems, reward_for, score_responses)
+from rollout import (DataError, MathVerifier, Problem, Sample, _math_verify_worker, arithmetic_problems, build_rollout_batch,
+                     extract_integer_answer, last_boxed, load_jsonl, load_problems, reward_for, score_responses)
 
 
 def test_arithmetic_splits_disjoint_seeded_and_large_enough():
@@ -43,6 +44,35 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         load_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("row,error", [
+    ('{"problem": 5, "answer": null}', "'problem' must be a string, got int 5"),
+    ('{"problem": "What is 2 + 2?", "answer": null}', "'answer' is null"),
+    ('{"problem": "What is 2 + 2?", "answer": "   "}', "'answer' is empty"),
+    ('{"problem": "What is 2 + 2?", "answer": []}', "'answer' is empty"),
+    ('{"problem": "What is 2 + 2?", "answer": [null]}', "'answer' is null"),
+    ('{"problem": "What is 2 + 2?", "answer": true}', "'answer' must be a string or a finite number, got bool"),
+    ('{"problem": "What is 2 + 2?", "answer": NaN}', "'answer' must be a string or a finite number, got float"),
+    ('{"problem": "What is 2 + 2?", "answer": {"value": 4}}', "'answer' must be a string or a finite number, got dict"),
+    ('{"problem": " ", "answer": "4"}', "'problem' is empty"),
+    ('{"problem": null, "answer": "4"}', "'problem' must be a string, got NoneType"),
+])
+def test_jsonl_bad_fields_name_file_line_and_problem(tmp_path, row, error):
+    """A row that would train silently on reward 0 is refused, naming file:line (1-based, blank lines counted)."""
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"problem": "What is 1 + 1?", "answer": "2"}\n\n' + row + "\n")
+    with pytest.raises(DataError) as e:
+        load_jsonl(str(f))
+    assert str(e.value).startswith(f"{f}:3: ") and error in str(e.value)
+
+
+def test_jsonl_numeric_and_list_answers_become_strings(tmp_path):
+    f = tmp_path / "d.jsonl"
+    rows = [{"problem": "a?", "answer": 42}, {"problem": "b?", "answer": 0.5}, {"problem": "c?", "answer": ["7", "seven"]},
+            {"problem": "d?", "answer": -3}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.answer for p in load_jsonl(str(f))] == ["42", "0.5", "7", "-3"]
+
+
 def test_jsonl_key_mapping(tmp_path):
     f = tmp_path / "gsm.jsonl"
     f.write_text(json.dumps({"question": "What is 2 + 3?", "final": "5"}) + "\n")
@@ -54,9 +84,29 @@ def test_jsonl_key_mapping(tmp_path):
     ("so \\boxed{12}", 12), ("The answer is 12.", 12), ("\\boxed{x = 3}", 3), ("\\boxed{1,000}", 1000),
     ("\\boxed{12.0}", 12), ("\\boxed{} the answer is 7", 7), ("\\boxed{3} then \\boxed{-4}", -4),
     ("\\boxed{\\$5}", 5), ("no digits here", None), ("", None),
+    ("\\boxed{12.5}", None), ("\\boxed{-1,000.00}", -1000), ("\\boxed{3} \\boxed{}", 3),
 ])
 def test_extract_integer_answer(text, expected):
     assert extract_integer_answer(text) == expected
+
+
+def test_integers_are_exact_at_any_length_and_never_raise():
+    """`int(float(x))` overflowed from 309 digits on and killed the training step."""
+    assert extract_integer_answer("1" * 400) == int("1" * 400)
+    assert extract_integer_answer("\\boxed{" + "9" * 309 + ".0}") == 10 ** 309 - 1
+    assert extract_integer_answer("9" * 5000) is None  # past Python's 4300-digit int(str) limit: no reference is that long
+    assert reward_for("the answer is " + "1" * 400, Problem("q", "1" * 400, "int")) == 1.0  # exact, no float round trip
+    assert reward_for("the answer is " + "1" * 400, Problem("q", "12", "int")) == 0.0
+    assert reward_for("\\boxed{" + "9" * 5000 + "}", Problem("q", "12", "int")) == 0.0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("first \\boxed{5}, checking again \\boxed{7}", "7"), ("\\boxed{2} no: \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"), ("\\boxed{3} \\boxed{ }", "3"), ("\\boxed{3} then \\boxed{4", "3"),
+    ("\\boxed {x = 3}", "x = 3"), ("no box", None), ("\\boxed{}", None),
+])
+def test_last_boxed_matches_braces(text, expected):
+    assert last_boxed(text) == expected
 
 
 def test_reward_for_integer_task():
@@ -75,10 +125,27 @@ def verifier():
 
 def test_math_verify_formats(verifier):
     cases = [("\\frac{1}{2}", "The answer is \\boxed{\\frac{1}{2}}", 1.0), ("\\frac{1}{2}", "\\boxed{0.5}", 1.0),
-             ("3", "\\boxed{x = 3}", 1.0), ("5", "\\boxed{5\\text{ cm}}", 1.0), ("7", "\\boxed{3} and \\boxed{7}", 0.0),
+             ("3", "\\boxed{x = 3}", 1.0), ("5", "\\boxed{5\\text{ cm}}", 1.0),
              ("7", "I think it is 7", 1.0), ("7", "\\boxed{8}", 0.0), ("\\sqrt{2}", "\\boxed{\\sqrt{2}}", 1.0)]
     rewards, timeouts = verifier([c[1] for c in cases], [c[0] for c in cases])
     assert rewards == [c[2] for c in cases] and timeouts == 0
+
+
+def test_math_verify_grades_the_last_box_only(verifier):
+    """Several boxes used to parse as a set ({5, 7}), wrong for either gold."""
+    cases = [("7", "first \\boxed{5}, checking again \\boxed{7}", 1.0), ("5", "first \\boxed{5}, checking again \\boxed{7}", 0.0),
+             ("\\frac{1}{2}", "I had \\boxed{2}, no: \\boxed{\\frac{1}{2}}", 1.0), ("2", "I had \\boxed{2}, no: \\boxed{\\frac{1}{2}}", 0.0),
+             ("\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", 1.0)]
+    rewards, _ = verifier([c[1] for c in cases], [c[0] for c in cases])
+    assert rewards == [c[2] for c in cases]
+
+
+def test_math_verify_escaped_dollar_gold_is_currency_not_a_delimiter(verifier):
+    """Gold `\\$18.90` used to parse to nothing, so every response scored 0."""
+    responses = ["\\boxed{18.90}", "\\boxed{\\$18.90}", "It costs \\$18.90, so \\boxed{18.9}", "\\boxed{19.80}", "\\boxed{\\$5}", "\\boxed{18.9}"]
+    golds = ["\\$18.90"] * 4 + ["$\\$5$", "$18.90"]  # the last two: a delimited one, and a plain-text dollar sign
+    rewards, _ = verifier(responses, golds)
+    assert rewards == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
 
 
 def test_math_verify_pathological_input_times_out_and_is_counted(verifier):
@@ -88,6 +155,30 @@ def test_math_verify_pathological_input_times_out_and_is_counted(verifier):
     assert time.time() - t < 30
     assert rewards == [0.0, 1.0]
     assert timeouts == 1
+
+
+SLOW = "\\boxed{(x+y+z+1)^{15}}"  # sympy works ~2 s in Python code, where SIGALRM can interrupt it
+
+
+def test_timeout_inside_math_verify_is_reported_not_swallowed():
+    """The alarm fires inside math-verify's `except Exception`; it used to be caught there and scored 'wrong'."""
+    import math_verify  # noqa: F401 - imported before the clock starts; only the check is timed
+    handler = signal.getsignal(signal.SIGALRM)
+    t = time.time()
+    assert _math_verify_worker(("1", SLOW, 0.2)) == "timeout"
+    assert time.time() - t < 1.5
+    assert signal.getsignal(signal.SIGALRM) is handler  # the worker restores the handler it replaced
+
+
+def test_score_responses_counts_a_real_timeout():
+    v = MathVerifier(workers=1, timeout_s=0.2)
+    try:
+        t = time.time()
+        rewards, stats = score_responses([SLOW, "\\boxed{2}"], [Problem("q", "1"), Problem("q", "2")], v)
+        assert time.time() - t < 30  # pool start-up included; the slow answer alone would take ~2 s
+    finally:
+        v.close()
+    assert rewards == [0.0, 1.0] and stats.timeouts == 1
 
 
 def test_score_responses_counts_empty_and_truncated():
