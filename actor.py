@@ -28,8 +28,15 @@ from rollout import RolloutBatch
 
 
 def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    """In place over all ranks (sum by default). NCCL reduces only CUDA tensors: a CPU tensor (our metric sums)
+    makes the round trip through the rank's GPU."""
     if dist.is_initialized():
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not x.is_cuda:
+            on_gpu = x.cuda()
+            dist.all_reduce(on_gpu, op=op or dist.ReduceOp.SUM)
+            x.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
     return x
 
 
@@ -72,6 +79,7 @@ def add_update_arguments(parser) -> None:
     a("--grad-clip", type=float, default=1.0)
     a("--clip-low", type=float, default=0.2)
     a("--clip-high", type=float, default=0.2, help="0.28 = DAPO clip-higher")
+    a("--clip-ratio-c", type=float, default=3.0, help="dual-clip bound on negative advantages (verl's default)")
     a("--loss-agg", default="token-mean", choices=adv_math.LOSS_AGG_MODES)
     a("--kl-coef", type=float, default=0.0, help="k3 KL to the initial model (0: no reference model loaded)")
     a("--ppo-epochs", type=int, default=1)
@@ -121,8 +129,9 @@ MICRO_BATCH_OVERHEAD_TOKENS = 40
 
 
 def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, with_entropy: bool = False,
-                   share_prompts: bool = False):
-    """Log-probs of the response tokens under `model`.
+                   share_prompts: bool = False, temperature: float = 1.0):
+    """Log-probs of the response tokens under `model`, of the distribution that was sampled: softmax(logits / T)
+    (verl and TRL do the same), so the PPO ratio and the entropies are those of the sampling policy.
 
     mb: [b, T] with prompts left-padded to column P and responses from column P on.
     share_prompts: run each prompt once for all its rollouts in `mb` (pack_shared_prompts); same values.
@@ -132,7 +141,7 @@ def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, wit
     if share_prompts and hidden_layer is not None:
         raise ValueError("policy_forward: hidden states are per rollout row; share_prompts packs rows (use one or the other)")
     if share_prompts and mb.group_index.unique().numel() < len(mb):  # some prompt has several rollouts here
-        return _packed_policy_forward(model, mb, with_entropy)
+        return _packed_policy_forward(model, mb, with_entropy, temperature)
     R = mb.response_mask.shape[1]
     position_ids = (mb.attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     captured = {}
@@ -147,7 +156,7 @@ def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, wit
     finally:
         if hook is not None:
             hook.remove()
-    logits = out.logits[:, :-1].float()  # [b, R, V]: column P-1+j predicts response token j
+    logits = out.logits[:, :-1].float() / temperature  # [b, R, V]: column P-1+j predicts response token j
     log_normaliser = logits.logsumexp(-1)  # [b, R]
     logprobs = logits.gather(-1, mb.response_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # [b, R]
     entropy = None
@@ -208,12 +217,12 @@ def pack_shared_prompts(mb: RolloutBatch) -> tuple[dict, torch.Tensor, torch.Ten
     return inputs, packed_row.to(device), where.to(device)
 
 
-def _packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool):
+def _packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool, temperature: float = 1.0):
     """policy_forward on shared-prompt packed rows -> logprobs [n, R], entropy [n, R] or None, None."""
     inputs, packed_row, where = pack_shared_prompts(mb)
     B = inputs["input_ids"].shape[1] - mb.prompt_width
     out = model(**inputs, logits_to_keep=B + 1, use_cache=False)
-    logits = out.logits[:, :-1].float()  # [g, B, V]: column P-1+k
+    logits = out.logits[:, :-1].float() / temperature  # [g, B, V]: column P-1+k
     log_normaliser = logits.logsumexp(-1)  # [g, B]
     rows = packed_row[:, None].expand_as(where)  # [n, R]
     logprobs = logits[rows, where, mb.response_ids] - log_normaliser[rows, where]  # [n, R]
@@ -289,7 +298,7 @@ def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_featur
         mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
         with autocast_context(args, device):
             logp, entropy, hidden = policy_forward(model, to_device(mb, device), layer, with_entropy=True,
-                                                   share_prompts=share)
+                                                   share_prompts=share, temperature=getattr(args, "temperature", 1.0))
         if not real:
             continue
         width = logp.shape[1]
@@ -387,14 +396,17 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
     g = torch.Generator().manual_seed(args.seed + 7919 * int(batch.extras.get("step", 0)))
     steps = [mini for _ in range(args.ppo_epochs) for mini in mini_batch_indices(batch, args.mini_batches, g)]
 
+    temperature = getattr(args, "temperature", 1.0)  # of the sampling engine: log-probs of logits / T
+
     def micro_loss(model, mb):
-        logp, _, _ = policy_forward(model, mb, share_prompts=args.share_prompts)  # [b, R]
+        logp, _, _ = policy_forward(model, mb, share_prompts=args.share_prompts, temperature=temperature)  # [b, R]
         mask = mb.response_mask
-        token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high)
+        token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high,
+                                                        getattr(args, "clip_ratio_c", 3.0))
         sums = {}
         if args.kl_coef > 0:
             with torch.no_grad():
-                ref_logp, _, _ = policy_forward(ref_model, mb, share_prompts=args.share_prompts)
+                ref_logp, _, _ = policy_forward(ref_model, mb, share_prompts=args.share_prompts, temperature=temperature)
             kl = adv_math.kl_k3(logp, ref_logp)
             token_loss = token_loss + args.kl_coef * kl
             sums["kl_ref"] = (kl * mask).sum()

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-import advantage as adv_math
 from actor import (adamw, all_reduce, autocast_context, full_optimizer_state_dict, full_state_dict,
                    load_full_optimizer_state_dict, micro_batches, optimizer_steps, shard_with_fsdp2, to_device)
 from rollout import RolloutBatch, resolve_model_path
@@ -63,7 +62,83 @@ def value_forward(model, mb: RolloutBatch) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-4. The algorithm: GAE advantages from the critic, then the critic's clipped value update
+# 2. GAE, whitening and the clipped value loss (pure tensor math; genac.py keeps its own copy of the GAE)
+
+
+def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level GAE with the outcome reward on the last real token.
+
+    values [N, R] (V_t = value of the state before response token t), rewards [N], mask [N, R]
+    -> (advantages [N, R], returns [N, R]), zero on padding.
+        delta_t = r_t + gamma * V_{t+1} - V_t,  r_t = 0 except the last token, V after the last token = 0
+        A_t = sum_l (gamma * lam)^l delta_{t+l},  returns_t = A_t + V_t
+    With gamma = lam = 1: A_t = r - V_t.
+    """
+    N, R = values.shape
+    lengths = mask.sum(1).long()  # [N]
+    token_rewards = torch.zeros_like(values)
+    has_tokens = lengths > 0
+    token_rewards[has_tokens, lengths[has_tokens] - 1] = rewards[has_tokens].to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros(N, dtype=values.dtype)
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros(N, dtype=values.dtype)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        running = running * mask[:, t]  # padding contributes nothing and resets nothing after the end
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten over the real tokens of the batch (verl's `masked_whiten`, unbiased variance). [N, R] -> [N, R]."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    var = (((values - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+                 returns_lam: float, sum_over_ranks=lambda t: t) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Token-level GAE from values [N, R], whitened over the whole batch (PPO, VC-PPO, GenAC).
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_l (gamma lambda)^l delta_{t+l},   returns_t = A_t + V_t
+        (gamma = lambda = 1: A_t = r - V_t)
+
+    The returns (the critic's targets) use `returns_lam`: VC-PPO regresses the Monte-Carlo return (lambda = 1)
+    whatever the actor's lambda ("decoupled GAE", arXiv:2503.01491). `sum_over_ranks` all-reduces a float64
+    tensor of sums, so the whitening and the metrics are global. -> (advantages [N, R], returns [N, R], metrics).
+    """
+    values = values * mask
+    advantages, returns = gae_advantages(values, rewards, mask, gamma, lam)
+    if returns_lam != lam:
+        _, returns = gae_advantages(values, rewards, mask, gamma, returns_lam)
+    s = sum_over_ranks(torch.tensor([float((advantages * mask).sum()), float(mask.sum()), float((returns * mask).sum()),
+                                     float((returns ** 2 * mask).sum()), float(((returns - values) ** 2 * mask).sum()),
+                                     float((values * mask).sum())], dtype=torch.float64))
+    n = max(float(s[1]), 1.0)
+    mean = float(s[0]) / n
+    centred_sq = sum_over_ranks(torch.tensor([float((((advantages - mean) ** 2) * mask).sum())], dtype=torch.float64))
+    var = float(centred_sq[0]) / max(n - 1, 1.0)
+    whitened = (advantages - mean) * (var + 1e-8) ** -0.5 * mask  # = masked_whiten on one rank
+    returns_var = float(s[3]) / n - (float(s[2]) / n) ** 2
+    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n, "critic/values_mse": float(s[4]) / n}
+    if returns_var > 1e-6:  # R^2 of the values against the returns (undefined when every reward is equal)
+        metrics["critic/r2"] = 1.0 - float(s[4]) / n / returns_var
+    return whitened, returns, metrics
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float = 0.5) -> torch.Tensor:
+    """PPO value loss per token: 0.5 * max((V - G)^2, (clip(V, V_old +- clip) - G)^2). All [N, R] -> [N, R]."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The algorithm: GAE advantages from the critic, then the critic's clipped value update
 
 
 class PPO:
@@ -120,7 +195,7 @@ class PPO:
         args = self.args
         batch.old_values = self.values(batch)  # [N, R]
         returns_lam = args.lam if args.critic_lam is None else args.critic_lam
-        advantages, batch.returns, metrics = adv_math.whitened_gae(batch.old_values, batch.rewards, batch.response_mask,
+        advantages, batch.returns, metrics = whitened_gae(batch.old_values, batch.rewards, batch.response_mask,
                                                                    args.gamma, args.lam, returns_lam, all_reduce)
         metrics["time/value"] = time.time() - t
         return advantages, metrics
@@ -142,7 +217,7 @@ class PPO:
         def micro_loss(model, mb):
             values = value_forward(model, mb)  # [b, R]
             mask = mb.response_mask
-            token_loss = adv_math.clipped_value_loss(values, mb.old_values, mb.returns, args.value_clip)
+            token_loss = clipped_value_loss(values, mb.old_values, mb.returns, args.value_clip)
             with torch.no_grad():
                 moved = (values - mb.old_values).abs() > args.value_clip
                 sums = {"clipped": (moved.float() * mask).sum(), "squared_error": (((values - mb.returns) ** 2) * mask).sum()}

@@ -12,8 +12,8 @@ One step of `python train.py --algo v05` (class `V05`):
            ŵ    = Δ̂² / (Δ̂² + 1/k)             (Eq. 8)  weight of the empirical mean
            b̂    = ŵ·s̄_k + (1 − ŵ)·V           (Eq. 9)  fused baseline; |b̂ − s̄_k| ≤ 1/√k always (Thm 3.4)
     3. OSLA (Eq. 11-12, App. A.6): MSE(k) = Δ²/(kΔ² + 1) gives the target k* = 1/√c − 1/Δ̂², clipped to
-       [n0, K_max = ⌊1/√c⌋] (16 for c = 0.0039); prompts below k* get more rollouts, padded to a multiple
-       of `pad` (§4.1.3); rounds stop when fewer than `min_frac` of the prompts want more   `sample_with_osla`
+       [n0, K_max = ⌊1/√c⌋] (16 for c = 0.0039); prompts below k* get more rollouts, padded to a multiple of
+       `pad` (§4.1.3); rounds stop when fewer than `min_frac` of all ranks' prompts want more  `sample_with_osla`
     4. A_i = (s_i − b̂) / sqrt(max(1 − b̂², 1e-2)) on every token, group size = the final k (Eq. 10; the
        denominator is the Bernoulli std on the ±1 scale, our reading of the "intrinsic std") `V05.advantages`
     5. the prior's buffer takes the step's (prompt, success rate) pairs                     `V05.after_update`
@@ -29,14 +29,14 @@ from __future__ import annotations
 import argparse
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from actor import all_gather_objects
+from actor import all_gather_objects, all_reduce
 from advantage import broadcast_to_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -55,12 +55,19 @@ def shrinkage_fusion(score_sum: torch.Tensor, counts: torch.Tensor, prior_pm1: t
     return bias_sq, weight, fused_baseline
 
 
+def effective_k_max(cost: float, k_max: int | None = None) -> int:
+    """K_max = ⌊1/√c⌋ (App. A.6) unless k_max is given: the one place it is derived."""
+    if cost <= 0:
+        raise ValueError(f"the OSLA cost c (--v05-cost) must be > 0, got {cost}")
+    return math.floor(1 / math.sqrt(cost)) if k_max is None else k_max
+
+
 def osla_target_rollouts(bias_sq: torch.Tensor, n0: int = 4, cost: float = 0.0039,
                          k_max: int | None = None, counts: torch.Tensor | None = None):
-    """Eq. 12 (App. A.6): target k = ⌈clip(1/√c − 1/Δ̂², n0, K_max)⌉, K_max = ⌊1/√c⌋ unless given.
-    Δ̂² = 0 gives k* = −∞ → n0, i.e. stop, since every prompt already holds ≥ n0 rollouts; with
-    `counts` [P] the target never drops below them (so Δ̂² = 0 → target = current). Returns [P] long."""
-    k_max = math.floor(1 / math.sqrt(cost)) if k_max is None else k_max
+    """Eq. 12 (App. A.6): target k = ⌈clip(1/√c − 1/Δ̂², n0, K_max)⌉ (`effective_k_max`). Δ̂² = 0 gives
+    k* = −∞ → n0, i.e. stop, since every prompt already holds ≥ n0 rollouts; with `counts` [P] the
+    target never drops below them (so Δ̂² = 0 → target = current). Returns [P] long."""
+    k_max = effective_k_max(cost, k_max)
     k_star = 1 / math.sqrt(cost) - 1 / bias_sq.double()  # [P], −inf where Δ̂² = 0
     target = k_star.clamp(n0, k_max).ceil().long()  # [P] k < k* means "sample more"
     return target if counts is None else torch.maximum(target, counts.long())
@@ -103,15 +110,16 @@ class OslaResult:
 
 def sample_with_osla(prior_values_01: Sequence[float] | torch.Tensor,
                      sample_round: Callable[[list[int]], list[list[float]]],
-                     n0: int = 4, k_max: int = 16, cost: float = 0.0039, pad: int = 4,
-                     min_frac: float = 0.1, fixed_k: int | None = None) -> OslaResult:
-    """§4.1.3 steps 2-5. `sample_round(wanted)` gets the number of NEW rollouts wanted per prompt
-    (often 0) and returns their rewards; call the engine once per round inside it. Round 1 asks n0
-    of every prompt; after each round fusion and targets are recomputed, and sampling stops when no
-    prompt wants more or fewer than min_frac of the prompts do. No prompt exceeds k_max.
+                     n0: int = 4, k_max: int | None = None, cost: float = 0.0039, pad: int = 4,
+                     min_frac: float = 0.1, fixed_k: int | None = None,
+                     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> OslaResult:
+    """§4.1.3 steps 2-5. `sample_round(wanted)` gets the NEW rollouts wanted per prompt (often 0; all 0 on a rank
+    whose prompts are done while others' are not) and returns their rewards. Round 1 asks n0 of every prompt; then
+    fusion and targets are recomputed and sampling stops when no prompt, or fewer than min_frac of the prompts, want
+    more, counted over all ranks by `sum_over_ranks` (the same rounds on every rank). K_max: `effective_k_max`.
     `fixed_k` = static ablation: exactly fixed_k rollouts each in one round, fused, no OSLA."""
     prior_pm1 = 2 * torch.as_tensor(prior_values_01, dtype=torch.float64).flatten() - 1  # [P]
-    num_prompts = prior_pm1.numel()
+    num_prompts, k_max = prior_pm1.numel(), effective_k_max(cost, k_max)
     first = fixed_k if fixed_k is not None else n0
     if not 1 <= first <= k_max or pad < 1:
         raise ValueError(f"need 1 <= n0 (or fixed_k) <= k_max and pad >= 1; got {first}, {k_max}, {pad}")
@@ -121,9 +129,7 @@ def sample_with_osla(prior_values_01: Sequence[float] | torch.Tensor,
         new_rewards = sample_round(wanted)
         if len(new_rewards) != num_prompts or any(len(n) != w for n, w in zip(new_rewards, wanted)):
             raise ValueError("sample_round must return exactly wanted[i] rewards for every prompt i")
-        for prompt_rewards, new in zip(rewards, new_rewards):
-            prompt_rewards.extend(float(r) for r in new)
-        rounds += 1
+        rewards, rounds = [old + [float(r) for r in new] for old, new in zip(rewards, new_rewards)], rounds + 1
         counts = torch.tensor([len(r) for r in rewards], dtype=torch.long)  # [P]
         score_sum = torch.tensor([sum(2 * x - 1 for x in r) for r in rewards], dtype=torch.float64)  # [P]
         bias_sq, weight, fused = shrinkage_fusion(score_sum, counts, prior_pm1)
@@ -131,8 +137,8 @@ def sample_with_osla(prior_values_01: Sequence[float] | torch.Tensor,
             break
         targets = osla_target_rollouts(bias_sq, n0, cost, k_max, counts)  # [P]
         extra = osla_extra_rollouts(counts, targets, pad, k_max)  # [P]
-        num_wanting = int((extra > 0).sum())
-        if num_wanting == 0 or num_wanting < min_frac * num_prompts:
+        num_wanting, total = sum_over_ranks(torch.tensor([int((extra > 0).sum()), num_prompts])).tolist()
+        if num_wanting == 0 or num_wanting < min_frac * total:
             break
         wanted = extra.tolist()
     return OslaResult(rewards, counts, bias_sq, weight, fused, rounds, bias_sq > 0)
@@ -155,8 +161,7 @@ def osla_metrics(res: OslaResult) -> dict:
 # 3. The generalist value prior: frozen embedder + training-free in-context head (§4.1.1)
 
 
-def _similarity_head(similarity: torch.Tensor, context_rates: torch.Tensor, fallback_rate, temperature: float,
-                     shrink: float):
+def _similarity_head(similarity: torch.Tensor, context_rates: torch.Tensor, fallback_rate, temperature: float, shrink: float):
     """similarity [Q, C] (−inf = excluded), context_rates [C], fallback_rate [Q] or scalar -> [Q]."""
     weights = torch.softmax(similarity / temperature, dim=-1)  # [Q, C]
     neighbour_rate = weights @ context_rates  # [Q]
@@ -213,12 +218,9 @@ class ValuePrior:
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last' (e.g. Qwen3-Embedding), got {pooling!r}")
         from transformers import AutoModel, AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.embedder = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-        self.embedder.requires_grad_(False)
+        self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
+        self.embedder = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval().requires_grad_(False)
         self.pooling, self.max_length, self.device = pooling, max_length, device
         self.buffer_size, self.context_size = buffer_size, context_size
         self.temperatures, self.shrinks = tuple(temperatures), tuple(shrinks)
@@ -247,8 +249,7 @@ class ValuePrior:
             else:  # last real token, whichever side the tokenizer pads
                 last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # [B]
                 pooled = hidden[torch.arange(len(batch)), last]  # [B, D]
-            for prompt, emb in zip(batch, F.normalize(pooled, dim=-1).cpu()):
-                self.embedding_cache[prompt] = emb
+            self.embedding_cache.update(zip(batch, F.normalize(pooled, dim=-1).cpu()))
         return torch.stack([self.embedding_cache[p] for p in prompts])  # [N, D]
 
     def sample_context(self):
@@ -286,8 +287,7 @@ class ValuePrior:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer = OrderedDict(state["buffer"])
-        self.rate_sum, self.rate_count = state["rate_sum"], state["rate_count"]
+        self.buffer, self.rate_sum, self.rate_count = OrderedDict(state["buffer"]), state["rate_sum"], state["rate_count"]
         self.generator.set_state(state["generator"])
 
 
@@ -314,8 +314,8 @@ class V05:
     def add_arguments(parser) -> None:
         a = parser.add_argument
         a("--v05-n0", type=int, default=4, help="first-round rollouts per prompt (App. A.8)")
-        a("--v05-kmax", type=int, default=16)
-        a("--v05-cost", type=float, default=0.0039, help="OSLA marginal cost c; K_max = 1/sqrt(c)")
+        a("--v05-kmax", type=int, default=None, help="rollout cap K_max (default: floor(1/sqrt(--v05-cost)))")
+        a("--v05-cost", type=float, default=0.0039, help="OSLA marginal cost c per rollout")
         a("--v05-pad", type=int, default=4, help="extra rollouts are rounded up to a multiple of this")
         a("--v05-min-frac", type=float, default=0.1, help="stop when fewer prompts than this share want more")
         a("--v05-fixed", type=int, default=None, help="static ablation: fuse with exactly K rollouts, no OSLA")
@@ -324,39 +324,43 @@ class V05:
         a("--prior-pooling", default="mean", choices=("mean", "last"), help="'last' for Qwen3-Embedding-style models")
 
     @staticmethod
+    def k_max(args) -> int: return effective_k_max(args.v05_cost, args.v05_kmax)  # K_max of a run
+
+    @staticmethod
     def check_arguments(args) -> None:
-        if not 1 <= (args.v05_fixed or args.v05_n0) <= args.v05_kmax or args.v05_pad < 1:
-            raise ValueError(f"need 1 <= --v05-n0 (or --v05-fixed) <= --v05-kmax and --v05-pad >= 1; got "
-                             f"{args.v05_fixed or args.v05_n0}, {args.v05_kmax}, {args.v05_pad}")
+        if not 1 <= (args.v05_fixed or args.v05_n0) <= V05.k_max(args) or args.v05_pad < 1:
+            raise ValueError(f"need 1 <= --v05-n0 (or --v05-fixed) <= K_max (--v05-kmax or floor(1/sqrt(--v05-cost))) and "
+                             f"--v05-pad >= 1; got {args.v05_fixed or args.v05_n0}, {V05.k_max(args)}, {args.v05_pad}")
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
         self.args, self.prior = args, ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling, seed=args.seed)
-        self.warmup_steps, self.hidden_features = 0, None
+        self.warmup_steps, self.hidden_features, self.device = 0, None, device  # device: `sample`'s all_reduce (NCCL)
         self.fused_baseline = None  # [P] b̂ of this step's prompts (±1 scale), set by `sample`
         self.observed = None  # (problem texts, success rates [P]) of this step, for `after_update`
 
     def sample(self, problems, prompt_ids, generate, seed: int):
-        """Prior V(x) for every prompt, then OSLA rounds of `generate(counts, seed)` (§4.1.3 steps 1-5).
-        -> (samples[prompt][i] of all rounds, flat rewards in the same order, metrics)."""
+        """Prior V(x) for every prompt, then OSLA rounds of `generate(counts, seed)` (§4.1.3 steps 1-5), stopped
+        and logged over all ranks. -> (samples[prompt][i] of all rounds, flat rewards in the same order, metrics)."""
         args, prior_values = self.args, self.prior.predict([p.problem for p in problems])  # [P] in [0, 1]
         all_samples, rounds = [[] for _ in prompt_ids], [0]
 
         def sample_round(wanted: list[int]) -> list[list[float]]:
-            samples, rewards = generate(wanted, seed + 104729 * rounds[0])
             rounds[0] += 1
-            out, k = [], 0
-            for p, group in enumerate(samples):
-                all_samples[p].extend(group)
-                out.append(rewards[k:k + len(group)])
-                k += len(group)
-            return out
+            if not any(wanted):  # only other ranks' prompts want more this round: no engine call
+                return [[] for _ in wanted]
+            samples, rewards = generate(wanted, seed + 104729 * (rounds[0] - 1))
+            flat_rewards = iter(rewards)
+            for kept, group in zip(all_samples, samples):
+                kept.extend(group)
+            return [[next(flat_rewards) for _ in group] for group in samples]
 
-        res = sample_with_osla(prior_values, sample_round, n0=args.v05_n0, k_max=args.v05_kmax, cost=args.v05_cost,
-                               pad=args.v05_pad, min_frac=args.v05_min_frac, fixed_k=args.v05_fixed)
+        res = sample_with_osla(prior_values, sample_round, args.v05_n0, self.k_max(args), args.v05_cost, args.v05_pad,
+                               args.v05_min_frac, args.v05_fixed, lambda x: all_reduce(x.to(self.device)).cpu())
         rates = torch.tensor([sum(r) / len(r) for r in res.rewards])  # [P]
-        self.fused_baseline = res.fused_baseline
-        self.observed = ([p.problem for p in problems], rates)
-        metrics = {**osla_metrics(res), **prior_metrics(prior_values, rates), **self.prior.last_head_params}
+        self.fused_baseline, self.observed = res.fused_baseline, ([p.problem for p in problems], rates)
+        union = [torch.cat(xs) for xs in zip(*all_gather_objects((res.counts, res.weight, res.rejected, prior_values, rates)))]
+        metrics = {**osla_metrics(replace(res, counts=union[0], weight=union[1], rejected=union[2])),  # all ranks' prompts
+                   **prior_metrics(union[3], union[4]), **self.prior.last_head_params}
         return all_samples, [r for rs in res.rewards for r in rs], metrics
 
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
@@ -391,7 +395,7 @@ def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: in
     kind = rng.choice(3, size=num_prompts, p=[0.4, 0.3, 0.3])  # hard / easy / middling prompts
     p = np.where(kind == 0, rng.beta(0.4, 3.0, num_prompts),
                  np.where(kind == 1, rng.beta(3.0, 0.4, num_prompts), rng.beta(2.0, 2.0, num_prompts)))
-    draws = torch.from_numpy(rng.random((num_prompts, 16)) < p[:, None]).double()  # [P, 16] rollouts in order
+    draws = torch.from_numpy(rng.random((num_prompts, max(16, effective_k_max(cost)))) < p[:, None]).double()  # [P, K] in order
     truth = torch.from_numpy(2 * p - 1)  # [P] true baseline on the ±1 scale
     settings = [(f"p + {b:.1f}", p + b) for b in (0.0, 0.1, 0.2, 0.4, 0.8)] + [("1 − p (adversarial)", 1 - p)]
     mse = lambda est: ((est - truth) ** 2).mean().item()  # noqa: E731
@@ -405,13 +409,11 @@ def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: in
         _, _, fused4 = shrinkage_fusion(scores[:, :4].sum(1), counts4, prior_pm1)
         served = [0] * num_prompts
 
-        def sample_round(wanted: list[int]) -> list[list[float]]:
-            out = [draws[i, served[i]:served[i] + w].tolist() for i, w in enumerate(wanted)]
-            for i, w in enumerate(wanted):
-                served[i] += w
-            return out
+        def sample_round(wanted: list[int]) -> list[list[float]]:  # each prompt's next unserved draws
+            served[:] = [s + w for s, w in zip(served, wanted)]
+            return [draws[i, s - w:s].tolist() for i, (s, w) in enumerate(zip(served, wanted))]
 
-        res = sample_with_osla(prior_01, sample_round, n0=n0, k_max=16, cost=cost, pad=pad, min_frac=min_frac)
+        res = sample_with_osla(prior_01, sample_round, n0=n0, cost=cost, pad=pad, min_frac=min_frac)
         cells += [f"{mse(fused4):.4f} @ 4", f"{mse(res.fused_baseline):.4f} @ {res.counts.double().mean():.2f}"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
         for label, fused, counts in (("fusion@4", fused4, counts4), ("fusion+OSLA", res.fused_baseline, res.counts)):

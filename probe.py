@@ -10,9 +10,9 @@ Rewards r ∈ {0,1}; G ≥ 2 rollouts per prompt (the authors use G = 2). One st
            z_i = [ mean h_t over the last 10 prompt tokens,                      H dims
                    mean h_t over the last 10 response tokens ending at token E,  H dims
                    mean H_t over [0, R), over [0, E), over [E, R) ]              3 dims (empty span -> [0, R))
-    2. the probe (`RidgeProbe`): g(z) = clip(w·φ(z) + c, 0, 1), φ = PCA of the prompt block (32 axes) and the
-       response block (64), scores scaled to unit variance, plus the 3 standardised entropies; (w, c) is
-       ridge regression, α = 100, unpenalised intercept: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred
+    2. the probe (`RidgeProbe`): g(z) = clip(w·φ(z) + c, 0, 1), φ = PCA of the centred raw prompt block (32
+       axes) and response block (64), scores scaled to unit variance, plus the 3 standardised entropies;
+       (w, c) is ridge regression, α = 100, unpenalised intercept: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred
     3. cross-rollout advantages (`PoiseBaseline`), the probe fitted on EARLIER steps only:
            y_i = mean_{j≠i} r_j        b_i = mean_{j≠i} g(z_j)        A_i = r_i − b_i   (no std scaling)
        Given x, b_i depends only on the siblings' responses, independent of y_i, so E[b_i ∇log π(y_i|x)|x]
@@ -22,7 +22,7 @@ Rewards r ∈ {0,1}; G ≥ 2 rollouts per prompt (the authors use G = 2). One st
        form (0.3 s at 4096 rows, H = 576); the first 16 steps use RLOO (b_i = y_i) while it fills.
        One probe serves all ranks: every rank gathers all rows, fits the same probe and keeps its share.
 
-    python train.py --algo poise                      # G = 2, 16 prompts per step by default
+    python train.py --algo poise                      # G = 2, 16 prompts per step, clip-high 0.28 by default
     python eval.py probe runs/poise                   # probe value vs held-out avg@8 (the authors' check)
 """
 
@@ -129,7 +129,7 @@ def reasoning_end(mb, marker: list[int] | None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The probe: standardise -> PCA per block -> ridge -> clip, fitted in closed form (float64)
+# 2. The probe: centre -> PCA per block -> standardise scores -> ridge -> clip, closed form (float64)
 
 
 @contextlib.contextmanager
@@ -155,13 +155,12 @@ def principal_axes(block: torch.Tensor, max_dims: int):
 
 
 class RidgeProbe:
-    """g(z) ∈ [0, 1] from features [prompt hidden (H) | response hidden (H) | entropies (3)].
-
-    `standardize_hidden=False` only centres the hidden blocks before PCA, as the authors' sklearn
-    pipeline does (PCA on raw states, StandardScaler on the scores)."""
+    """g(z) ∈ [0, 1] from features [prompt hidden (H) | response hidden (H) | entropies (3)]. The hidden blocks
+    are only centred before PCA, the authors' order (their `fit_estimator`: PCA on raw states, StandardScaler +
+    Ridge on scores and scalars); `standardize_hidden=True` first scales each hidden dim to unit variance."""
 
     def __init__(self, prompt_dim: int, pca_prompt: int = 32, pca_response: int = 64,
-                 ridge_alpha: float = 100.0, standardize_hidden: bool = True):
+                 ridge_alpha: float = 100.0, standardize_hidden: bool = False):
         self.prompt_dim, self.pca_prompt, self.pca_response = prompt_dim, pca_prompt, pca_response
         self.ridge_alpha, self.standardize_hidden = ridge_alpha, standardize_hidden
         self.params: dict[str, torch.Tensor] | None = None  # set by fit
@@ -171,7 +170,7 @@ class RidgeProbe:
         return self.params is not None
 
     def _design(self, z: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """φ: standardised features z [M, F] -> design matrix [M, k_prompt + k_response + 3]."""
+        """φ: centred features z [M, F] (entropies standardised) -> design matrix [M, k_p + k_r + 3]."""
         H = self.prompt_dim
         prompt_scores = z[:, :H] @ p["prompt_axes"]  # [M, k_p]
         response_scores = z[:, H:2 * H] @ p["response_axes"]  # [M, k_r]
@@ -190,7 +189,7 @@ class RidgeProbe:
             scale = x.std(0, unbiased=False).clamp(min=STD_FLOOR)  # [F]
             if not self.standardize_hidden:
                 scale[:2 * H] = 1.0
-            z = (x - mean) / scale  # [N, F] centred (and scaled)
+            z = (x - mean) / scale  # [N, F] centred; entropies (and hidden dims if asked) scaled
             prompt_axes, prompt_std = principal_axes(z[:, :H], self.pca_prompt)  # [H, k_p], [k_p]
             response_axes, response_std = principal_axes(z[:, H:2 * H], self.pca_response)  # [H, k_r]
             params = dict(mean=mean, scale=scale, prompt_axes=prompt_axes, response_axes=response_axes,
@@ -305,17 +304,15 @@ def probe_quality(predicted: torch.Tensor, observed_rates: torch.Tensor) -> dict
 
 
 def pairwise_sign_accuracy(values: torch.Tensor, targets: torch.Tensor, group_index: torch.Tensor) -> float:
-    """Over sibling pairs (i < j, same group) whose targets differ: the fraction where
-    sign(g_i − g_j) = sign(y_i − y_j) (a tie in g counts as wrong). nan without such pairs.
-    values, targets, group_index [N]."""
-    same_group = group_index[:, None] == group_index[None, :]  # [N, N]
-    upper = torch.ones_like(same_group).triu(diagonal=1)  # [N, N] i < j
-    target_sign = torch.sign(targets[:, None] - targets[None, :])  # [N, N]
-    pairs = same_group & upper & (target_sign != 0)  # [N, N]
+    """Over ALL sibling pairs (i < j, same group): the fraction with sign(g_i − g_j) = sign(y_i − y_j) in float32,
+    as the authors' `cross_rollout_pairwise_sign_matches`: tied targets count as right only if g ties exactly,
+    a tie in g with unequal targets as wrong. nan without pairs (theirs logs 0). values, targets, group_index [N]."""
+    g, y, group = (t.detach().cpu() for t in (values.float(), targets.float(), group_index))
+    pairs = (group[:, None] == group[None, :]).triu(diagonal=1)  # [N, N] same group, i < j
     if not bool(pairs.any()):
         return math.nan
-    value_sign = torch.sign(values[:, None] - values[None, :])  # [N, N]
-    return float((value_sign == target_sign)[pairs].float().mean())
+    same_sign = torch.sign(g[:, None] - g[None, :]) == torch.sign(y[:, None] - y[None, :])  # [N, N]
+    return float(same_sign[pairs].float().mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +324,7 @@ class PoiseBaseline:
 
     def __init__(self, prompt_dim: int, bootstrap_steps: int = 16, buffer_size: int = 4096,
                  pca_prompt: int = 32, pca_response: int = 64, ridge_alpha: float = 100.0,
-                 standardize_hidden: bool = True):
+                 standardize_hidden: bool = False):
         self.prompt_dim, self.bootstrap_steps = prompt_dim, bootstrap_steps
         self.buffer = FeatureBuffer(buffer_size)
         self.probe = RidgeProbe(prompt_dim, pca_prompt, pca_response, ridge_alpha, standardize_hidden)
@@ -357,15 +354,15 @@ class PoiseBaseline:
         return advantages, metrics
 
     def _quality_metrics(self, values, targets, group_index) -> dict[str, float]:
-        """Metrics of g [N] against sibling-reward targets [N] on this step's (unseen) rows."""
+        """Metrics of g [N] against sibling-reward targets y [N] on this step's (unseen) rows. Brier skill
+        is against the constant mean(y) of these rows (the authors' `regression_diagnostic_values`)."""
         quality = probe_quality(values, targets)
-        constant = self.buffer.targets().double().mean()  # the buffer's base rate
-        constant_brier = float((targets.double().cpu() - constant).square().mean())
+        y = targets.detach().double().cpu()  # [N]
+        constant_brier = float((y - y.mean()).square().mean())
         brier = quality["rmse"] ** 2
-        return {"probe/mae": quality["mae"], "probe/rmse": quality["rmse"],
-                "probe/pearson": quality["pearson"],
+        return {"probe/mae": quality["mae"], "probe/rmse": quality["rmse"], "probe/pearson": quality["pearson"],
                 "probe/pair_sign_acc": pairwise_sign_accuracy(values, targets, group_index),
-                "probe/brier_skill": 1 - brier / constant_brier if constant_brier > 0 else math.nan}
+                "probe/brier_skill": 1 - brier / constant_brier if constant_brier > 1e-12 else math.nan}
 
     @torch.no_grad()
     def predict_values(self, features: torch.Tensor) -> torch.Tensor:
@@ -400,7 +397,9 @@ class POISE:
         a = parser.add_argument
         a("--probe-layer", type=int, default=None, help="decoder layer for features (default 0.55 x depth)")
         a("--probe-bootstrap-steps", type=int, default=16, help="RLOO steps that fill the probe's buffer")
-        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16)  # G = 2 at GRPO's rollout budget
+        a("--probe-standardize-hidden", action="store_true", help="scale hidden dims before PCA (default: centre only)")
+        # G = 2 at GRPO's rollout budget; clip-higher 0.28 as in the authors' launcher (clip_ratio_high)
+        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16, clip_high=0.28)
 
     @staticmethod
     def check_arguments(args) -> None:
@@ -413,8 +412,9 @@ class POISE:
         layer = args.probe_layer if args.probe_layer is not None else probe_layer_index(layers)
         if not 0 <= layer < layers:
             raise ValueError(f"--probe-layer {layer} out of range for a {layers}-layer model")
-        self.baseline = PoiseBaseline(prompt_dim=actor.config.hidden_size, bootstrap_steps=args.probe_bootstrap_steps)
-        self.marker = tokenizer.encode("</think>", add_special_tokens=False) if "</think>" in tokenizer.get_vocab() else None
+        self.baseline = PoiseBaseline(prompt_dim=actor.config.hidden_size, bootstrap_steps=args.probe_bootstrap_steps,
+                                      standardize_hidden=getattr(args, "probe_standardize_hidden", False))
+        self.marker = tokenizer.encode("</think>", add_special_tokens=False)  # token sequence, as the authors' trainer
         self.warmup_steps = 0
         self.hidden_features = (layer, self.pool_features)  # the old-log-prob pass keeps decoder `layer`'s output
 

@@ -458,8 +458,8 @@ class VLLMEngine:
         from vllm import LLM
         self.on_gpu = torch.cuda.is_available()
         self.dtype = getattr(torch, dtype)
-        kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enable_prefix_caching=True, enforce_eager=not self.on_gpu)
+        kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
+                      enforce_eager=not self.on_gpu, logprobs_mode="processed_logprobs")  # log-probs after temperature, as sampled
         if world_size > 1:  # each torchrun rank owns one engine over its own shard of prompts
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if self.on_gpu:

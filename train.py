@@ -3,15 +3,15 @@
 Every algorithm is "PPO with a different advantage" (verl's framing; --clip-high 0.28 on any is DAPO's
 clip-higher); `--algo` picks one entry of ALGORITHMS below, and the loop never asks which one it got:
 
-    grpo   (r - mean) / (std + 1e-6) per prompt group; --no-std gives Dr.GRPO        this file
-    rloo   r_i - mean_{j != i} r_j                                                     this file
+    grpo   (r - mean) / (std + 1e-6) per prompt group; --no-std gives Dr.GRPO        advantage.py
+    rloo   r_i - mean_{j != i} r_j                                                     advantage.py
     ppo    discriminative critic V_t, token-level GAE, batch-whitened                 critic.py
     vcppo  ppo after 6 iterations of value pretraining on the frozen actor            critic.py
     genac  generative critic judges each segment's state in text, ICC hints, GAE       genac.py
     v05    generalist value prior fused with sparse rollouts, OSLA extra rollouts     prior.py
     poise  hidden-state probe, cross-rollout baselines, 2 rollouts per prompt         probe.py
 
-The algorithm interface (every class in ALGORITHMS has exactly these; GRPO below is the shortest example):
+The algorithm interface (every class in ALGORITHMS has exactly these; advantage.GRPO is the shortest example):
 
     add_arguments(parser)            static: its own flags, and its defaults for shared ones (parser.set_defaults)
     check_arguments(args)            static: raise ValueError naming a bad flag (at parse time, before anything loads)
@@ -63,7 +63,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-import advantage as adv_math
+from advantage import GRPO, RLOO
 from actor import (adamw, add_update_arguments, all_reduce, compute_old_logprobs, full_optimizer_state_dict,
                    full_state_dict, load_actor, load_full_optimizer_state_dict, ppo_update)
 from critic import PPO, VCPPO
@@ -72,48 +72,6 @@ from prior import V05
 from probe import POISE
 from rollout import (DataError, MathVerifier, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
                      load_problems, make_engine, resolve_model_path, score_responses)
-
-
-class GRPO:
-    """GRPO (arXiv:2402.03300 §4.1.2): A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6) over the G rollouts of a
-    prompt, unbiased std (verl); --no-std gives Dr.GRPO's r_i - mean_j r_j (arXiv:2503.20783). Same A_i on
-    every token of response i; no model of its own."""
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        parser.add_argument("--no-std", action="store_true", help="no std normalisation (Dr.GRPO)")
-
-    @staticmethod
-    def check_arguments(args) -> None:
-        if args.rollouts_per_prompt < 2:
-            raise ValueError("--rollouts-per-prompt must be >= 2 for a group baseline")
-
-    def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
-        self.args, self.warmup_steps, self.hidden_features = args, 0, None
-
-    def sample(self, problems, prompt_ids, generate, seed: int):
-        return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})  # G rollouts per prompt
-
-    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
-        sequence_advantages = adv_math.grpo_advantages(batch.rewards, batch.group_index, use_std=not self.args.no_std)  # [N]
-        return adv_math.broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
-
-    def after_update(self, batch) -> dict: return {}
-    def state_dict(self) -> dict: return {}
-    def load_state_dict(self, state: dict) -> None: pass
-    def save(self, folder) -> None: pass
-    def close(self) -> None: pass
-
-
-class RLOO(GRPO):
-    """RLOO (arXiv:2402.14740): A_i = r_i - mean_{j != i} r_j, the leave-one-out mean of the siblings."""
-
-    @staticmethod
-    def add_arguments(parser) -> None: pass  # no flags of its own
-
-    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
-        sequence_advantages = adv_math.rloo_advantages(batch.rewards, batch.group_index)  # [N]
-        return adv_math.broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
 
 
 ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO, "vcppo": VCPPO, "genac": GenAC, "v05": V05, "poise": POISE}

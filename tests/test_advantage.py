@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import advantage as A
+import critic as C
 
 
 def test_grpo_hand_computed():
@@ -62,7 +63,7 @@ def test_aggregation_modes():
 def test_gae_lambda_one_is_reward_minus_value():
     v = torch.tensor([[0.2, 0.4, 0.9, 0.0], [0.5, 0.1, 0.0, 0.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    adv, ret = A.gae_advantages(v, torch.tensor([1.0, 0.0]), m)
+    adv, ret = C.gae_advantages(v, torch.tensor([1.0, 0.0]), m)
     assert torch.allclose(adv, torch.tensor([[0.8, 0.6, 0.1, 0.0], [-0.5, -0.1, 0.0, 0.0]]), atol=1e-6)
     assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6)
 
@@ -70,7 +71,7 @@ def test_gae_lambda_one_is_reward_minus_value():
 def test_gae_lambda_below_one_hand_computed():
     v = torch.tensor([[0.5, 0.2, 0.0]])
     m = torch.tensor([[1.0, 1.0, 0.0]])
-    adv, _ = A.gae_advantages(v, torch.tensor([1.0]), m, gamma=0.9, lam=0.5)
+    adv, _ = C.gae_advantages(v, torch.tensor([1.0]), m, gamma=0.9, lam=0.5)
     d1 = 1.0 + 0.0 - 0.2  # last token: reward 1, V after end = 0
     d0 = 0.0 + 0.9 * 0.2 - 0.5
     assert torch.allclose(adv, torch.tensor([[d0 + 0.45 * d1, d1, 0.0]]), atol=1e-6)
@@ -78,17 +79,17 @@ def test_gae_lambda_below_one_hand_computed():
 
 def test_clipped_value_loss():
     v, old, ret = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    loss = A.clipped_value_loss(v, old, ret, clip=0.5)
+    loss = C.clipped_value_loss(v, old, ret, clip=0.5)
     # token 0: max((1-0)^2, (0.5-0)^2) = 1 -> 0.5; token 1: max(1, 1) -> 0.5
     assert torch.allclose(loss, torch.tensor([[0.5, 0.5]]))
-    loss2 = A.clipped_value_loss(torch.tensor([[0.9]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), clip=0.5)
+    loss2 = C.clipped_value_loss(torch.tensor([[0.9]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), clip=0.5)
     assert torch.allclose(loss2, torch.tensor([[0.5 * 0.25]]))  # clipped branch (0.5 -> 1) is worse: taken
 
 
 def test_masked_whiten():
     x = torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 99.0]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-    w = A.masked_whiten(x, m)
+    w = C.masked_whiten(x, m)
     assert w[:, 2].abs().max() == 0 and abs(float((w * m).sum())) < 1e-6
     assert float(((w * m) ** 2).sum() / 3) == pytest.approx(1.0, rel=1e-5)
 
@@ -176,3 +177,58 @@ def test_micro_batches_cover_rows_once_and_keep_long_rows_apart():
                     for k in range(n) for cuts in itertools.combinations(range(1, n), k)
                     if all(b - a <= size for a, b in zip((0,) + cuts, cuts + (n,))))
         assert cost(groups, overhead) == brute
+
+
+def test_genac_copy_of_gae_equals_critics():
+    """genac.py keeps its own copy of the token-level GAE (one file per algorithm): it must not drift from PPO's."""
+    import genac
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(6, 9, generator=g)
+    mask = (torch.arange(9)[None, :] < torch.tensor([9, 5, 1, 0, 7, 3])[:, None]).float()  # ragged, one empty row
+    rewards = torch.randint(0, 2, (6,), generator=g).float()
+    for gamma, lam, returns_lam in ((1.0, 1.0, 1.0), (0.9, 0.5, 1.0), (0.99, 0.95, 0.95)):
+        ours = genac.whitened_gae(values, rewards, mask, gamma, lam, returns_lam)
+        theirs = C.whitened_gae(values, rewards, mask, gamma, lam, returns_lam)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]) and ours[2] == theirs[2]
+        assert torch.equal(genac.gae_advantages(values, rewards, mask, gamma, lam)[0], C.gae_advantages(values, rewards, mask, gamma, lam)[0])
+
+
+def test_ppo_loss_guards_at_extreme_ratios():
+    """verl's guards: the log-ratio is clamped to ±20 (no inf/NaN), negative advantages are dual-clipped at c = 3."""
+    logp, old = torch.tensor([[100.0, 100.0, 100.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    adv = torch.tensor([[-1.0, 0.0, 1.0, -1.0]])
+    loss, _ = A.ppo_token_losses(logp, old, adv, 0.2, 0.2, clip_ratio_c=3.0)
+    assert torch.isfinite(loss).all()  # before: inf (A = -1) and NaN (A = 0)
+    assert loss.flatten().tolist() == pytest.approx([3.0, 0.0, -1.2, 1.0])  # -1: capped at c; +1: clipped at 1.2; ratio 1: -A
+    moderate, _ = A.ppo_token_losses(torch.tensor([[math.log(2.0)]]), torch.tensor([[0.0]]), torch.tensor([[-1.0]]), 0.2, 0.2, 3.0)
+    assert moderate.item() == pytest.approx(2.0)  # rho = 2 < c: the ordinary clipped loss max(2, 1.2) * 1
+    logp.requires_grad_(True)
+    A.ppo_token_losses(logp, old, adv, 0.2, 0.2, 3.0)[0].sum().backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+def test_kl_k3_is_clamped_like_verl():
+    g = torch.Generator().manual_seed(0)
+    lp, ref = torch.zeros(1000), 5 * torch.randn(1000, generator=g)  # a log-ratio gap ~ N(0, 5)
+    kl = A.kl_k3(lp, ref)
+    assert float(kl.max()) <= 10.0 and float(kl.min()) >= 0.0  # before: up to ~5e6
+    assert A.kl_k3(torch.tensor([0.0]), torch.tensor([100.0])).item() == 10.0
+
+
+def test_trainer_logprobs_are_those_of_the_tempered_distribution(tiny_model):
+    """policy_forward at temperature T returns log softmax(logits / T) of each sampled token, packed or not."""
+    from transformers import AutoModelForCausalLM
+
+    import actor
+    from rollout import Sample, build_rollout_batch
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    samples = [[Sample([5, 6, 7], [0.0] * 3, "", "stop"), Sample([8, 9], [0.0] * 2, "", "stop")]]
+    batch = build_rollout_batch([[1, 2, 3, 4]], samples, [0.0, 1.0], pad_id=0)
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7]])).logits[0, 3:6].float()  # [3, V] predicts 5, 6, 7
+        expected = (full / 0.7).log_softmax(-1)[torch.arange(3), torch.tensor([5, 6, 7])]
+        for share in (False, True):
+            lp, ent, _ = actor.policy_forward(model, batch, with_entropy=True, share_prompts=share, temperature=0.7)
+            assert torch.allclose(lp[0, :3], expected, atol=1e-5), share
+            p = (full / 0.7).softmax(-1)
+            assert torch.allclose(ent[0, :3], -(p * p.log()).sum(-1), atol=1e-4)

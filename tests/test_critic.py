@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import advantage as A
-from critic import PPO, discriminative_value_fn, value_forward
+from critic import PPO, discriminative_value_fn, gae_advantages, masked_whiten, value_forward
 from rollout import Sample, build_rollout_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +20,7 @@ def test_gae_ragged_batch_lambda_below_one():
     # two rollouts of lengths 3 and 1 (padding after), gamma 1, lambda 0.5
     v = torch.tensor([[0.5, 0.4, 0.2], [0.3, 9.0, 9.0]])  # padding values must not leak in
     m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    adv, ret = A.gae_advantages(v, torch.tensor([1.0, 0.0]), m, gamma=1.0, lam=0.5)
+    adv, ret = gae_advantages(v, torch.tensor([1.0, 0.0]), m, gamma=1.0, lam=0.5)
     d = [0.4 - 0.5, 0.2 - 0.4, 1.0 - 0.2]  # delta_t = r_t + V_{t+1} - V_t, V after the end = 0
     a2 = d[2]
     a1 = d[1] + 0.5 * a2
@@ -70,8 +69,8 @@ def test_critic_update_fits_returns_and_gae_whitening(tiny_model):
     critic = _ppo(tiny_model, critic_lr=1e-3)
     batch, _, _ = _batch()
     adv, metrics = critic.advantages(batch, problems=None)
-    raw, returns = A.gae_advantages(batch.old_values, batch.rewards, batch.response_mask)
-    assert torch.allclose(adv, A.masked_whiten(raw, batch.response_mask), atol=1e-5)  # one rank: the same whitening
+    raw, returns = gae_advantages(batch.old_values, batch.rewards, batch.response_mask)
+    assert torch.allclose(adv, masked_whiten(raw, batch.response_mask), atol=1e-5)  # one rank: the same whitening
     assert torch.allclose(batch.returns, returns) and torch.allclose(returns[0, :4], torch.ones(4))  # lambda = 1: returns = r
     first = critic.after_update(batch)["critic/mse_to_returns"]
     for _ in range(15):

@@ -1,4 +1,4 @@
-"""Real vLLM + the real model: after a weight sync, engine log-probs match the trainer's (fp32)."""
+"""Real vLLM + the real model: after a weight sync, engine log-probs match the trainer's (fp32), at T = 1 and T = 0.7."""
 import pytest
 import torch
 
@@ -24,17 +24,18 @@ def test_weight_sync_makes_engine_and_trainer_logprobs_agree(default_model):
     problems = load_problems("arithmetic", "heldout")[:4]
     prompts = [format_prompt(tok, p) for p in problems]
 
-    def mean_abs_diff():
-        samples = engine.generate(prompts, 2, 24, 1.0, 1.0, seed=3)
+    def mean_abs_diff(temperature=1.0):
+        samples = engine.generate(prompts, 2, 24, temperature, 1.0, seed=3)
         batch = build_rollout_batch(prompts, samples, [0.0] * 8, tok.pad_token_id)
         with torch.no_grad():
-            lp, _, _ = actor.policy_forward(model, batch)
+            lp, _, _ = actor.policy_forward(model, batch, temperature=temperature)
         m = batch.response_mask
         return float(((lp - batch.engine_logprobs).abs() * m).sum() / m.sum())
 
     before = mean_abs_diff()
     engine.load_weights(actor.full_state_dict(model).items())
-    after = mean_abs_diff()
+    after, after_tempered = mean_abs_diff(), mean_abs_diff(0.7)
     engine.close()
     assert after < 1e-3, after
+    assert after_tempered < 1e-3, after_tempered  # both sides are log softmax(logits / T) of the sampled token
     assert before > 10 * after  # the sync is what made them agree

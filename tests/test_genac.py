@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import advantage as A
-from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, format_actor_size, icc_prompt,
-                   parse_critic_value, segment_boundaries, segment_values_to_tokens, token_texts)
+from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, format_actor_size, gae_advantages,
+                   icc_prompt, parse_critic_value, segment_boundaries, segment_values_to_tokens, token_texts)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_segment_values_and_gae_give_r_minus_v_per_segment():
     values = torch.zeros(2, 5)
     values[0], values[1, :2] = v0, v1
     mask = torch.tensor([[1.0] * 5, [1.0, 1.0, 0, 0, 0]])
-    adv, _ = A.gae_advantages(values, torch.tensor([1.0, 0.0]), mask, gamma=1.0, lam=1.0)
+    adv, _ = gae_advantages(values, torch.tensor([1.0, 0.0]), mask, gamma=1.0, lam=1.0)
     assert torch.allclose(adv[0], torch.tensor([0.7, 0.7, 0.2, 0.2, 0.2]), atol=1e-6)
     assert torch.allclose(adv[1], torch.tensor([-0.6, -0.6, 0.0, 0.0, 0.0]), atol=1e-6)
 

@@ -5,7 +5,9 @@ import importlib.util
 import math
 import random
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,13 +186,159 @@ def test_osla_metrics():
 
 def test_v05_advantages_follow_each_rollouts_own_prompt():
     """The fused baseline of prompt p goes to the rollouts whose group_index is p, in whatever order the rows come."""
-    from types import SimpleNamespace
     algo = prior.V05.__new__(prior.V05)  # advantages() reads only the step's fused baselines and the std mode
     algo.args, algo.fused_baseline = SimpleNamespace(v05_std="none"), t64(0.5, -1.0, 0.2)
     batch = SimpleNamespace(rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]), group_index=torch.tensor([2, 0, 1, 0]),
                             response_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
     advantages, _ = algo.advantages(batch, problems=None)  # [N, R]: s_i - b̂ on every token, s = 2r - 1
     assert advantages.flatten().tolist() == pytest.approx([0.8, 0.8, -1.5, 0.0, 2.0, 2.0, 0.5, 0.5])
+
+
+# ---------------------------------------------------------------- OSLA over several ranks
+
+def stream_sampler(streams, calls):
+    """A fake engine serving prompt i the fixed rewards streams[i] in order; records every request in `calls`."""
+    served = [0] * len(streams)
+
+    def sample_round(wanted):
+        calls.append(list(wanted))
+        served[:] = [s + w for s, w in zip(served, wanted)]
+        return [list(stream[s - w:s]) for stream, s, w in zip(streams, served, wanted)]
+    return sample_round
+
+
+def run_as_ranks(priors, streams, **kwargs):
+    """sample_with_osla once per shard, each in a thread ("rank"); sum_over_ranks adds every rank's tensor
+    (what all_reduce does). -> (OslaResult per rank, requests per rank)."""
+    n = len(priors)
+    barrier, posted, results, errors = threading.Barrier(n, timeout=60), [None] * n, [None] * n, []
+    calls = [[] for _ in priors]
+
+    def rank(r):
+        def sum_over_ranks(x):
+            posted[r] = x.clone()
+            barrier.wait()
+            total = sum(posted)
+            barrier.wait()  # nobody posts its next round before every rank has read this one
+            return total
+        try:
+            results[r] = prior.sample_with_osla(priors[r], stream_sampler(streams[r], calls[r]),
+                                                sum_over_ranks=sum_over_ranks, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            barrier.abort()
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, calls
+
+
+@pytest.mark.parametrize("min_frac, rounds", [(0.25, 1), (0.1, 2)])
+def test_osla_stop_is_decided_over_all_ranks(min_frac, rounds):
+    # rank 0: 2 of 5 priors wrong (40 % want 12 more), rank 1: all right (0 %); together 2 of 10 = 20 %
+    priors, streams = [[0.0, 0.0, 1.0, 1.0, 1.0], [1.0] * 5], [[[1.0] * 16] * 5] * 2
+    results, calls = run_as_ranks(priors, streams, n0=4, pad=4, min_frac=min_frac)
+    union = prior.sample_with_osla(priors[0] + priors[1], stream_sampler(streams[0] + streams[1], []), min_frac=min_frac)
+    assert union.rounds == rounds and [r.rounds for r in results] == [rounds] * 2
+    assert [len(c) for c in calls] == [rounds] * 2  # the same number of sample_round calls on both ranks
+    assert torch.equal(torch.cat([r.counts for r in results]), union.counts)
+    # 0.25: rank 0 alone (40 %) would sample again; 0.1: rank 1 asks zeros in round 2 while rank 0 samples
+    assert calls[0][1:] == [[12, 12, 0, 0, 0]] * (rounds - 1) and calls[1] == [[4] * 5] + [[0] * 5] * (rounds - 1)
+
+
+def test_osla_over_ranks_equals_osla_over_the_union_of_prompts():
+    local_differs = False
+    for seed in range(6):
+        rng = random.Random(seed)
+        p = [rng.choice([0.0, 1.0, rng.random()]) for _ in range(40)]
+        prior_01 = [min(1.0, max(0.0, x + rng.choice([0.0, 0.0, 0.3, -0.6]))) for x in p]
+        streams = [[float(rng.random() < x) for _ in range(16)] for x in p]
+        cut = rng.randint(8, 32)  # unequal shards
+        kwargs = dict(n0=4, pad=4, min_frac=0.15)
+        results, calls = run_as_ranks([prior_01[:cut], prior_01[cut:]], [streams[:cut], streams[cut:]], **kwargs)
+        union = prior.sample_with_osla(prior_01, stream_sampler(streams, []), **kwargs)
+        assert [r.rounds for r in results] == [union.rounds] * 2 and [len(c) for c in calls] == [union.rounds] * 2
+        assert torch.equal(torch.cat([r.counts for r in results]), union.counts)
+        assert torch.equal(torch.cat([r.fused_baseline for r in results]), union.fused_baseline)
+        alone = [prior.sample_with_osla(prior_01[s], stream_sampler(streams[s], []), **kwargs)
+                 for s in (slice(None, cut), slice(cut, None))]
+        local_differs |= any(a.rounds != union.rounds for a in alone)
+    assert local_differs  # per-rank stopping would have changed the result for some seed
+
+
+def fake_v05(prior_of: dict, kmax=None, cost=0.0039, min_frac=0.1):
+    """V05 without its embedder: the prior looks each problem's value up in `prior_of`."""
+    algo = prior.V05.__new__(prior.V05)
+    algo.args = SimpleNamespace(v05_n0=4, v05_kmax=kmax, v05_cost=cost, v05_pad=4, v05_min_frac=min_frac, v05_fixed=None)
+    algo.prior = SimpleNamespace(predict=lambda texts: torch.tensor([prior_of[t] for t in texts]), last_head_params={})
+    algo.device = "cpu"
+    return algo
+
+
+def run_v05_sample(algo, streams: dict, calls=None):
+    """algo.sample over the problems in `streams` (text -> its fixed rewards) with a fake train.py `generate`."""
+    problems, served = [SimpleNamespace(problem=t) for t in streams], dict.fromkeys(streams, 0)
+    calls = [] if calls is None else calls
+
+    def generate(counts, seed):
+        calls.append(list(counts))
+        samples, rewards = [], []
+        for p, n in zip(problems, counts):
+            s, served[p.problem] = served[p.problem], served[p.problem] + n
+            samples.append([f"{p.problem} #{i}" for i in range(s, s + n)])
+            rewards += streams[p.problem][s:s + n]
+        return samples, rewards
+    return algo.sample(problems, [[0]] * len(problems), generate, seed=0)
+
+
+def test_v05_sample_runs_the_rounds_other_ranks_need(monkeypatch):
+    other_rank = iter([[1, 2], [1, 2]])  # another rank with 2 prompts: 1 wants more after rounds 1 and 2, then none
+    monkeypatch.setattr(prior, "all_reduce", lambda x: x + torch.tensor(next(other_rank, [0, 2])))
+    calls = []
+    samples, rewards, metrics = run_v05_sample(fake_v05({"a": 1.0, "b": 0.0, "c": 1.0}),
+                                               {"a": [1.0] * 16, "b": [0.0] * 16, "c": [1.0] * 16}, calls)
+    assert calls == [[4, 4, 4]]  # rounds 2 and 3 ask nothing of this rank: no engine call
+    assert metrics["osla_rounds"] == 3 and [len(s) for s in samples] == [4, 4, 4]
+    assert rewards == [1.0] * 4 + [0.0] * 4 + [1.0] * 4
+
+
+def test_v05_metrics_cover_every_ranks_prompts(monkeypatch):
+    prior_of = {"a": 0.0, "b": 1.0, "c": 0.5, "d": 0.9, "e": 0.2, "f": 1.0, "g": 0.0, "h": 0.6}
+    streams = {t: [float((3 * i + j) % 4 != 0) for j in range(16)] for i, t in enumerate(prior_of)}
+    shards = [dict(list(streams.items())[:4]), dict(list(streams.items())[4:])]
+    gathered = []  # rank 1's all_gather_objects argument
+    monkeypatch.setattr(prior, "all_gather_objects", lambda obj: gathered.append(obj) or [obj])
+    run_v05_sample(fake_v05(prior_of), shards[1])
+    monkeypatch.setattr(prior, "all_gather_objects", lambda obj: [obj, gathered[0]])  # rank 0 sees both ranks
+    _, _, rank0 = run_v05_sample(fake_v05(prior_of), shards[0])
+    monkeypatch.undo()
+    _, rewards, union = run_v05_sample(fake_v05(prior_of), streams)  # one rank holding every prompt
+    assert rank0 == pytest.approx(union) and rank0["rollouts_total"] == len(rewards)
+    assert rank0["rollouts_hist_k4"] + rank0["rollouts_hist_k16"] == 8 and 0 < rank0["prior_rejected_share"] < 1
+
+
+# ---------------------------------------------------------------- K_max = ⌊1/√c⌋ unless --v05-kmax
+
+def test_kmax_follows_the_cost_unless_given():
+    import train
+    v05 = lambda *flags: train.parse_args(["--algo", "v05", *flags])  # noqa: E731
+    assert prior.V05.k_max(v05("--v05-cost", "0.001")) == 31  # floor(31.62)
+    assert prior.V05.k_max(v05("--v05-cost", "0.001", "--v05-kmax", "16")) == 16 and prior.V05.k_max(v05()) == 16
+    for bad in (["--v05-cost", "0.1"], ["--v05-cost", "0"], ["--v05-kmax", "3"]):  # K_max = 3 < n0 = 4; c = 0
+        with pytest.raises(SystemExit):
+            v05(*bad)
+    assert prior.effective_k_max(1 / 256) == 16 and prior.effective_k_max(0.001, 20) == 20
+
+
+def test_v05_sample_caps_at_the_effective_kmax():
+    # prior 0, every rollout right: Δ̂² = 3.75 -> k* = 31.62 − 0.27 -> K_max = 31 (c = 0.001): 27 more, then stop
+    calls = []
+    samples, _, metrics = run_v05_sample(fake_v05({"a": 0.0}, cost=0.001), {"a": [1.0] * 40}, calls)
+    assert calls == [[4], [27]] and len(samples[0]) == 31 and metrics["rollouts_per_prompt_max"] == 31
 
 
 # ---------------------------------------------------------------- in-context head (no embedder)

@@ -1,20 +1,21 @@
-"""Tests for probe.py (POISE): features, probe fit, buffer, cross-rollout baselines, schedule, and
-unbiasedness of the cross-rollout policy gradient on a toy bandit. Seeded; the file runs in seconds."""
+"""Tests for probe.py (POISE): features, the `</think>` marker, flags, probe fit, buffer, cross-rollout baselines,
+metrics, schedule, and unbiasedness of the cross-rollout policy gradient on a toy bandit. Seeded; runs in seconds."""
 
 import copy
 import io
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from probe import (FeatureBuffer, PoiseBaseline, RidgeProbe, cross_rollout_baselines,  # noqa: E402
+from probe import (POISE, FeatureBuffer, PoiseBaseline, RidgeProbe, cross_rollout_baselines,  # noqa: E402
                    cross_rollout_targets, pairwise_sign_accuracy, poise_advantages, probe_layer_index,
-                   probe_quality, rollout_features)
+                   probe_quality, reasoning_end, rollout_features)
 
 
 def leave_one_out_reference(values, group_index):
@@ -85,6 +86,49 @@ def test_rollout_features_rejects_bad_marker():
         rollout_features(hidden, torch.tensor([3]), torch.tensor([4]), torch.zeros(1, 4), torch.tensor([5]))
 
 
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(default_model):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(default_model)
+
+
+def poise_algorithm(tokenizer, *flags):
+    """POISE from train.py's real flags, with a real tokenizer and a stand-in actor (its config only)."""
+    import train
+    args = train.parse_args(["--algo", "poise", *flags])
+    actor = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=30, hidden_size=8))
+    return POISE(args, actor, tokenizer, "cpu", 1)
+
+
+def test_think_marker_searched_as_token_sequence(smollm2_tokenizer):
+    """SmolLM2 has no `</think>` vocabulary entry: it encodes as '</' 'think' '>'. The authors' trainer
+    searches that token sequence anyway; E must end right after it (and be R without a marker)."""
+    tok = smollm2_tokenizer
+    poise = poise_algorithm(tok)
+    marker = tok.encode("</think>", add_special_tokens=False)
+    assert len(marker) > 1 and "</think>" not in tok.get_vocab()
+    assert poise.marker == marker
+    with_marker = tok.encode("Let me think. 2+2 is 4.</think> The answer is 4.", add_special_tokens=False)
+    without = tok.encode("The answer is 4.", add_special_tokens=False)
+    cut = next(j for j in range(len(with_marker)) if with_marker[j:j + len(marker)] == marker)
+    assert tok.decode(with_marker[:cut + len(marker)]).endswith("</think>")
+    R = max(len(with_marker), len(without))
+    mb = SimpleNamespace(response_ids=torch.tensor([with_marker, without + [0] * (R - len(without))]),
+                         response_lens=torch.tensor([len(with_marker), len(without)]))
+    assert reasoning_end(mb, poise.marker).tolist() == [cut + len(marker), len(without)]
+
+
+def test_poise_flags_clip_higher_and_standardize_hidden(smollm2_tokenizer):
+    """POISE defaults to the authors' clip-higher 0.28 (other algorithms keep 0.2; an explicit flag wins),
+    and `--probe-standardize-hidden` reaches the probe (default off: the authors' PCA on raw states)."""
+    import train
+    assert train.parse_args(["--algo", "poise"]).clip_high == 0.28
+    assert train.parse_args(["--algo", "grpo"]).clip_high == 0.2
+    assert train.parse_args(["--algo", "poise", "--clip-high", "0.2"]).clip_high == 0.2
+    assert poise_algorithm(smollm2_tokenizer).baseline.probe.standardize_hidden is False
+    assert poise_algorithm(smollm2_tokenizer, "--probe-standardize-hidden").baseline.probe.standardize_hidden is True
+
+
 # ----------------------------------------------------------------------------------------------
 # The probe: PCA + ridge against float64 references
 
@@ -133,6 +177,43 @@ def test_ridge_probe_matches_numpy_closed_form():
     # a different α must give a different answer (the comparison above is not vacuous)
     other = RidgeProbe(H, pca_prompt=5, pca_response=8, ridge_alpha=1e4).fit(x32, y)
     assert (other.predict(x_new32) - probe.predict(x_new32)).abs().max() > 1e-3
+
+
+def authors_order_probe(x, y, x_new, H, k_prompt, k_response, alpha):
+    """The authors' pipeline by hand in numpy: centre each raw hidden block -> PCA (SVD) -> StandardScaler on
+    [prompt scores | response scores | entropies] -> ridge with an unpenalised intercept -> clip."""
+    def pca_scores(block, block_new, k):
+        mean = block.mean(0)
+        _, _, vt = np.linalg.svd(block - mean, full_matrices=False)
+        return (block - mean) @ vt[:k].T, (block_new - mean) @ vt[:k].T
+
+    p, p_new = pca_scores(x[:, :H], x_new[:, :H], k_prompt)
+    r, r_new = pca_scores(x[:, H:2 * H], x_new[:, H:2 * H], k_response)
+    d, d_new = np.concatenate([p, r, x[:, 2 * H:]], 1), np.concatenate([p_new, r_new, x_new[:, 2 * H:]], 1)
+    mean, std = d.mean(0), d.std(0)
+    d, d_new = (d - mean) / std, (d_new - mean) / std  # every design column now has mean 0, std 1
+    w = np.linalg.solve(d.T @ d + alpha * np.eye(d.shape[1]), d.T @ (y - y.mean()))
+    return np.clip(d_new @ w + y.mean(), 0, 1)
+
+
+def test_ridge_probe_default_is_authors_order_pca_on_raw_states():
+    """Hidden dims on scales 0.01..100: the default probe must equal centre -> PCA -> standardise scores ->
+    ridge (the authors' order), and differ from standardising every hidden dim before PCA."""
+    gen = torch.Generator().manual_seed(11)
+    H, n = 20, 300
+    factors = torch.randn(n + 60, 6, generator=gen, dtype=torch.float64)
+    hidden = factors @ torch.randn(6, 2 * H, generator=gen, dtype=torch.float64)
+    hidden = (hidden + 0.1 * torch.randn(n + 60, 2 * H, generator=gen, dtype=torch.float64))
+    hidden = hidden * torch.logspace(-2, 2, H, dtype=torch.float64).repeat(2)  # very unequal scales
+    x = torch.cat([hidden, torch.rand(n + 60, 3, generator=gen, dtype=torch.float64)], 1).float()
+    y = (0.5 + 0.2 * factors[:n, 0].tanh() - 0.1 * factors[:n, 4].tanh()).clamp(0, 1)
+    x_fit, x_new = x[:n], x[n:]
+    expected = authors_order_probe(x_fit.double().numpy(), y.numpy(), x_new.double().numpy(), H, 3, 4, 10.0)
+    default = RidgeProbe(H, pca_prompt=3, pca_response=4, ridge_alpha=10.0).fit(x_fit, y).predict(x_new)
+    np.testing.assert_allclose(default.numpy(), expected, atol=1e-5)
+    scaled_first = RidgeProbe(H, 3, 4, 10.0, standardize_hidden=True).fit(x_fit, y).predict(x_new)
+    assert (scaled_first - default).abs().max() > 1e-2  # the other order is a different probe here
+    assert PoiseBaseline(prompt_dim=H).probe.standardize_hidden is False  # POISE's probe uses the same default
 
 
 def test_ridge_probe_with_all_dims_and_tiny_alpha_is_least_squares():
@@ -210,8 +291,36 @@ def test_probe_quality_and_pair_sign_accuracy():
     assert math.isnan(probe_quality(torch.ones(4), torch.tensor([0.0, 1, 0, 1]))["pearson"])
     values = torch.tensor([0.2, 0.8, 0.6, 0.4, 0.3, 0.3, 0.5, 0.5])
     targets = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
-    group = torch.arange(4).repeat_interleave(2)  # right, wrong, skipped (equal targets), tie = wrong
-    assert pairwise_sign_accuracy(values, targets, group) == pytest.approx(1 / 3)
+    group = torch.arange(4).repeat_interleave(2)  # right, wrong, tie in both = right, tie in g only = wrong
+    assert pairwise_sign_accuracy(values, targets, group) == pytest.approx(2 / 4)
+
+
+def test_pair_sign_accuracy_counts_tied_targets_like_the_authors():
+    """Every sibling pair counts (the authors' `cross_rollout_pairwise_sign_matches`): equal targets are
+    right only when g is exactly equal too. Hand count over 1 + 1 + 3 pairs."""
+    values = torch.tensor([0.3, 0.3, 0.1, 0.9, 0.2, 0.7, 0.7])
+    targets = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.5])  # G = 3 group: targets 0, 0.5, 0.5
+    group = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    # (0,1) tied both: right; (2,3) tied targets, g differs: wrong;
+    # group 2: (4,5) 0.2<0.7 & 0<0.5 right, (4,6) right, (5,6) tied both: right  -> 4 of 5
+    assert pairwise_sign_accuracy(values, targets, group) == pytest.approx(4 / 5)
+    assert pairwise_sign_accuracy(values[2:4], targets[2:4], group[2:4]) == 0.0  # only a tied-target pair
+    assert math.isnan(pairwise_sign_accuracy(values[:1], targets[:1], group[:1]))  # no pair at all
+
+
+def test_brier_skill_is_against_the_same_rows_mean():
+    """Brier skill = 1 − mean((g − y)²) / mean((y − ȳ)²) with ȳ the mean of THESE rows (the authors'
+    `regression_diagnostic_values`: 0.1, 0.4, 0.9 vs 0, 0.5, 1 -> 1 − 0.01 / (1/6) = 0.94), whatever
+    the buffer's base rate (all-zero targets here), and nan when these targets are constant."""
+    poise = PoiseBaseline(prompt_dim=2)
+    poise.buffer.append(torch.zeros(4, 7), torch.zeros(4))  # base rate 0 would give 1 − 0.01 / (1.25/3)
+    metrics = poise._quality_metrics(torch.tensor([0.1, 0.4, 0.9]), torch.tensor([0.0, 0.5, 1.0]),
+                                     torch.zeros(3, dtype=torch.long))
+    assert metrics["probe/brier_skill"] == pytest.approx(0.94, abs=1e-6)
+    assert metrics["probe/pair_sign_acc"] == 1.0
+    constant = poise._quality_metrics(torch.tensor([0.2, 0.4]), torch.tensor([0.5, 0.5]),
+                                      torch.zeros(2, dtype=torch.long))
+    assert math.isnan(constant["probe/brier_skill"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +350,7 @@ def test_bootstrap_then_probe_fitted_on_earlier_steps():
     # metrics are the pre-update probe's, on this step's rows
     assert metrics["probe/mae"] == pytest.approx(float((values - targets).abs().mean()), abs=1e-6)
     brier = float((values - targets).square().mean())
-    constant_brier = float((targets - buffer_targets.mean()).square().mean())
+    constant_brier = float((targets - targets.mean()).square().mean())  # these rows' own mean
     assert metrics["probe/brier_skill"] == pytest.approx(1 - brier / constant_brier, abs=1e-5)
 
 
