@@ -373,10 +373,10 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
                 token_loss, sums = micro_loss(model, mb)  # [b, R], {name: scalar}
             loss = adv_math.aggregate_loss(token_loss, mb.response_mask, loss_agg, normaliser) * world * weight
             loss.backward()
-            loss_sum += float(loss) / world
+            loss_sum += float(loss.detach()) / world
             stats["tokens"] += float(mb.response_mask.sum()) * weight
             for name, value in sums.items():
-                stats[name] = stats.get(name, 0.0) + float(value) * weight
+                stats[name] = stats.get(name, 0.0) + float(value.detach()) * weight
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()

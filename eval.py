@@ -169,7 +169,9 @@ def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
 def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str], args) -> list[float]:
     """GenAC's critic through the value-model interface: the mean of --genac-samples answers per state (temperature
     0.6), an unparsable answer valued at tau and counted. Its ICC hint tau is the one it was trained with
-    (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value)."""
+    (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value). GenAC's
+    defaults as train.py picks them (GenAC.check_arguments: cpu profile for the offline default policy, else the
+    paper's); its prompts are sized for a 512-token problem prompt + --max-new-tokens of response."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -178,7 +180,10 @@ def generative_values(path: str, states: list[dict], problems_text: list[str], p
     GenAC.add_arguments(defaults)
     critic_args = argparse.Namespace(**{**vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0,
                                         "engine": "vllm", "engine_dtype": args.engine_dtype, "seed": args.seed,
-                                        "gpu_memory_utilization": 0.2, "model": args.policy_path})
+                                        "gpu_memory_utilization": 0.2, "model": args.policy, "icc_carry_over": True,
+                                        "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens})
+    GenAC.check_arguments(critic_args)  # the profile follows --policy as given (None: the offline default model)
+    critic_args.model = args.policy_path
     with torch.device("meta"):  # the actor's size for the ICC hint
         actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.policy_path))
     critic = GenAC(critic_args, actor, AutoTokenizer.from_pretrained(args.policy_path), torch.device("cpu"), 1)
@@ -192,7 +197,7 @@ def generative_values(path: str, states: list[dict], problems_text: list[str], p
             failures += v is None
             per_state[i].append(critic.fallback_value() if v is None else v)
     print(f"[values] generative critic {path}: {failures / max(len(parsed) * args.genac_samples, 1):.1%} of answers unparsable "
-          f"(valued at tau = {critic.fallback_value():.2f})", file=sys.stderr)
+          f"(valued at tau = {critic.fallback_value():.2f}); {critic.prompts_cut} critic prompts cut to fit", file=sys.stderr)
     critic.close()
     return [sum(v) / len(v) for v in per_state]
 
@@ -229,7 +234,7 @@ def values_main(argv: list[str]) -> None:
     from rollout import make_engine, resolve_model_path
     try:
         policy = resolve_model_path(args.policy)
-        problems = load_problems(args.data, "heldout", args.seed, args.problem_key, args.answer_key)[: args.n]
+        problems = load_problems(args.data, "benchmark", args.seed, args.problem_key, args.answer_key)[: args.n]
         critic_paths = [c if c == "init" else resolve_model_path(c) for c in args.critic]
         genac_paths = [policy if g == "base" else resolve_model_path(g) for g in args.genac]
     except (DataError, FileNotFoundError) as e:
@@ -483,7 +488,7 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=samples), model, tokenizer, None, 1)
     poise.load_state_dict(state)
-    problems = load_problems(data, "heldout", seed)[:num_prompts]
+    problems = load_problems(data, "benchmark", seed)[:num_prompts]
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     engine = make_engine(default_engine(), str(ckpt), seed=seed, max_model_len=1024)
     rollouts = engine.generate(prompt_ids, samples, max_new_tokens, 1.0, 1.0, seed)
@@ -593,7 +598,7 @@ def main(argv=None) -> None:
     from rollout import default_engine, make_engine, resolve_model_path
     try:
         model_path = resolve_model_path(args.model)
-        datasets = {spec: load_problems(spec, "heldout", args.seed, args.problem_key, args.answer_key) for spec in (args.data or ["arithmetic"])}
+        datasets = {spec: load_problems(spec, "benchmark", args.seed, args.problem_key, args.answer_key) for spec in (args.data or ["arithmetic"])}
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)

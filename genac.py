@@ -13,9 +13,11 @@ a state — the problem and the actor's partial solution — and reasons before 
        (unparsable -> tau, counted)                                                 (l. 14-16) `GenAC.judge`
     4. v_k on every token of segment k, token-level GAE (lambda = 1: A_t = r - v_k), whitened; the actor
        takes the shared PPO update                                                  (l. 19-22) `GenAC.advantages`
-    5. the critic's reward is R_v = 1 - (r - v_k)^2 (0 when unparsable); it takes a REINFORCE step
-       -(R_v - b) log pi_phi(z_t | s_k, z_<t) through the same update, b = batch mean of R_v; its engine
+    5. the critic's reward is R_v = 1 - (r - v_k)^2 (0 when unparsable); it takes ONE REINFORCE step
+       -(R_v - b) log pi_phi(z_t | s_k, z_<t) (--critic-mini-batches 1), b = batch mean of R_v; its engine
        gets the new weights                                                         (l. 17, 23) `GenAC.after_update`
+Defaults: `GenAC.check_arguments` picks the paper's (L1 ~ 120, no segment cap, 1024 critic tokens) for any --model,
+CPU-sized ones (32, 8, 128) for the offline default model; tau starts at 0 (Alg. 1 l. 1) unless --icc-carry-over.
 
 Training pipeline (paper §5.2): SFT from a teacher and RL pretraining with the actor frozen are the
 commands of genac_stages.py; joint training is this file through the loop:
@@ -31,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,14 +78,10 @@ _BOXED = re.compile(r"\\boxed\s*\{")
 
 
 def parse_critic_value(text: str) -> float | None:
-    """The last \\boxed{n} with an integer 0 <= n <= 10 -> n / 10; anything else -> None (a parse failure).
-
-    '... \\boxed{3} then \\boxed{7}' -> 0.7;  '\\boxed{11}' -> None;  '\\boxed{7.5}' -> None;  no box -> None.
-    """
+    """The last \\boxed{n} with an integer 0 <= n <= 10 -> n / 10; anything else -> None (a parse failure):
+    '... \\boxed{3} then \\boxed{7}' -> 0.7;  '\\boxed{11}' -> None;  '\\boxed{7.5}' -> None;  no box -> None."""
     starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    i, depth = starts[-1], 1
+    i, depth = (starts[-1] if starts else len(text)), 1  # no box: the loop does not run
     for j in range(i, len(text)):  # match braces so \\boxed{\\text{7}} is read whole
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
@@ -92,10 +91,9 @@ def parse_critic_value(text: str) -> float | None:
 
 
 def answer_regex(max_new_tokens: int) -> str:
-    """The critic's answer format as a regex for the engine's guided decoding (`--critic-guided`, and the SFT
-    teacher by default): reasoning without backslashes, at most 2 characters per token of budget, then
-    \\boxed{0..10}. Small models rarely box a score unprompted (SmolLM2-135M: 0 of 372); this makes every
-    answer parse, except one that runs out of tokens first (it stays a counted parse failure)."""
+    """The critic's answer format as a regex for the engine's guided decoding (`--critic-guided`, and the SFT teacher by default):
+    reasoning without backslashes, at most 2 characters per token of budget, then \\boxed{0..10}. Small models rarely box a score
+    unprompted (SmolLM2-135M: 0 of 372); this makes every answer parse, except one out of tokens first (a counted parse failure)."""
     return r"[^\\]{0,%d}\\boxed\{(10|[0-9])\}" % (2 * max_new_tokens)
 
 
@@ -107,11 +105,9 @@ def critic_reward(actor_reward: float, value: float | None) -> float:
 def critic_advantages(critic_rewards: torch.Tensor, baseline: str = "mean", batch_mean: float | None = None) -> torch.Tensor:
     """REINFORCE-with-baseline advantage of each critic answer: R_v - b with b the batch mean of R_v ('mean'; pass
     `batch_mean` when the batch spans ranks), or R_v ('none'). [M] -> [M]."""
-    if baseline == "mean":
-        return critic_rewards - (critic_rewards.mean() if batch_mean is None else batch_mean)
-    if baseline == "none":
-        return critic_rewards.clone()
-    raise ValueError(f"unknown critic baseline {baseline!r}; choose 'mean' or 'none'")
+    if baseline not in ("mean", "none"):
+        raise ValueError(f"unknown critic baseline {baseline!r}; choose 'mean' or 'none'")
+    return critic_rewards - (critic_rewards.mean() if batch_mean is None else batch_mean) if baseline == "mean" else critic_rewards.clone()
 
 
 class RunningSuccessRate:
@@ -149,57 +145,47 @@ def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
 def _cut_level(texts: list[str], j: int) -> int:
     """How good a cut after token j is: 3 paragraph break, 2 line break, 1 sentence end, 0 none."""
     text = texts[j]
-    if text.endswith("\n\n") or (text.endswith("\n") and j > 0 and texts[j - 1].endswith("\n")):
-        return 3
     if text.endswith("\n"):
-        return 2
+        return 3 if text.endswith("\n\n") or (j > 0 and texts[j - 1].endswith("\n")) else 2
     next_text = texts[j + 1] if j + 1 < len(texts) else " "
-    if text.rstrip().endswith((".", "!", "?")) and next_text[:1].isspace():
-        return 1
-    return 0
+    return int(text.rstrip().endswith((".", "!", "?")) and next_text[:1].isspace())
 
 
-def segment_boundaries(texts: list[str], segment_tokens: int = 32, max_segments: int = 8) -> list[int]:
+def segment_boundaries(texts: list[str], segment_tokens: int = 120, max_segments: int | None = None) -> list[int]:
     """Token-exact segmentation of one response -> the END index (exclusive) of each segment.
-
     texts: each token's text (`token_texts`). Returns strictly increasing ends, the last == len(texts);
     segment k is tokens [ends[k-1], ends[k]) with ends[-1] := 0 for k = 0; empty response -> [].
-    Rule [ours; the paper cuts at delimiters into ~L1 = 120-token segments, App. C]: from a segment start s, if at most `segment_tokens` tokens remain they are the last
-    segment; else among the cuts c in [s + L, s + 2L] (c tokens so far) take the best level present
-    (paragraph > line > sentence end) and the earliest of that level; with no delimiter there, cut at s + L.
-    More than `max_segments` segments: the tail is merged into the last allowed one.
+    Rule [ours; the paper cuts at delimiters into ~L1 = 120-token segments, App. C]: from a segment start s, if at
+    most L = `segment_tokens` tokens remain they are the last segment; else among the cuts c in [s + L, s + 2L]
+    (c tokens so far) take the best level present (paragraph > line > sentence end) and the earliest of that level;
+    with no delimiter there, cut at s + L. More than `max_segments` segments (None: no cap, as the paper): the tail
+    is merged into the last allowed one.
     Example, L = 2: ["a", ".", " b", "\n", "c", "d"] -> [4, 6]: the cuts allowed first are after 2, 3 or 4 tokens;
-    after 2 is a sentence end, after 4 a line break, which wins; the 2 tokens left are the last segment.
-    """
-    if segment_tokens < 1 or max_segments < 1:
+    after 2 is a sentence end, after 4 a line break, which wins; the 2 tokens left are the last segment."""
+    if segment_tokens < 1 or (max_segments is not None and max_segments < 1):
         raise ValueError(f"--segment-tokens ({segment_tokens}) and --max-segments ({max_segments}) must be >= 1")
-    n = len(texts)
-    ends: list[int] = []
-    start = 0
+    n, ends, start = len(texts), [], 0
     while n - start > segment_tokens:
         window = range(start + segment_tokens, min(start + 2 * segment_tokens, n - 1) + 1)  # c = tokens before the cut
         levels = [(_cut_level(texts, c - 1), c) for c in window]
         best = max((level for level, _ in levels), default=0)
-        cut = next(c for level, c in levels if level == best) if best > 0 else start + segment_tokens
-        ends.append(cut)
-        start = cut
+        start = next(c for level, c in levels if level == best) if best > 0 else start + segment_tokens
+        ends.append(start)
     if n > start:
         ends.append(n)
-    if len(ends) > max_segments:
+    if max_segments is not None and len(ends) > max_segments:
         ends = ends[: max_segments - 1] + [n]
     return ends
 
 
 def critic_state_prefixes(response_ids: list[int], ends: list[int]) -> list[list[int]]:
     """The response prefixes y_<k of the critic states s_k = x ∘ y_<k, one per segment (the first is empty)."""
-    starts = [0] + ends[:-1]
-    return [list(response_ids[:s]) for s in starts]
+    return [list(response_ids[:s]) for s in [0] + ends[:-1]]
 
 
 def segment_values_to_tokens(values: list[float], ends: list[int], length: int) -> torch.Tensor:
     """Broadcast segment values to tokens (Alg. 1 l. 19): v_k on every token of segment k. -> [length]."""
-    out = torch.zeros(length)
-    start = 0
+    out, start = torch.zeros(length), 0
     for v, end in zip(values, ends):
         out[start:end] = v
         start = end
@@ -212,27 +198,21 @@ def segment_values_to_tokens(values: list[float], ends: list[int], length: int) 
 
 def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level GAE with the outcome reward on the last real token.
-
-    values [N, R] (V_t = value of the state before response token t), rewards [N], mask [N, R]
-    -> (advantages [N, R], returns [N, R]), zero on padding.
+    """Token-level GAE with the outcome reward on the last real token: values [N, R] (V_t = value of the state before
+    response token t), rewards [N], mask [N, R] -> (advantages [N, R], returns [N, R]), zero on padding.
         delta_t = r_t + gamma * V_{t+1} - V_t,  r_t = 0 except the last token, V after the last token = 0
         A_t = sum_l (gamma * lam)^l delta_{t+l},  returns_t = A_t + V_t
-    With gamma = lam = 1: A_t = r - V_t.
-    """
+    With gamma = lam = 1: A_t = r - V_t."""
     N, R = values.shape
-    lengths = mask.sum(1).long()  # [N]
-    token_rewards = torch.zeros_like(values)
+    lengths, token_rewards = mask.sum(1).long(), torch.zeros_like(values)  # [N], [N, R]
     has_tokens = lengths > 0
     token_rewards[has_tokens, lengths[has_tokens] - 1] = rewards[has_tokens].to(values.dtype)
     values = values * mask
-    advantages = torch.zeros_like(values)
-    running = torch.zeros(N, dtype=values.dtype)
+    advantages, running = torch.zeros_like(values), torch.zeros(N, dtype=values.dtype)
     for t in reversed(range(R)):
         next_value = values[:, t + 1] if t + 1 < R else torch.zeros(N, dtype=values.dtype)
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        running = running * mask[:, t]  # padding contributes nothing and resets nothing after the end
+        running = (delta + gamma * lam * running) * mask[:, t]  # padding contributes nothing and resets nothing after the end
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
 
@@ -240,14 +220,11 @@ def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tens
 def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
                  returns_lam: float, sum_over_ranks=lambda t: t) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Token-level GAE from values [N, R], whitened over the whole batch (PPO, VC-PPO, GenAC).
-
         delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_l (gamma lambda)^l delta_{t+l},   returns_t = A_t + V_t
         (gamma = lambda = 1: A_t = r - V_t)
-
     The returns (the critic's targets) use `returns_lam`: VC-PPO regresses the Monte-Carlo return (lambda = 1)
     whatever the actor's lambda ("decoupled GAE", arXiv:2503.01491). `sum_over_ranks` all-reduces a float64
-    tensor of sums, so the whitening and the metrics are global. -> (advantages [N, R], returns [N, R], metrics).
-    """
+    tensor of sums, so the whitening and the metrics are global. -> (advantages [N, R], returns [N, R], metrics)."""
     values = values * mask
     advantages, returns = gae_advantages(values, rewards, mask, gamma, lam)
     if returns_lam != lam:
@@ -271,67 +248,104 @@ def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
 # 4. The algorithm: the critic (its own model, optimizer, engine and tau), its values, its update
 
 
+def flops_vs_ppo(actor_tokens: float, critic_tokens: float) -> float:
+    """Training FLOPs over PPO's, same-size critic (App. C): PPO = 10 P T + 8 P T (its critic's forward + update on the
+    actor's T tokens), GenAC = 10 P T + 8 P T_c -> (10 T + 8 T_c) / (18 T). We log T_c = the critic's prompt + generated
+    tokens (measured) and the paper's T_c = T + (T / L1) L2 = T + generated tokens (estimate). (100, 250) -> 1.667."""
+    return (10 * actor_tokens + 8 * critic_tokens) / (18 * max(actor_tokens, 1.0))
+
+
 class GenAC:
     """GenAC as train.py's algorithm interface; genac_stages.py uses it with the actor frozen."""
+    PROFILES = {"cpu": (32, 8, 128), "paper": (120, None, 1024)}  # segment_tokens, max_segments, critic_max_new_tokens
 
     @staticmethod
     def add_arguments(parser) -> None:
         a = parser.add_argument
-        a("--critic-model", "--critic", default=None, help="critic to start from: a `genac_stages.py sft/pretrain` folder "
-          "(default: the actor's base model)")
+        a("--critic-model", "--critic", default=None, help="critic to start from: a genac_stages.py folder (default: the actor)")
         a("--critic-lr", type=float, default=1e-6, help="[Table 5]")
         a("--gamma", type=float, default=1.0, help="GAE discount")
         a("--lam", type=float, default=1.0, help="GAE lambda")
-        a("--segment-tokens", type=int, default=32, help="segment length L1 (paper: ~120 for 1-4k-token responses; "
-          "the CPU default's responses are < 128 tokens)")
-        a("--max-segments", type=int, default=8)
-        a("--critic-max-new-tokens", type=int, default=128, help="critic reasoning budget (paper: 1024)")
-        a("--critic-max-prompt-tokens", type=int, default=768)
+        a("--segment-tokens", type=int, default=None, help="segment length L1 (default: 120 as App. C; offline default model: 32)")
+        a("--max-segments", type=int, default=None, help="segments per response at most; 0: no cap (default: none; offline default: 8)")
+        a("--critic-max-new-tokens", type=int, default=None, help="critic reasoning budget (default: 1024, Table 5; offline default: 128)")
+        a("--critic-max-prompt-tokens", type=int, default=None, help="default: the actor's --max-prompt-tokens + --max-new-tokens + "
+          "the ICC template; a smaller value cuts prompts from the left, counted in genac/critic_prompts_cut")
         a("--critic-temperature", type=float, default=1.0)
+        a("--critic-mini-batches", type=int, default=1, help="optimizer steps of the critic per iteration (1: one REINFORCE step)")
         a("--icc-momentum", type=float, default=0.999, help="c in tau <- c tau + (1 - c) r, per sample")
+        a("--icc-carry-over", action="store_true", help="take tau from the --critic folder (default: tau_0 = 0, Alg. 1 l. 1; "
+          "resuming a train.py checkpoint always restores it)")
         a("--no-icc", action="store_true", help="drop the ICC hints (actor size, success rate): the paper's Table 2 ablation")
         a("--critic-baseline", default="mean", choices=("mean", "none"), help="REINFORCE baseline of the critic update")
         a("--critic-guided", action="store_true", help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with "
           "the engine's guided decoding (vLLM); the update still uses the model's unconstrained log-probs")
 
     @staticmethod
-    def check_arguments(args) -> None: pass  # any G >= 1 works: the critic is the baseline
+    def check_arguments(args) -> None:
+        """Raises ValueError naming a bad flag, and FILLS the defaults that depend on --model: --segment-tokens,
+        --max-segments, --critic-max-new-tokens left None take the 'cpu' profile (32, 8, 128) when args.model is None
+        (the offline default model; call before it is resolved), else the 'paper' one (120, no cap, 1024; App. C,
+        Table 5); args.genac_profile names it. --max-segments 0 -> None (no cap). Any G >= 1 works."""
+        args.genac_profile = "cpu" if args.model is None else "paper"
+        for name, value in zip(("segment_tokens", "max_segments", "critic_max_new_tokens"), GenAC.PROFILES[args.genac_profile]):
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+        for name, low in (("segment_tokens", 1), ("max_segments", 0), ("critic_max_new_tokens", 1), ("critic_mini_batches", 1),
+                          ("critic_max_prompt_tokens", 1)):
+            if getattr(args, name) is not None and getattr(args, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
+        args.max_segments = args.max_segments or None
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint: Path | None = None):
-        """actor: only its parameter count is read (the ICC size hint); tokenizer: the actor's."""
-        from transformers import AutoTokenizer
+        """actor: only its parameter count is read (the ICC size hint); tokenizer: the actor's. Critic prompts hold
+        self.max_prompt_tokens (--critic-max-prompt-tokens, default: the actor's prompt + response limits + the ICC
+        template in critic tokens); ValueError if that + --critic-max-new-tokens exceeds the critic's context."""
+        from transformers import AutoConfig, AutoTokenizer
         self.args, self.device, self.world, self.actor_tokenizer = args, device, world, tokenizer
         path = str(checkpoint / "critic") if checkpoint else resolve_model_path(args.critic_model or args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        actor_parameters = sum(p.numel() for p in actor.parameters())
+        self.actor_size = None if args.no_icc or not actor_parameters else format_actor_size(actor_parameters)
+        template = len(self.chat_ids(icc_prompt("", "", self.actor_size, None if args.no_icc else 0.0)))
+        self.max_prompt_tokens = args.critic_max_prompt_tokens or args.max_prompt_tokens + args.max_new_tokens + template
+        self.max_model_len, self.prompts_cut = self.max_prompt_tokens + args.critic_max_new_tokens, 0
+        limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        if limit and self.max_model_len > limit:
+            raise ValueError(f"critic prompts of {self.max_prompt_tokens} tokens (--critic-max-prompt-tokens; default: --max-prompt-"
+                             f"tokens + --max-new-tokens + {template} ICC template tokens) + --critic-max-new-tokens "
+                             f"{args.critic_max_new_tokens} > the critic's {limit} positions (max_position_embeddings)")
         self.model = load_actor(path, device, world)
         self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
         self.engine = make_engine(args.engine or "vllm", path, dtype=args.engine_dtype, seed=args.seed + 1,
-                                  max_model_len=args.critic_max_prompt_tokens + args.critic_max_new_tokens,
-                                  gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
+                                  max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
+        icc_state = Path(path) / "genac_state.json"  # tau: restored on resume; from a stage's folder with --icc-carry-over
         self.success_rate = RunningSuccessRate(args.icc_momentum)
-        actor_parameters = sum(p.numel() for p in actor.parameters())
-        self.actor_size = None if args.no_icc or not actor_parameters else format_actor_size(actor_parameters)
-        icc_state = Path(path) / "genac_state.json"  # a critic from `genac.py sft/pretrain` keeps its tau
-        if icc_state.is_file():
+        carry = icc_state.is_file() and (checkpoint is not None or args.icc_carry_over)
+        if carry:
             self.success_rate.load_state_dict(json.loads(icc_state.read_text())["success_rate"])
-        self.warmup_steps, self.hidden_features = 0, None
-        self.answers = None  # this iteration's critic prompts, samples and rewards R_v: set by `segment_values`
+        self.warmup_steps, self.hidden_features, self.answers = 0, None, None  # answers: this iteration's, from `segment_values`
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"[genac] {args.genac_profile} profile: segment_tokens={args.segment_tokens} max_segments={args.max_segments} "
+                  f"critic_max_new_tokens={args.critic_max_new_tokens} critic_max_prompt_tokens={self.max_prompt_tokens} (ICC template "
+                  f"{template}); tau {'from ' + str(icc_state) if carry else 'starts at 0'}", file=sys.stderr, flush=True)
 
     def sample(self, problems, prompt_ids, generate, seed: int):
-        samples, rewards = generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed)
-        return samples, rewards, {}
+        return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})
+
+    def chat_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if not isinstance(ids, list) else ids)
 
     def prompt_ids(self, problem: str, partial_solution: str) -> list[int]:
-        """The chat-formatted ICC prompt of one state (no hints under --no-icc)."""
+        """The chat-formatted ICC prompt of one state (no hints under --no-icc); one longer than self.max_prompt_tokens
+        (only with a small --critic-max-prompt-tokens) keeps its last tokens and is counted in self.prompts_cut."""
         rate = None if self.args.no_icc else (self.success_rate.value if self.success_rate.value is not None else 0.0)
-        text = icc_prompt(problem, partial_solution, None if self.args.no_icc else self.actor_size, rate)
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
-        return ids[-self.args.critic_max_prompt_tokens:] if len(ids) > self.args.critic_max_prompt_tokens else ids
+        ids = self.chat_ids(icc_prompt(problem, partial_solution, None if self.args.no_icc else self.actor_size, rate))
+        self.prompts_cut += len(ids) > self.max_prompt_tokens
+        return ids[-self.max_prompt_tokens:]
 
-    def judge(self, problems: list[str], partials: list[str], seed: int, temperature: float | None = None,
-              guided: bool | None = None):
+    def judge(self, problems: list[str], partials: list[str], seed: int, temperature: float | None = None, guided: bool | None = None):
         """Step 3: ONE engine call for all states -> (critic prompt ids, samples, values in [0, 1] or None when
         unparsable). guided (default --critic-guided): answers constrained to `answer_regex` by the engine."""
         prompts = [self.prompt_ids(q, y) for q, y in zip(problems, partials)]
@@ -348,13 +362,11 @@ class GenAC:
     def segment_values(self, batch, problems, seed: int) -> tuple[torch.Tensor, dict]:
         """Steps 1-3 for this rank's rollouts -> token values [N, R] (v_k on every token of segment k), metrics.
         Keeps the critic's answers and rewards in self.answers for `after_update`."""
-        args, tokenizer = self.args, self.actor_tokenizer
-        rewards = batch.rewards.tolist()
+        args, tokenizer, rewards = self.args, self.actor_tokenizer, batch.rewards.tolist()
         for rs in all_gather_objects(rewards):  # every rank's tau sees every rollout, in rank order
             self.success_rate.update(rs)
-        N, R = batch.response_mask.shape
         owners, state_problems, partials, all_ends = [], [], [], []
-        for i in range(N):
+        for i in range(len(batch)):
             ids = batch.response_ids[i, : int(batch.response_lens[i])].tolist()
             ends = segment_boundaries(token_texts(tokenizer, ids), args.segment_tokens, args.max_segments) or [0]
             all_ends.append(ends)
@@ -362,44 +374,39 @@ class GenAC:
                 owners.append(i)
                 state_problems.append(problems[int(batch.group_index[i])].problem)
                 partials.append(tokenizer.decode(prefix, skip_special_tokens=True))
-        t = time.time()
+        t, cut = time.time(), self.prompts_cut
         prompts, samples, parsed = self.judge(state_problems, partials, seed)
-        t_judge = time.time() - t
+        t_judge, cut = time.time() - t, self.prompts_cut - cut
         values = [v if v is not None else self.fallback_value() for v in parsed]
         critic_rewards = [critic_reward(rewards[i], v) for i, v in zip(owners, parsed)]
         self.answers = {"prompts": prompts, "samples": samples, "critic_rewards": critic_rewards}
-        token_values = torch.zeros(N, R)
-        k = 0
+        token_values, k = torch.zeros_like(batch.response_mask), 0  # [N, R]
         for i, ends in enumerate(all_ends):
             length = int(batch.response_lens[i])
-            if length:
-                token_values[i, :length] = segment_values_to_tokens(values[k:k + len(ends)], ends, length)
+            token_values[i, :length] = segment_values_to_tokens(values[k:k + len(ends)], ends, length)
             k += len(ends)
-        totals = all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards),
-                                          float(batch.attention_mask.sum()), sum(len(p) for p in prompts),
-                                          sum(len(s.token_ids) for s in samples)], dtype=torch.float64))
-        states, failures, reward_sum, actor_tokens, critic_prompt_tokens, critic_generated_tokens = totals.tolist()
-        # cost (App. C): PPO = 10 P T + 8 P T (critic forward + train on the actor's T tokens);
-        # GenAC = 10 P T + 8 P T_c, T_c = the critic's prompt + generated tokens; same-size critic assumed
+        totals = all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards), int(batch.attention_mask.sum()),
+                                          sum(map(len, prompts)), sum(len(s.token_ids) for s in samples), cut], dtype=torch.float64))
+        states, failures, reward_sum, actor_tokens, critic_prompt_tokens, critic_generated_tokens, cut = totals.tolist()
         return token_values, {
             "genac/states": int(states), "genac/parse_failures": int(failures), "genac/parse_rate": 1.0 - failures / max(states, 1),
             "genac/critic_reward": reward_sum / max(states, 1), "genac/icc_success_rate": self.fallback_value(),
-            "time/critic_generate": t_judge, "cost/actor_tokens": actor_tokens, "cost/critic_prompt_tokens": int(critic_prompt_tokens),
-            "cost/critic_generated_tokens": int(critic_generated_tokens),
-            "cost/flops_vs_ppo": (10 * actor_tokens + 8 * (critic_prompt_tokens + critic_generated_tokens)) / (18 * max(actor_tokens, 1.0))}
+            "genac/critic_prompts_cut": int(cut), "time/critic_generate": t_judge, "cost/actor_tokens": actor_tokens,
+            "cost/critic_prompt_tokens": int(critic_prompt_tokens), "cost/critic_generated_tokens": int(critic_generated_tokens),
+            "cost/flops_vs_ppo": flops_vs_ppo(actor_tokens, critic_prompt_tokens + critic_generated_tokens),
+            "cost/flops_vs_ppo_paper_estimate": flops_vs_ppo(actor_tokens, actor_tokens + critic_generated_tokens)}
 
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
         """Step 4: segment values -> whitened token-level GAE. -> (token advantages [N, R], metrics)."""
         args = self.args
         token_values, metrics = self.segment_values(batch, problems, seed=batch.extras["step"] * 31 + 5)  # [N, R]
-        advantages, _, gae_metrics = whitened_gae(token_values, batch.rewards, batch.response_mask, args.gamma,
-                                                           args.lam, args.lam, all_reduce)
-        return advantages, {**metrics, **gae_metrics}
+        advantages, _, gae = whitened_gae(token_values, batch.rewards, batch.response_mask, args.gamma, args.lam, args.lam, all_reduce)
+        return advantages, {**metrics, **gae}
 
     def after_update(self, batch) -> dict:
         """Step 5 (Alg. 1 l. 23) on the answers judged this iteration: token loss -(R_v - b) log pi_phi(z_t | s, z_<t)
-        via actor.ppo_update (ratio 1 on the first mini-batch), then the new weights go into the critic's engine.
-        b = batch mean of R_v over all ranks (--critic-baseline)."""
+        via actor.ppo_update in --critic-mini-batches optimizer steps (default 1: ratio 1, plain REINFORCE), then the new
+        weights go into the critic's engine. b = batch mean of R_v over all ranks (--critic-baseline)."""
         t = time.time()
         rewards = torch.tensor(self.answers["critic_rewards"], dtype=torch.float32)  # [M]
         totals = all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards))], dtype=torch.float64))
@@ -407,19 +414,17 @@ class GenAC:
         critic_batch = build_rollout_batch(self.answers["prompts"], [[s] for s in self.answers["samples"]], rewards.tolist(), self.pad_id)
         critic_batch.extras["step"] = batch.extras.get("step", 0)
         critic_batch.advantages = critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None] * critic_batch.response_mask
-        update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1, "temperature": self.args.critic_temperature,
-                                         "share_prompts": False})  # one answer per critic prompt: nothing to share
-        self.model.eval()
-        compute_old_logprobs(self.model, critic_batch, update_args, self.device)
-        self.model.train()
-        stats = ppo_update(self.model, self.optimizer, critic_batch, update_args, self.device, self.world)
-        t_update = time.time() - t
-        t = time.time()
+        update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1, "mini_batches": self.args.critic_mini_batches,
+                                         "temperature": self.args.critic_temperature, "share_prompts": False})  # one answer per prompt
+        compute_old_logprobs(self.model.eval(), critic_batch, update_args, self.device)
+        stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world)
+        t_update, t = time.time() - t, time.time()
         self.engine.load_weights(full_state_dict(self.model).items())
         self.answers = None
         return {"genac/critic_loss": stats["policy_loss"], "genac/critic_grad_norm": stats["grad_norm"],
-                "genac/critic_reward_mean": batch_mean, "cost/critic_trained_tokens": int(critic_batch.attention_mask.sum()),
-                "time/critic_update": t_update, "time/critic_sync": time.time() - t}
+                "genac/critic_optimizer_steps": stats["optimizer_steps"], "genac/critic_reward_mean": batch_mean,
+                "cost/critic_trained_tokens": int(critic_batch.attention_mask.sum()), "time/critic_update": t_update,
+                "time/critic_sync": time.time() - t}
 
     def state_dict(self) -> dict:
         """The critic's optimizer (its weights and tau go into the checkpoint folder by `save`). All ranks call."""
@@ -434,13 +439,11 @@ class GenAC:
         weights = full_state_dict(self.model)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
-        final = Path(folder) / name
-        tmp = final.with_name(f".tmp-{name}")
+        final, tmp = Path(folder) / name, Path(folder) / f".tmp-{name}"
         self.model.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in weights.items()})
         self.tokenizer.save_pretrained(tmp)
         (tmp / "genac_state.json").write_text(json.dumps({"success_rate": self.success_rate.state_dict(), "actor_size": self.actor_size}))
-        if final.exists():
-            shutil.rmtree(final)
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
     def close(self) -> None:

@@ -8,6 +8,10 @@
     3. joint     python train.py --algo genac --critic OUT/critic
     explain      one response's segments, the critic's value of each state and the advantages, printed
 
+Held-out prompts: pretrain validates on the first --val-n (32); sft takes its -n after the first --skip (32), so no
+SFT state is a validation state. tau carries over from stage to stage (--icc-carry-over is on here; in train.py
+it starts at 0, Alg. 1 l. 1). Defaults follow --actor as in train.py (GenAC.check_arguments: cpu or paper profile).
+
     python genac_stages.py sft --teacher MODEL --out runs/genac-sft
     python genac_stages.py pretrain --critic runs/genac-sft/critic --out runs/genac-pretrain
     python genac_stages.py explain --critic runs/genac-pretrain/critic
@@ -38,35 +42,61 @@ def _stage_arguments(prog: str, doc: str, out_default: str) -> argparse.Argument
     a = p.add_argument
     a("--model", "--actor", dest="model", default=None, help="the actor whose values the critic learns (default: offline SmolLM2-135M)")
     a("--data", default="arithmetic", help="'arithmetic[:levels]' or a JSONL file")
+    a("--eval-data", default=None, help="held-out problems for the states (needed when --data is a file: it has no held-out split)")
     a("--problem-key", default="problem")
     a("--answer-key", default="answer")
     a("--out", default=out_default, help="where the critic folder and the stage's metrics go")
     a("--seed", type=int, default=0)
     a("--max-new-tokens", type=int, default=128, help="the actor's response budget")
+    a("--max-prompt-tokens", type=int, default=512, help="the actor's prompt allowance (sizes the critic's prompts)")
     a("--engine", default="vllm", choices=("vllm", "hf"))
     a("--engine-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     a("--gpu-memory-utilization", type=float, default=0.2)
     add_update_arguments(p)
     GenAC.add_arguments(p)
-    p.set_defaults(micro_batch_size=8, mini_batches=1)
+    p.set_defaults(micro_batch_size=8, icc_carry_over=True)  # tau carries over from sft to pretrain (train.py: fresh by default)
     return p
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, then GenAC.check_arguments (bad flags; the cpu/paper profile defaults, from --model as given)."""
+    args = p.parse_args(argv)
+    try:
+        GenAC.check_arguments(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def heldout_problems(args) -> list:
+    """--eval-data's problems, or --data's held-out split (the arithmetic task has one); exits naming the problem."""
+    try:
+        if args.eval_data:
+            return load_problems(args.eval_data, "benchmark", args.seed, args.problem_key, args.answer_key)
+        return load_problems(args.data, "heldout", args.seed, args.problem_key, args.answer_key)
+    except DataError as e:
+        sys.exit(f"error: {e}")
 
 
 def _frozen_actor_and_critic(args, split: str):
     """-> (problems of `split`, actor tokenizer, actor engine, GenAC critic, verifier). One process."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
-        problems = load_problems(args.data, split, args.seed, args.problem_key, args.answer_key)
+        problems = heldout_problems(args) if split == "heldout" else load_problems(args.data, split, args.seed, args.problem_key,
+                                                                                     args.answer_key)
         args.model = resolve_model_path(args.model)
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    engine = make_engine(args.engine, args.model, dtype=args.engine_dtype, seed=args.seed, max_model_len=1024,
+    engine = make_engine(args.engine, args.model, dtype=args.engine_dtype, seed=args.seed, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization)
     with torch.device("meta"):  # the actor's parameter count for the ICC hint, without loading its weights
         actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    critic = GenAC(args, actor, tokenizer, device, 1)
+    try:
+        critic = GenAC(args, actor, tokenizer, device, 1)
+    except ValueError as e:  # the critic's context cannot hold its prompts
+        sys.exit(f"error: {e}")
     verifier = MathVerifier() if not args.data.startswith("arithmetic") else None
     return problems, tokenizer, engine, critic, verifier
 
@@ -99,11 +129,12 @@ def critic_quality(critic: GenAC, states: list[dict], seed: int) -> dict:
     return report
 
 
-def sft_main(argv: list[str]) -> None:
-    """Stage 1: a teacher answers the ICC prompt for states of held-out prompts; parseable answers -> JSONL -> SFT."""
+def sft_parser() -> argparse.ArgumentParser:
     p = _stage_arguments("sft", sft_main.__doc__, "runs/genac-sft")
     p.add_argument("--teacher", default=None, help="any model the engine loads (default: the critic's start = the actor)")
     p.add_argument("-n", type=int, default=64, help="held-out prompts whose responses give the states")
+    p.add_argument("--skip", type=int, default=32, help="held-out prompts skipped first: pretrain's validation prompts "
+                   "(its --val-n, default 32), so SFT states are never validation states")
     p.add_argument("--teacher-samples", type=int, default=4, help="teacher answers per state")
     p.add_argument("--sft-data", default=None, help="JSONL of teacher answers: reused if it exists (default: OUT/sft.jsonl)")
     p.add_argument("--epochs", type=int, default=2)
@@ -111,20 +142,38 @@ def sft_main(argv: list[str]) -> None:
     p.add_argument("--val-frac", type=float, default=0.25, help="states held out to measure parse rate / critic reward")
     p.add_argument("--no-guided-teacher", action="store_true", help="let the teacher answer freely (default: constrained to "
                    "end in \\boxed{0..10}, since small teachers rarely follow the format)")
-    args = p.parse_args(argv)
+    return p
+
+
+def sft_prompts(heldout: list, args) -> list:
+    """The held-out prompts whose states SFT uses: -n of them after the first --skip."""
+    return heldout[args.skip: args.skip + args.n]
+
+
+def validation_prompts(heldout: list, args) -> list:
+    """The held-out prompts whose states pretrain validates on: the first --val-n."""
+    return heldout[: args.val_n]
+
+
+def sft_main(argv: list[str]) -> None:
+    """Stage 1: a teacher answers the ICC prompt for states of held-out prompts; parseable answers -> JSONL -> SFT."""
+    args = _parse(sft_parser(), argv)
     args.critic_lr = args.sft_lr
     problems, tokenizer, engine, critic, verifier = _frozen_actor_and_critic(args, "heldout")
     teacher = resolve_model_path(args.teacher or args.critic_model or args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sft_path = Path(args.sft_data or out / "sft.jsonl")
-    rewards, states = _rollout_states(engine, tokenizer, problems[: args.n], verifier, args, args.seed)
+    chosen = sft_prompts(problems, args)
+    if not chosen:
+        sys.exit(f"error: no held-out prompts after --skip {args.skip} ({len(problems)} held out)")
+    rewards, states = _rollout_states(engine, tokenizer, chosen, verifier, args, args.seed)
     critic.success_rate.update(rewards)  # tau: the actor's success rate on these prompts
     random.Random(args.seed).shuffle(states)
     n_val = max(1, int(len(states) * args.val_frac))
     val_states, train_states = states[:n_val], states[n_val:]
-    print(f"[sft] {len(states)} states from {args.n} prompts (actor success rate {critic.fallback_value():.2f}); "
-          f"{n_val} held out", file=sys.stderr)
+    print(f"[sft] {len(states)} states from held-out prompts [{args.skip}, {args.skip + len(chosen)}) (actor success rate "
+          f"{critic.fallback_value():.2f}); {n_val} held out", file=sys.stderr)
     if sft_path.is_file():
         rows = [json.loads(line) for line in sft_path.read_text().splitlines() if line.strip()]
         print(f"[sft] reusing {len(rows)} teacher answers from {sft_path}", file=sys.stderr)
@@ -132,7 +181,7 @@ def sft_main(argv: list[str]) -> None:
         own_engine = critic.engine
         if teacher != resolve_model_path(args.critic_model or args.model):  # the teacher answers through its own engine
             critic.engine = make_engine(args.engine, teacher, dtype=args.engine_dtype, seed=args.seed + 3,
-                                        max_model_len=args.critic_max_prompt_tokens + args.critic_max_new_tokens)
+                                        max_model_len=critic.max_model_len)
         rows, asked = [], 0
         for j in range(args.teacher_samples):
             prompts, samples, parsed = critic.judge([s["problem"] for s in train_states], [s["partial_response"] for s in train_states],
@@ -179,9 +228,7 @@ def supervised_finetune(critic: GenAC, rows: list[dict], args) -> dict:
     return {"sft_loss_first": losses[0], "sft_loss_last": losses[-1], "sft_steps": len(losses)}
 
 
-def pretrain_main(argv: list[str]) -> None:
-    """Stage 2: RL pretraining with the actor frozen; stops when the validation value MSE stops falling."""
-    from tqdm import tqdm
+def pretrain_parser() -> argparse.ArgumentParser:
     p = _stage_arguments("pretrain", pretrain_main.__doc__, "runs/genac-pretrain")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts-per-step", type=int, default=4)
@@ -190,9 +237,15 @@ def pretrain_main(argv: list[str]) -> None:
     p.add_argument("--patience", type=int, default=2, help="stop after this many evaluations without a lower MSE")
     p.add_argument("--val-n", type=int, default=32, help="held-out prompts whose states make the validation set")
     p.add_argument("--val-m", type=int, default=16, help="Monte-Carlo continuations per validation state")
-    args = p.parse_args(argv)
+    return p
+
+
+def pretrain_main(argv: list[str]) -> None:
+    """Stage 2: RL pretraining with the actor frozen; stops when the validation value MSE stops falling."""
+    from tqdm import tqdm
+    args = _parse(pretrain_parser(), argv)
     train_problems, tokenizer, engine, critic, verifier = _frozen_actor_and_critic(args, "train")
-    val_problems = load_problems(args.data, "heldout", args.seed, args.problem_key, args.answer_key)[: args.val_n]
+    val_problems = validation_prompts(heldout_problems(args), args)
     _, val = _rollout_states(engine, tokenizer, val_problems, verifier, args, args.seed)
     open_states = val  # segment starts: every one has budget left; its ground truth is the mean reward of M continuations
     outs = engine.generate([s["prompt_ids"] + s["prefix_ids"] for s in open_states], args.val_m,
@@ -248,7 +301,7 @@ def explain_main(argv: list[str]) -> None:
     """A worked example: one response's segments, the critic's value of each state, and the advantages."""
     p = _stage_arguments("explain", explain_main.__doc__, "")
     p.add_argument("--problem-index", type=int, default=0, help="which held-out problem")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     problems, tokenizer, engine, critic, verifier = _frozen_actor_and_critic(args, "heldout")
     problem = problems[args.problem_index]
     prompt_ids = [format_prompt(tokenizer, problem)]

@@ -11,8 +11,8 @@ Worked example (the offline default task):
 
     >>> problems = load_problems("arithmetic", split="train", seed=0)
     >>> problems[0].problem, problems[0].answer
-    ('What is 7 + 5?', '12')
-    >>> reward_for("7 + 5 = 12, so the answer is \\boxed{12}.", problems[0])
+    ('What is 8 * 4?', '32')
+    >>> reward_for("8 * 4 = 32, so the answer is \\boxed{32}.", problems[0])
     1.0
 """
 
@@ -168,10 +168,20 @@ def load_jsonl(path: str, problem_key: str = "problem", answer_key: str = "answe
 
 def load_problems(spec: str, split: str = "train", seed: int = 0, problem_key: str = "problem",
                   answer_key: str = "answer") -> list[Problem]:
-    """`arithmetic` / `arithmetic:1,2,3` (levels), a JSONL path, or a Hugging Face dataset name."""
+    """`arithmetic` / `arithmetic:1,2,3` (levels), a JSONL path, or a Hugging Face dataset name.
+
+    split: "train"; "heldout", disjoint from "train" (only the arithmetic task has one: a file or a HF
+    dataset raises DataError rather than hand back its training rows); "benchmark", the rows to evaluate on
+    (a whole file, a HF dataset's test split, the arithmetic held-out split).
+    """
+    if split not in ("train", "heldout", "benchmark"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'benchmark', got {split!r}")
     if spec == "arithmetic" or spec.startswith("arithmetic:"):
         levels = (1, 2) if spec == "arithmetic" else tuple(int(x) for x in spec.split(":", 1)[1].split(","))
-        return arithmetic_problems(levels, split, seed)
+        return arithmetic_problems(levels, "train" if split == "train" else "heldout", seed)
+    if split == "heldout":
+        raise DataError(f"{spec!r} has no held-out split (only the built-in arithmetic task has one); "
+                        "pass a separate file of held-out problems with --eval-data FILE")
     if spec.endswith(".jsonl") or os.path.exists(spec):
         return load_jsonl(spec, problem_key, answer_key)
     try:  # a hub dataset name: only works where a network (or a local HF cache) is there
@@ -179,7 +189,7 @@ def load_problems(spec: str, split: str = "train", seed: int = 0, problem_key: s
     except ImportError:
         raise DataError(f"{spec!r} is not a file, not 'arithmetic', and `datasets` is not installed") from None
     try:
-        rows = datasets.load_dataset(spec, split="test" if split == "heldout" else split)
+        rows = datasets.load_dataset(spec, split="test" if split == "benchmark" else split)
     except Exception as e:  # noqa: BLE001 - hub errors vary; name the input instead of a deep traceback
         raise DataError(f"could not load {spec!r} as a file or a Hugging Face dataset: {e}") from None
     return [Problem(*_checked_fields(r, f"{spec}[{i}]", problem_key, answer_key), "math", f"{spec}-{i}") for i, r in enumerate(rows)]
@@ -464,6 +474,11 @@ class VLLMEngine:
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        # Loading the fp32 master weights into a bf16 engine warns once per weight ("Attempted to load weight ... float32
+        # into parameter with dtype torch.bfloat16"): the cast is what --engine-dtype asked for. Drop exactly that line.
+        logging.getLogger("vllm.model_executor.models.utils").addFilter(
+            lambda record: not ("Attempted to load weight" in record.getMessage()
+                                and f"torch.float32 into parameter with dtype {self.dtype}" in record.getMessage()))
         self.llm = LLM(**kwargs)
         # Every weight reload warns "RotaryEmbedding: Failed to load weights": its cos/sin table is a buffer that no
         # checkpoint holds, and vLLM keeps its own. Drop that one line; other layers' failures still show.

@@ -14,7 +14,8 @@ clip-higher); `--algo` picks one entry of ALGORITHMS below, and the loop never a
 The algorithm interface (every class in ALGORITHMS has exactly these; advantage.GRPO is the shortest example):
 
     add_arguments(parser)            static: its own flags, and its defaults for shared ones (parser.set_defaults)
-    check_arguments(args)            static: raise ValueError naming a bad flag (at parse time, before anything loads)
+    check_arguments(args)            static, at parse time: raise ValueError naming a bad flag; may fill defaults
+                                     that depend on other flags (GenAC's cpu/paper profile follows --model)
     __init__(args, actor, tokenizer, device, world, checkpoint)
                                      its state: critic, prior or probe (checkpoint: the folder resumed from, or None)
     warmup_steps: int                iterations before RL that train only the algorithm's own model (VC-PPO: 6)
@@ -115,6 +116,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ALGORITHMS[algo].add_arguments(p.add_argument_group(f"--algo {algo}"))
     a("-h", "--help", action="help", help="show this help (with --algo X: that algorithm's flags too) and exit")
     args = p.parse_args(argv)
+    for flag, ok in (("--max-new-tokens must be >= 1", args.max_new_tokens >= 1), ("--temperature must be > 0", args.temperature > 0),
+                     ("--top-p must be in (0, 1]", 0 < args.top_p <= 1), ("--steps must be >= 0", args.steps >= 0),
+                     ("--prompts-per-step must be >= 1", args.prompts_per_step >= 1), ("--eval-k must be >= 1", args.eval_k >= 1),
+                     ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",
+                      min(args.micro_batch_size, args.mini_batches, args.ppo_epochs) >= 1)):
+        if not ok:
+            p.error(flag)
     try:
         ALGORITHMS[algo].check_arguments(args)
     except ValueError as e:
@@ -243,9 +251,19 @@ def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, stream: P
     return final
 
 
-def load_checkpoint(folder: Path, optimizer, model, stream: PromptStream, algo) -> tuple[int, int]:
+def read_trainer_state(folder: Path, out: Path) -> dict:
+    """trainer_state.pt of a checkpoint, or exit with an error naming it, what is wrong and the older checkpoints."""
+    try:
+        return torch.load(folder / "trainer_state.pt", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, zeroed, not a torch file: all unreadable
+        older = [p.name for p in sorted(out.glob("checkpoint-*")) if p != folder and (p / "trainer_state.pt").is_file()]
+        sys.exit(f"error: cannot resume: {folder / 'trainer_state.pt'} is damaged ({type(e).__name__}: {str(e)[:200]}). "
+                 + (f"Older checkpoints: {', '.join(older)}; move {folder.name} away to resume from {older[-1]}." if older
+                    else "No older checkpoint in this folder."))
+
+
+def load_checkpoint(state: dict, optimizer, model, stream: PromptStream, algo) -> tuple[int, int]:
     """Restores what save_checkpoint wrote (the weights were loaded from the folder) -> (step, generated tokens)."""
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
     load_full_optimizer_state_dict(model, optimizer, state["optimizer"])
     stream.load_state_dict(state["stream"])
     algo.load_state_dict(state["algorithm"])
@@ -268,12 +286,18 @@ def main(argv=None) -> None:
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     try:
         train_problems = load_problems(args.data, "train", args.seed, args.problem_key, args.answer_key)
-        eval_spec = args.eval_data or (args.data if args.data.startswith("arithmetic") else None)
-        eval_problems = load_problems(eval_spec, "heldout", args.seed, args.problem_key, args.answer_key)[: args.eval_n] if eval_spec else []
+        held_out = (args.eval_data, "benchmark") if args.eval_data else (args.data, "heldout") if args.data.startswith("arithmetic") else None
+        eval_problems = load_problems(*held_out, args.seed, args.problem_key, args.answer_key)[: args.eval_n] if held_out else []
         base_model = resolve_model_path(args.model)
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if master:  # say which rows are held out: never the training rows
+        print(f"[data] train: {len(train_problems)} problems of {args.data}; held-out: " + (
+            f"{len(eval_problems)} of {args.eval_data} (--eval-data)" if args.eval_data else f"{len(eval_problems)} of the "
+            "arithmetic task's held-out split (disjoint by a hash of the text)" if held_out else "none (a file has no "
+            "held-out split: pass --eval-data FILE)") + (", not evaluated (--no-eval)" if args.no_eval else ""), file=sys.stderr)
     resume_from = latest_checkpoint(out) if args.resume else None
+    resume_state = read_trainer_state(resume_from, out) if resume_from else None
     model_path = str(resume_from) if resume_from else base_model
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -289,7 +313,7 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. a missing --prior-embedder
         sys.exit(f"error: {e}")
     stream = PromptStream(train_problems, args.seed)
-    start_step, generated_total = load_checkpoint(resume_from, optimizer, model, stream, algo) if resume_from else (0, 0)
+    start_step, generated_total = load_checkpoint(resume_state, optimizer, model, stream, algo) if resume_from else (0, 0)
     if args.resume and master:
         print(f"[resume] from {resume_from} at step {start_step}" if resume_from else f"[resume] no checkpoint in {out}; "
               "starting from scratch", file=sys.stderr)
@@ -300,6 +324,10 @@ def main(argv=None) -> None:
     metrics_path = out / "metrics.jsonl"
     if master and not args.resume:
         metrics_path.unlink(missing_ok=True)
+    if master and resume_from and metrics_path.exists():  # a run killed after logging past its checkpoint: drop those lines
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        metrics_path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(metrics_path.with_suffix(".tmp"), metrics_path)
     log = functools.partial(append_jsonl, metrics_path) if master else lambda record: None
     run_eval = functools.partial(evaluate_heldout, engine, tokenizer, eval_problems, verifier, args, rank, world, log)
     if start_step == 0:

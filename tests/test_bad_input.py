@@ -50,3 +50,32 @@ def test_group_size_one_rejected():
 def test_missing_prior_embedder(tiny_model):
     p = run("--algo", "v05", "--model", tiny_model, "--engine", "hf", "--prior-embedder", "/no/such/embedder", "--no-eval")
     assert p.returncode == 1 and "/no/such/embedder" in p.stderr and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_numbers_fail_when_parsed_not_after_loading():
+    for flags, message in ((("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"), (("--temperature", "-1"), "--temperature must be > 0"),
+                           (("--algo", "v05", "--v05-n0", "20", "--v05-kmax", "16"), "--v05-n0")):
+        p = run(*flags)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (flags, p.stderr[-500:])
+
+
+def test_damaged_checkpoint_is_named_with_the_older_one_that_works(tmp_path):
+    for step, content in ((1, b"an older checkpoint's state"), (2, b"\x00" * 64)):
+        (tmp_path / f"checkpoint-00000{step}").mkdir()
+        (tmp_path / f"checkpoint-00000{step}" / "trainer_state.pt").write_bytes(content)
+    p = run("--out", str(tmp_path), "--resume")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "checkpoint-000002/trainer_state.pt is damaged" in p.stderr and "resume from checkpoint-000001" in p.stderr
+
+
+def test_a_file_has_no_heldout_split_and_train_says_what_is_held_out(tmp_path):
+    import pytest
+
+    from rollout import DataError, load_problems
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(f'{{"problem": "What is {a} + 1?", "answer": "{a + 1}"}}\n' for a in range(5)))
+    with pytest.raises(DataError, match="no held-out split"):
+        load_problems(str(f), "heldout")  # before: the training rows came back
+    assert len(load_problems(str(f), "benchmark")) == 5 == len(load_problems(str(f), "train"))
+    train, held = load_problems("arithmetic", "train"), load_problems("arithmetic", "heldout")
+    assert not {p.problem for p in train} & {p.problem for p in held}

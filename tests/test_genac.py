@@ -1,13 +1,14 @@
 """GenAC's pure logic: segmentation, critic states, ICC prompt, parsing, critic reward, tau, GAE on segment
-values, and the sign of the critic's REINFORCE loss."""
+values, the sign of the critic's REINFORCE loss, the cost ratio; its defaults (profiles), critic prompt sizing,
+tau's start, the critic's one step per iteration (a tiny model with a fake engine), and the stages' prompt sets."""
 from pathlib import Path
 
 import pytest
 import torch
 
 import advantage as A
-from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, format_actor_size, gae_advantages,
-                   icc_prompt, parse_critic_value, segment_boundaries, segment_values_to_tokens, token_texts)
+from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, flops_vs_ppo, format_actor_size,
+                   gae_advantages, icc_prompt, parse_critic_value, segment_boundaries, segment_values_to_tokens, token_texts)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,7 @@ def test_segmentation_hard_cut_cap_and_edge_cases():
     capped = segment_boundaries(texts, segment_tokens=3, max_segments=3)
     assert capped == [3, 6, 20]  # the tail merged into the last allowed segment
     assert segment_boundaries(texts[:5], segment_tokens=6) == [5]  # short response: one segment
+    assert segment_boundaries(texts, segment_tokens=2, max_segments=None) == list(range(2, 21, 2))  # None: no cap
     assert segment_boundaries([], segment_tokens=6) == []
     with pytest.raises(ValueError, match="segment-tokens"):
         segment_boundaries(texts, segment_tokens=0)
@@ -155,12 +157,16 @@ def test_joint_training_step_logs_cost_and_checkpoints_critic(tiny_model, tmp_pa
     import sys
     pytest.importorskip("vllm")
     out = tmp_path / "genac"
-    _run([sys.executable, "train.py", "--algo", "genac", "--model", tiny_model, "--steps", "1", "--no-eval", "--prompts-per-step",
-          "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "12", "--segment-tokens", "4", "--critic-max-new-tokens", "8",
-          "--out", str(out)])
+    proc = _run([sys.executable, "train.py", "--algo", "genac", "--model", tiny_model, "--steps", "1", "--no-eval", "--prompts-per-step",
+                 "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "12", "--segment-tokens", "4", "--critic-max-new-tokens", "8",
+                 "--out", str(out)])
+    assert "[genac] paper profile: segment_tokens=4 max_segments=None critic_max_new_tokens=8" in proc.stderr
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["genac/states"] >= 4 and row["genac/parse_failures"] == row["genac/states"]  # counted, not crashed on
     assert row["cost/critic_prompt_tokens"] > 0 and row["cost/critic_generated_tokens"] > 0 and row["cost/flops_vs_ppo"] > 1
+    T = row["cost/actor_tokens"]
+    assert row["cost/flops_vs_ppo_paper_estimate"] == pytest.approx(flops_vs_ppo(T, T + row["cost/critic_generated_tokens"]))
+    assert row["genac/critic_prompts_cut"] == 0 and row["genac/critic_optimizer_steps"] == 1
     for key in ("time/critic_generate", "time/critic_update", "time/critic_sync", "genac/icc_success_rate"):
         assert key in row
     state = json.loads((out / "checkpoint-000001" / "critic" / "genac_state.json").read_text())
@@ -245,3 +251,184 @@ def test_guided_decoding_makes_the_real_model_answer_in_format(default_model):
     for s in finished:
         assert re.fullmatch(regex, s.text), s.text
         assert parse_critic_value(s.text) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, critic prompt sizing, tau's start, the critic's step, cost, the stages' prompt sets
+
+
+def test_defaults_are_the_papers_for_a_given_model_and_cpu_sized_for_the_offline_default():
+    """--segment-tokens / --max-segments / --critic-max-new-tokens: (32, 8, 128) for the offline default model,
+    (120, no cap, 1024) as the paper (App. C, Table 5) for any --model; explicit flags win over both."""
+    import genac_stages as S
+    import train
+    cpu = train.parse_args(["--algo", "genac"])
+    assert (cpu.segment_tokens, cpu.max_segments, cpu.critic_max_new_tokens, cpu.genac_profile) == (32, 8, 128, "cpu")
+    paper = train.parse_args(["--algo", "genac", "--model", "/some/path"])
+    assert (paper.segment_tokens, paper.max_segments, paper.critic_max_new_tokens, paper.genac_profile) == (120, None, 1024, "paper")
+    assert len(segment_boundaries([" w"] * 2400, paper.segment_tokens, paper.max_segments)) == 20  # no cap
+    explicit = ["--segment-tokens", "7", "--max-segments", "3", "--critic-max-new-tokens", "9"]
+    for model in ([], ["--model", "/some/path"]):
+        a = train.parse_args(["--algo", "genac", *model, *explicit])
+        assert (a.segment_tokens, a.max_segments, a.critic_max_new_tokens) == (7, 3, 9)
+    assert train.parse_args(["--algo", "genac", "--max-segments", "0"]).max_segments is None  # 0: no cap
+    with pytest.raises(SystemExit):
+        train.parse_args(["--algo", "genac", "--segment-tokens", "0"])
+    for parser in (S.sft_parser, S.pretrain_parser):  # the stages pick the same way
+        assert S._parse(parser(), []).genac_profile == "cpu"
+        assert S._parse(parser(), ["--actor", "/some/path"]).critic_max_new_tokens == 1024
+
+
+def test_eval_generative_values_picks_the_profile_from_the_policy_as_given(tiny_model, monkeypatch):
+    from types import SimpleNamespace
+
+    import eval as E
+    import genac
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class Spy(genac.GenAC):
+        def __init__(self, args, *rest):
+            seen.append(args)
+            raise Stop
+
+    monkeypatch.setattr(genac, "GenAC", Spy)
+    for policy, profile in ((None, "cpu"), (tiny_model, "paper")):
+        args = SimpleNamespace(policy=policy, policy_path=tiny_model, engine_dtype="float32", seed=0, max_new_tokens=12)
+        with pytest.raises(Stop):
+            E.generative_values("critic", [], [], [], args)
+        assert seen[-1].genac_profile == profile and seen[-1].model == tiny_model and seen[-1].icc_carry_over
+        assert seen[-1].critic_max_new_tokens == (128 if profile == "cpu" else 1024)
+
+
+class _FakeEngine:
+    """Stands in for the critic's vLLM engine: every answer is 'fine \\boxed{5}' (3 tokens)."""
+    supports_regex = False
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def generate(self, prompts, n, max_tokens, temperature, top_p, seed, regex=None):
+        from rollout import Sample
+        return [[Sample([5, 6, 7], [0.0] * 3, "fine \\boxed{5}", "stop")] for _ in prompts]
+
+    def load_weights(self, weights):
+        pass
+
+    def close(self):
+        pass
+
+
+def _genac(tiny_model, monkeypatch, *flags, checkpoint=None):
+    """A real GenAC (tiny critic model, real optimizer and update) built by train.py's parser, with a fake engine."""
+    import genac
+    import train
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(genac, "make_engine", lambda kind, path, **kwargs: _FakeEngine(**kwargs))
+    args = train.parse_args(["--algo", "genac", "--model", tiny_model, *flags])
+    actor = torch.nn.Linear(1000, 1000)  # 1M parameters: the ICC size hint
+    return genac.GenAC(args, actor, AutoTokenizer.from_pretrained(tiny_model), torch.device("cpu"), 1, checkpoint)
+
+
+def _actor_batch(tokenizer):
+    """2 rollouts of one prompt, ~40 response tokens each, rewards 1 and 0 -> (batch, problems)."""
+    from rollout import Problem, Sample, build_rollout_batch
+    problem = Problem("What is 19 * 2?", "38", "int", "p0")
+    text = "First, 19 + 19 = 38.\n\nThen 38 is twice 19. So we get 38.\nThe answer is \\boxed{38}. Done, and checked twice."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    samples = [[Sample(ids, [0.0] * len(ids), text, "stop"), Sample(ids[:20], [0.0] * 20, tokenizer.decode(ids[:20]), "length")]]
+    batch = build_rollout_batch([tokenizer.encode(problem.problem)], samples, [1.0, 0.0], tokenizer.eos_token_id)
+    batch.extras["step"] = 0
+    return batch, [problem]
+
+
+def test_critic_prompts_fit_by_default_and_a_smaller_limit_is_counted(tiny_model, monkeypatch, capsys):
+    """Default --critic-max-prompt-tokens: the actor's prompt + response limits + the ICC template, so nothing is cut;
+    an explicit smaller value cuts from the left, counted in genac/critic_prompts_cut; too long for the critic: refused."""
+    critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8")
+    assert "[genac] paper profile: segment_tokens=8 max_segments=None critic_max_new_tokens=1024" in capsys.readouterr().err
+    template = len(critic.chat_ids(icc_prompt("", "", "1M", 0.0)))
+    assert critic.max_prompt_tokens == 512 + 40 + template
+    assert critic.engine.kwargs["max_model_len"] == critic.max_prompt_tokens + 1024  # the paper profile's critic budget
+    batch, problems = _actor_batch(critic.actor_tokenizer)
+    _, m = critic.segment_values(batch, problems, seed=0)
+    assert m["genac/states"] >= 4 and m["genac/critic_prompts_cut"] == 0
+    small = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", "--critic-max-prompt-tokens", "40")
+    _, m = small.segment_values(batch, problems, seed=0)
+    assert m["genac/critic_prompts_cut"] == m["genac/states"] and all(len(p) == 40 for p in small.answers["prompts"])
+    with pytest.raises(ValueError, match="max_position_embeddings"):  # 512 + 1000 + template + 1024 > 2048 positions
+        _genac(tiny_model, monkeypatch, "--max-new-tokens", "1000")
+
+
+def test_cost_ratio_measured_and_the_papers_estimate(tiny_model, monkeypatch):
+    """App. C: (10 T + 8 T_c) / (18 T); measured T_c = critic prompt + generated tokens, the paper's T_c = T + (T / L1) L2."""
+    assert flops_vs_ppo(100, 250) == pytest.approx(3000 / 1800)
+    assert flops_vs_ppo(100, 100) == 1.0  # a critic reading just the actor's tokens costs what PPO's does
+    T, L1, L2 = 1200, 120, 1024  # 10 segments of 1024 critic tokens
+    assert flops_vs_ppo(T, T + T / L1 * L2) == pytest.approx((12000 + 8 * 11440) / 21600)
+    critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8")
+    _, m = critic.segment_values(*_actor_batch(critic.actor_tokenizer), seed=0)
+    T, G = m["cost/actor_tokens"], m["cost/critic_generated_tokens"]
+    assert G == 3 * m["genac/states"]
+    assert m["cost/flops_vs_ppo"] == pytest.approx((10 * T + 8 * (m["cost/critic_prompt_tokens"] + G)) / (18 * T))
+    assert m["cost/flops_vs_ppo_paper_estimate"] == pytest.approx((10 * T + 8 * (T + G)) / (18 * T))
+
+
+def test_tau_starts_at_zero_unless_carried_over_and_a_checkpoint_restores_it(tiny_model, monkeypatch, tmp_path):
+    """Alg. 1 l. 1: tau_0 = 0 for `train.py --algo genac --critic DIR`; --icc-carry-over takes DIR's tau; a train.py
+    checkpoint restores tau exactly; the stages carry it over by default."""
+    import json
+    import shutil
+
+    import genac_stages as S
+    import train
+    stage = tmp_path / "stage"
+    shutil.copytree(tiny_model, stage / "critic")
+    saved = {"momentum": 0.999, "tau": 0.123, "count": 200}
+    (stage / "critic" / "genac_state.json").write_text(json.dumps({"success_rate": saved, "actor_size": "1M"}))
+    fresh = _genac(tiny_model, monkeypatch, "--critic", str(stage / "critic"))
+    assert (fresh.success_rate.tau, fresh.success_rate.count) == (0.0, 0)
+    carried = _genac(tiny_model, monkeypatch, "--critic", str(stage / "critic"), "--icc-carry-over")
+    assert carried.success_rate.state_dict() == saved
+    fresh.success_rate.update([1.0, 0.0, 1.0])
+    fresh.save(tmp_path / "checkpoint-000001")  # as train.save_checkpoint does
+    resumed = _genac(tiny_model, monkeypatch, "--critic", str(stage / "critic"), checkpoint=tmp_path / "checkpoint-000001")
+    assert resumed.success_rate.state_dict() == fresh.success_rate.state_dict()
+    assert not train.parse_args(["--algo", "genac"]).icc_carry_over
+    assert S._parse(S.pretrain_parser(), []).icc_carry_over and S._parse(S.sft_parser(), []).icc_carry_over
+
+
+def test_critic_takes_one_reinforce_step_per_iteration_unless_asked(tiny_model, monkeypatch):
+    """The actor's --mini-batches 2 does not reach the critic: one optimizer step (ratio 1, REINFORCE) per iteration,
+    as in the pretraining stage; --critic-mini-batches 2 asks for two."""
+    import genac
+    real, calls = genac.ppo_update, []
+
+    def spy(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append((args[3].mini_batches, args[3].ppo_epochs, stats["optimizer_steps"]))
+        return stats
+
+    monkeypatch.setattr(genac, "ppo_update", spy)
+    for flags, steps in (([], 1), (["--critic-mini-batches", "2"], 2)):
+        critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", *flags)
+        assert critic.args.mini_batches == 2  # the actor's
+        batch, problems = _actor_batch(critic.actor_tokenizer)
+        critic.segment_values(batch, problems, seed=0)
+        m = critic.after_update(batch)
+        assert calls[-1] == (steps, 1, steps) and m["genac/critic_optimizer_steps"] == steps
+
+
+def test_sft_states_are_held_out_and_disjoint_from_pretraining_validation():
+    """With the default flags SFT takes held-out prompts [32, 96), pretrain validates on [0, 32); neither is a training prompt."""
+    import genac_stages as S
+    from rollout import load_problems
+    heldout = load_problems("arithmetic", "heldout", 0)
+    sft_args, pre_args = S._parse(S.sft_parser(), []), S._parse(S.pretrain_parser(), [])
+    sft = {p.id for p in S.sft_prompts(heldout, sft_args)}
+    val = {p.id for p in S.validation_prompts(heldout, pre_args)}
+    assert len(sft) == sft_args.n == 64 and len(val) == pre_args.val_n == 32 and not sft & val
+    assert sft_args.skip == pre_args.val_n
+    assert not (sft | val) & {p.id for p in load_problems("arithmetic", "train", 0)}

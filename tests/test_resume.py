@@ -32,6 +32,8 @@ def test_resume_continues_exactly(tiny_model, tmp_path, engine):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(straight, tiny_model, str(data), 4, engine)
     run_train(resumed, tiny_model, str(data), 2, engine)
+    with open(resumed / "metrics.jsonl", "a") as f:  # as if killed after logging step 3, before its checkpoint
+        f.write(json.dumps({"step": 3, "reward": 99.0}) + "\n")
     proc = run_train(resumed, tiny_model, str(data), 4, engine, ["--resume"])
     assert "[resume] from" in proc.stderr and "step 2" in proc.stderr
     a = load_file(straight / "checkpoint-000004" / "model.safetensors")
@@ -42,7 +44,7 @@ def test_resume_continues_exactly(tiny_model, tmp_path, engine):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     rows_a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]  # the orphaned step-3 line is gone, not counted twice
     for ra, rb in zip(rows_a, rows_b):
         for key in COMPARED:
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
