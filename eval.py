@@ -1,7 +1,7 @@
 """Evaluation: avg@k and unbiased pass@k on benchmarks, and plots of a run's metrics.
 
     python eval.py --model runs/default/checkpoint-000024 --data arithmetic -k 4
-    python eval.py --data ../shared/data/math500.jsonl --data ../shared/data/amc23.jsonl -k 16
+    python eval.py --data data/math500.jsonl --data data/amc23.jsonl -k 16
     python eval.py plot runs/default                  # PNGs from runs/default/metrics.jsonl
     python eval.py summary runs/default               # the README's benchmark table from metrics.jsonl
     python eval.py speed                              # engine tokens/s by batch shape; trainer update tokens/s
