@@ -31,8 +31,9 @@ import torch
 
 from actor import add_update_arguments, full_state_dict, optimizer_steps, policy_forward
 from genac import GenAC, critic_reward, critic_state_prefixes, segment_boundaries, token_texts
-from rollout import (DataError, MathVerifier, Sample, build_rollout_batch, format_prompt, load_problems, make_engine,
-                     resolve_model_path, score_responses)
+from reward import MathVerifier, score_responses
+from rollout import (DataError, Sample, build_rollout_batch, format_prompt, load_problems, make_engine,
+                     resolve_model_path)
 
 
 

@@ -71,8 +71,9 @@ from critic import PPO, VCPPO
 from genac import GenAC
 from prior import V05
 from probe import POISE
-from rollout import (DataError, MathVerifier, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
-                     load_problems, make_engine, resolve_model_path, score_responses)
+from reward import MathVerifier, score_responses
+from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
+                     load_problems, make_engine, resolve_model_path)
 
 
 ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO, "vcppo": VCPPO, "genac": GenAC, "v05": V05, "poise": POISE}

@@ -1,19 +1,22 @@
 """Grading accuracy: the math reward against hand-labelled (response, gold, correct) pairs.
 
-`grading_pairs.jsonl` holds 210 pairs in 14 categories (integers, fractions vs decimals, units,
+`grading_pairs.py` holds 210 pairs in 14 categories (integers, fractions vs decimals, units,
 percents, dollars, intervals, scientific notation, several boxes, sets/tuples, ...), each labelled by
 what a careful human grader would say. Measured with math-verify 0.9.0: 204/210 = 0.971; the six
 misses are all false negatives (listed in the README's Grading section). The threshold sits a bit below.
 """
 import collections
-import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from rollout import MathVerifier, Problem, score_responses
+from reward import MathVerifier, score_responses
+from rollout import Problem
 
-PAIRS = Path(__file__).with_name("grading_pairs.jsonl")
+sys.path.insert(0, str(Path(__file__).parent))
+from grading_pairs import PAIRS  # noqa: E402
+
 MIN_ACCURACY = 0.95  # measured 0.971 (204/210)
 CATEGORIES = {"integer", "fraction_decimal", "latex_fraction", "units", "percent", "dollar", "interval", "scientific",
               "several_boxes", "negative", "set_tuple", "expression", "non_equivalent", "no_box"}
@@ -21,7 +24,7 @@ CATEGORIES = {"integer", "fraction_decimal", "latex_fraction", "units", "percent
 
 @pytest.fixture(scope="module")
 def pairs() -> list[dict]:
-    rows = [json.loads(line) for line in PAIRS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [dict(zip(("category", "gold", "response", "correct"), pair)) for pair in PAIRS]
     for row in rows:
         assert set(row) == {"category", "gold", "response", "correct"} and isinstance(row["correct"], bool), row
     return rows

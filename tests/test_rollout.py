@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from rollout import (DataError, MathVerifier, Problem, Sample, _math_verify_worker, arithmetic_problems, build_rollout_batch,
-                     extract_integer_answer, last_boxed, load_jsonl, load_problems, reward_for, score_responses)
+from reward import MathVerifier, _math_verify_worker, extract_integer_answer, last_boxed, reward_for, score_responses
+from rollout import DataError, Problem, Sample, arithmetic_problems, build_rollout_batch, load_jsonl, load_problems
 
 
 def test_arithmetic_splits_disjoint_seeded_and_large_enough():

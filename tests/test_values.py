@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import ranking_top1, value_quality, value_targets
+from values import ranking_top1, value_quality, value_targets
 from rollout import Problem, Sample, format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
