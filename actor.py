@@ -298,7 +298,7 @@ def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_featur
         mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
         with autocast_context(args, device):
             logp, entropy, hidden = policy_forward(model, to_device(mb, device), layer, with_entropy=True,
-                                                   share_prompts=share, temperature=getattr(args, "temperature", 1.0))
+                                                   share_prompts=share, temperature=args.temperature)
         if not real:
             continue
         width = logp.shape[1]
@@ -396,13 +396,13 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
     g = torch.Generator().manual_seed(args.seed + 7919 * int(batch.extras.get("step", 0)))
     steps = [mini for _ in range(args.ppo_epochs) for mini in mini_batch_indices(batch, args.mini_batches, g)]
 
-    temperature = getattr(args, "temperature", 1.0)  # of the sampling engine: log-probs of logits / T
+    temperature = args.temperature  # of the sampling engine: log-probs of logits / T
 
     def micro_loss(model, mb):
         logp, _, _ = policy_forward(model, mb, share_prompts=args.share_prompts, temperature=temperature)  # [b, R]
         mask = mb.response_mask
         token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high,
-                                                        getattr(args, "clip_ratio_c", 3.0))
+                                                        args.clip_ratio_c)
         sums = {}
         if args.kl_coef > 0:
             with torch.no_grad():

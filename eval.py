@@ -181,7 +181,7 @@ def speed_main(argv: list[str]) -> None:
     for share in (None, True, False, True, False):  # None: a warm-up update, not reported
         run_args = update_defaults.parse_args(["--micro-batch-size", str(args.micro_batch_size)]
                                               + ([] if share is not False else ["--no-share-prompts"]))
-        run_args.seed = 0
+        run_args.seed, run_args.temperature = 0, 1.0
         model.eval()
         actor.compute_old_logprobs(model, first, run_args, device)
         first.advantages = (first.rewards - first.rewards.mean())[:, None] * first.response_mask

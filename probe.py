@@ -413,7 +413,7 @@ class POISE:
         if not 0 <= layer < layers:
             raise ValueError(f"--probe-layer {layer} out of range for a {layers}-layer model")
         self.baseline = PoiseBaseline(prompt_dim=actor.config.hidden_size, bootstrap_steps=args.probe_bootstrap_steps,
-                                      standardize_hidden=getattr(args, "probe_standardize_hidden", False))
+                                      standardize_hidden=args.probe_standardize_hidden)
         self.marker = tokenizer.encode("</think>", add_special_tokens=False)  # token sequence, as the authors' trainer
         self.warmup_steps = 0
         self.hidden_features = (layer, self.pool_features)  # the old-log-prob pass keeps decoder `layer`'s output

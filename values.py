@@ -313,7 +313,7 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
         raise ValueError(f"{ckpt} was not trained with --algo poise (no probe in its trainer_state.pt)")
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=samples), model, tokenizer, None, 1)
+    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=samples, probe_standardize_hidden=False), model, tokenizer, None, 1)
     poise.load_state_dict(state)
     problems = load_problems(data, "benchmark", seed)[:num_prompts]
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
@@ -323,7 +323,7 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
     flat = [(p, s) for p, group in enumerate(rollouts) for s in group]
     rewards, _ = score_responses([s.text for _, s in flat], [problems[p] for p, _ in flat], None)
     batch = build_rollout_batch(prompt_ids, rollouts, rewards, tokenizer.pad_token_id)
-    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
+    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
     actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), poise.hidden_features)
     values = poise.baseline.predict_values(batch.features)  # [N]
     count = torch.zeros(len(problems)).index_add_(0, batch.group_index, torch.ones(len(batch)))
@@ -353,8 +353,8 @@ def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int 
     samples = [[Sample(torch.randint(10, 40000, (response_tokens,), generator=g).tolist(), [0.0] * response_tokens, "", "stop")
                 for _ in range(2)] for _ in prompts]
     batch = build_rollout_batch(prompts, samples, [0.0] * rollouts, pad_id=2)
-    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False)
-    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=16, rollouts_per_prompt=2), model, tokenizer, None, 1)
+    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
+    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=16, rollouts_per_prompt=2, probe_standardize_hidden=False), model, tokenizer, None, 1)
     plain, with_features = [], []
     actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), None)  # warm-up
     for _ in range(repeats):

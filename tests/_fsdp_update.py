@@ -35,7 +35,8 @@ def main():
     batch = fixed_batch()
     rows = torch.arange(len(batch)).chunk(world)[rank]  # rank r takes its contiguous share of prompts
     args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=2, loss_agg="token-mean", clip_low=0.2,
-                           clip_high=0.28, kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True)
+                           clip_high=0.28, kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True,
+                           temperature=1.0, clip_ratio_c=3.0)
     opt = actor.adamw(model.parameters(), lr=1e-3, weight_decay=0.01)
     # Two optimizer steps. Step s uses half s of every rank's rows; one process sees the union.
     shares = torch.arange(len(batch)).chunk(2)  # rows of rank 0 and rank 1 in a 2-rank run

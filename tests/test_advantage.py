@@ -113,7 +113,8 @@ def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
         for mbs in (1, 3, 8):
             model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
             args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=mbs, loss_agg=mode, clip_low=0.2, clip_high=0.2,
-                                   kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share)
+                                   kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share,
+                                   temperature=1.0, clip_ratio_c=3.0)
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
             actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1)
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
