@@ -9,11 +9,19 @@ import torch
 WORKER = Path(__file__).with_name("_fsdp_update.py")
 
 
+
+def _free_port() -> int:
+    """A port nobody listens on now (a fixed one fails when a killed earlier run still holds it)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 def test_fsdp2_two_ranks_match_one_process(tiny_model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, sharded = tmp_path / "single.pt", tmp_path / "fsdp.pt"
     subprocess.run([sys.executable, str(WORKER), tiny_model, str(single)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                     str(WORKER), tiny_model, str(sharded)], check=True, env=env, timeout=300)
     a, b = torch.load(single), torch.load(sharded)
     from transformers import AutoModelForCausalLM
@@ -33,7 +41,7 @@ def test_torchrun_two_ranks_with_per_rank_vllm_engines(tiny_model, tmp_path):
     pytest.importorskip("vllm")
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                            str(root / "train.py"), "--model", tiny_model, "--steps", "2", "--prompts-per-step", "4",
                            "--rollouts-per-prompt", "2", "--max-new-tokens", "8", "--no-eval", "--dtype", "fp32",
                            "--engine-dtype", "float32", "--out", str(out)],
