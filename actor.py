@@ -160,8 +160,9 @@ def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, wit
     log_normaliser = logits.logsumexp(-1)  # [b, R]
     logprobs = logits.gather(-1, mb.response_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # [b, R]
     entropy = None
-    if with_entropy:  # H = logsumexp(z) - sum_v softmax(z)_v z_v
-        entropy = log_normaliser - (logits.softmax(-1) * logits).sum(-1)  # [b, R]
+    if with_entropy:  # H = logsumexp(z) - sum_v softmax(z)_v z_v; a diagnostic and a POISE feature: no gradient
+        with torch.no_grad():
+            entropy = log_normaliser - (logits.softmax(-1) * logits).sum(-1)  # [b, R]
     hidden = captured.get("hidden")  # [b, T, H] residual stream after decoder layer `hidden_layer`
     return logprobs, entropy, hidden
 
@@ -228,7 +229,8 @@ def _packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool, temperat
     logprobs = logits[rows, where, mb.response_ids] - log_normaliser[rows, where]  # [n, R]
     entropy = None
     if with_entropy:
-        entropy = (log_normaliser - (logits.softmax(-1) * logits).sum(-1))[rows, where]  # [n, R]
+        with torch.no_grad():
+            entropy = (log_normaliser - (logits.softmax(-1) * logits).sum(-1))[rows, where]  # [n, R]
     return logprobs, entropy, None
 
 
@@ -267,33 +269,39 @@ def micro_batches(lengths: torch.Tensor, size: int, overhead_tokens: int = MICRO
     return groups + [order[:0]] * (count - len(groups))
 
 
-def rollout_micro_batches(batch: RolloutBatch, size: int, share_prompts: bool) -> list[torch.Tensor]:
-    """Rollout indices of each micro-batch (at most `size` rollouts). With shared prompts, a prompt's
-    rollouts stay together (in chunks of at most `size`), each chunk one packed row of P + sum of lengths."""
+def rollout_micro_batches(batch: RolloutBatch, size: int, share_prompts: bool, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Rollout indices of each micro-batch (at most `size` rollouts) covering `rows` (default: all; may be empty on
+    a rank, which then gets only empty micro-batches). With shared prompts, a prompt's rollouts stay together
+    (in chunks of at most `size`), each chunk one packed row of P + sum of lengths."""
+    rows = torch.arange(len(batch)) if rows is None else rows
     if not share_prompts:
-        return micro_batches(batch.prompt_lens + batch.response_lens, size)
-    chunks = [rows.split(size) for rows in (torch.nonzero(batch.group_index == p).flatten() for p in batch.group_index.unique())]
-    chunks = [c for cs in chunks for c in cs]  # rollouts of one packed row
-    lengths = torch.stack([batch.prompt_lens[c[0]] + batch.response_lens[c].sum() for c in chunks])
+        return [rows[part] for part in micro_batches((batch.prompt_lens + batch.response_lens)[rows], size)]
+    group = batch.group_index[rows]
+    chunks = [c for p in group.unique() for c in rows[group == p].split(size)]  # rollouts of one packed row
+    lengths = torch.tensor([int(batch.prompt_lens[c[0]] + batch.response_lens[c].sum()) for c in chunks], dtype=torch.long)
     parts = micro_batches(lengths, size, counts=[len(c) for c in chunks])
     return [torch.cat([chunks[k] for k in part.tolist()]) if len(part) else part for part in parts]
 
 
 @torch.no_grad()
-def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_features=None) -> dict:
+def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_features=None, rows: torch.Tensor | None = None) -> dict:
     """Fills batch.old_logprobs [N, R], batch.entropies [N, R] and, when `hidden_features` is given,
     batch.features [N, F]. -> metrics (seconds spent pooling features).
+
+    rows: only these rollouts (the others keep their values; tensors are created as zeros when missing). The
+    update passes the rows its first optimizer step does not cover (ppo_update).
 
     hidden_features: None, or (layer, pool) for an algorithm that reads the actor's hidden states (POISE):
     pool(mb, hidden [b, T, H] = output of decoder `layer`, entropy [b, R]) -> features [b, F], called on
     every micro-batch so no full [N, T, H] tensor is ever kept.
     """
     N, R = batch.response_mask.shape
-    old, ent = torch.zeros(N, R), torch.zeros(N, R)
+    old = torch.zeros(N, R) if batch.old_logprobs is None or rows is None else batch.old_logprobs
+    ent = torch.zeros(N, R) if batch.entropies is None or rows is None else batch.entropies
     layer, pool = hidden_features if hidden_features is not None else (None, None)
     feats, pool_seconds = None, 0.0
     share = args.share_prompts and layer is None  # hidden states are per rollout row
-    for idx in rollout_micro_batches(batch, args.micro_batch_size, share):
+    for idx in rollout_micro_batches(batch, args.micro_batch_size, share, rows):
         real = len(idx) > 0
         mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
         with autocast_context(args, device):
@@ -352,7 +360,8 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
     """The one update skeleton (actor PPO, value critic, generative critic, SFT): one optimizer step per entry
     of `steps` (rollout indices of its mini-batch), each accumulated over micro-batches.
 
-    micro_loss(model, mb) -> (token_loss [b, R], sums: {name: masked sum to log}) runs under autocast.
+    micro_loss(model, mb) -> (token_loss [b, R], sums: {name: masked sum to log}) runs under autocast;
+    mb.extras holds "rows" (mb's rollouts as indices into `batch`; empty on an idle pass) and "optimizer_step".
     The loss normaliser of a step is summed over all its micro-batches and ranks before any backward, so
     the gradient is the same for every micro-batch split (tested). FSDP2 averages gradients over ranks,
     so the local loss is scaled by `world`; a rank with fewer micro-batches runs zero-weight ones so the
@@ -361,7 +370,7 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
     """
     stats: dict[str, float] = {"tokens": 0.0}
     loss_sum = grad_norm_sum = 0.0
-    for mini in steps:
+    for k, mini in enumerate(steps):
         mini_batch = batch.select(mini)
         normaliser = torch.tensor([adv_math.loss_normaliser(mini_batch.response_mask, loss_agg)])
         normaliser = max(float(all_reduce(normaliser)), 1.0)
@@ -369,6 +378,7 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
         for idx in rollout_micro_batches(mini_batch, args.micro_batch_size, share_prompts):
             weight = 1.0 if len(idx) else 0.0  # a rank with fewer rollouts still joins the collectives
             mb = to_device(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
+            mb.extras.update(rows=mini[idx], optimizer_step=k)
             with autocast_context(args, device):
                 token_loss, sums = micro_loss(model, mb)  # [b, R], {name: scalar}
             loss = adv_math.aggregate_loss(token_loss, mb.response_mask, loss_agg, normaliser) * world * weight
@@ -392,15 +402,38 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
 
 def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, ref_model=None) -> dict:
     """PPO-clip on `batch.advantages` [N, R] (arXiv:1707.06347 Eq. 7): epochs x mini-batches of optimizer steps,
-    the k3 KL to `ref_model` added per token when --kl-coef > 0."""
+    the k3 KL to `ref_model` added per token when --kl-coef > 0.
+
+    pi_theta_old without a second pass: when batch.old_logprobs is None, the first optimizer step takes the old
+    log-probs of its rollouts from its own forward pass, detached (no parameter has moved yet: ratio 1, as in
+    TRL's GRPOTrainer), and fills batch.old_logprobs / batch.entropies from it; only the rollouts of later
+    mini-batches get a no-grad pass (compute_old_logprobs) before the first step. Same gradients (tested).
+    """
     g = torch.Generator().manual_seed(args.seed + 7919 * int(batch.extras.get("step", 0)))
     steps = [mini for _ in range(args.ppo_epochs) for mini in mini_batch_indices(batch, args.mini_batches, g)]
 
     temperature = args.temperature  # of the sampling engine: log-probs of logits / T
+    t, own_forward = time.time(), batch.old_logprobs is None  # own_forward: step 0 is pi_theta_old itself
+    if own_forward:
+        batch.old_logprobs, batch.entropies = torch.zeros_like(batch.response_mask), torch.zeros_like(batch.response_mask)
+        later = torch.ones(len(batch), dtype=torch.bool)
+        later[steps[0]] = False  # [N] rollouts that no forward of step 0 sees
+        if all_reduce(torch.tensor([float(later.any())]), dist.ReduceOp.MAX).item() > 0:  # FSDP2: every rank or none
+            model.eval()
+            compute_old_logprobs(model, batch, args, device, rows=torch.nonzero(later).flatten())
+            model.train()
+    seconds_old = time.time() - t
 
     def micro_loss(model, mb):
-        logp, _, _ = policy_forward(model, mb, share_prompts=args.share_prompts, temperature=temperature)  # [b, R]
+        on_policy = own_forward and mb.extras["optimizer_step"] == 0
+        logp, entropy, _ = policy_forward(model, mb, with_entropy=on_policy, share_prompts=args.share_prompts,
+                                          temperature=temperature)  # [b, R]
         mask = mb.response_mask
+        if on_policy:  # pi_theta_old = pi_theta before this step: keep it for later steps and the metrics
+            mb.old_logprobs, rows = logp.detach() * mask, mb.extras["rows"]
+            if len(rows):
+                batch.old_logprobs[rows, :mask.shape[1]] = mb.old_logprobs.float().cpu()
+                batch.entropies[rows, :mask.shape[1]] = (entropy * mask).float().cpu()
         token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high,
                                                         args.clip_ratio_c)
         sums = {}
@@ -418,4 +451,5 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
     s = optimizer_steps(model, optimizer, batch, steps, micro_loss, args, device, world, args.loss_agg, args.share_prompts)
     tokens = max(s["tokens"], 1.0)
     return {"policy_loss": s["loss"], "clip_frac": s["clip_frac"] / tokens, "approx_kl": s["approx_kl"] / tokens,
-            "kl_ref": s.get("kl_ref", 0.0) / tokens, "grad_norm": s["grad_norm"], "optimizer_steps": s["optimizer_steps"]}
+            "kl_ref": s.get("kl_ref", 0.0) / tokens, "grad_norm": s["grad_norm"], "optimizer_steps": s["optimizer_steps"],
+            "time/old_logprob": seconds_old}

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from actor import (adamw, all_reduce, autocast_context, full_optimizer_state_dict, full_state_dict,
-                   load_full_optimizer_state_dict, micro_batches, optimizer_steps, shard_with_fsdp2, to_device)
+                   load_full_optimizer_state_dict, mini_batch_indices, optimizer_steps, pack_shared_prompts,
+                   rollout_micro_batches, shard_with_fsdp2, to_device)
 from rollout import RolloutBatch, resolve_model_path
 
 # ---------------------------------------------------------------------------------------------
@@ -53,9 +54,16 @@ def load_value_model(model_path: str, device: torch.device, world: int, seed: in
     return shard_with_fsdp2(model, world)
 
 
-def value_forward(model, mb: RolloutBatch) -> torch.Tensor:
-    """mb [b, T] = [left-padded prompt (width P) | response (R)] -> values [b, R] fp32, V_t read at column P-1+t."""
+def value_forward(model, mb: RolloutBatch, share_prompts: bool = False) -> torch.Tensor:
+    """mb [b, T] = [left-padded prompt (width P) | response (R)] -> values [b, R] fp32, V_t read at column P-1+t.
+
+    share_prompts: a prompt's rollouts in `mb` run as one packed row (actor.pack_shared_prompts: each response
+    sees the prompt and itself), the same values at fewer tokens."""
     P, R = mb.prompt_width, mb.response_mask.shape[1]
+    if share_prompts and mb.group_index.unique().numel() < len(mb):
+        inputs, packed_row, where = pack_shared_prompts(mb)  # where [b, R]: column - (P-1) of token t's state
+        values = model(**inputs, use_cache=False).logits[:, P - 1:, 0].float()  # [g, B + 1]
+        return values[packed_row[:, None].expand_as(where), where]  # [b, R]
     position_ids = (mb.attention_mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids, use_cache=False)
     return out.logits[:, P - 1:P - 1 + R, 0].float()  # [b, R]
@@ -179,11 +187,11 @@ class PPO:
         self.model.eval()
         N, R = batch.response_mask.shape
         values = torch.zeros(N, R)
-        for idx in micro_batches(batch.prompt_lens + batch.response_lens, self.args.micro_batch_size):
+        for idx in rollout_micro_batches(batch, self.args.micro_batch_size, self.args.share_prompts):
             real = len(idx) > 0
             mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
             with autocast_context(self.args, self.device):
-                v = value_forward(self.model, to_device(mb, self.device))
+                v = value_forward(self.model, to_device(mb, self.device), self.args.share_prompts)
             if real:
                 values[idx, :v.shape[1]] = v.cpu()
         return values * batch.response_mask
@@ -202,20 +210,17 @@ class PPO:
 
     def after_update(self, batch: RolloutBatch) -> dict:
         """Step 4: clipped value loss 0.5 max((V - G)^2, (clip(V, V_old ± c) - G)^2) to batch.returns,
-        token-mean per optimizer step, epochs x mini-batches of rollouts. VC-PPO: the critic is saved
+        token-mean per optimizer step, epochs x mini-batches of prompts (the actor's layout, so a prompt runs once
+        per packed micro-batch: --share-prompts). VC-PPO: the critic is saved
         as OUT/critic-pretrained after its last warm-up iteration."""
         t = time.time()
         args, step = self.args, int(batch.extras.get("step", 0))
         self.model.train()
-        N = len(batch)
         g = torch.Generator().manual_seed(args.seed + 104723 * step)
-        steps = []
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(N, generator=g) if args.mini_batches > 1 else torch.arange(N)
-            steps += list(order.chunk(args.mini_batches)) if N >= args.mini_batches else [order]
+        steps = [mini for _ in range(args.ppo_epochs) for mini in mini_batch_indices(batch, args.mini_batches, g)]
 
         def micro_loss(model, mb):
-            values = value_forward(model, mb)  # [b, R]
+            values = value_forward(model, mb, args.share_prompts)  # [b, R]
             mask = mb.response_mask
             token_loss = clipped_value_loss(values, mb.old_values, mb.returns, args.value_clip)
             with torch.no_grad():
@@ -223,7 +228,8 @@ class PPO:
                 sums = {"clipped": (moved.float() * mask).sum(), "squared_error": (((values - mb.returns) ** 2) * mask).sum()}
             return token_loss, sums
 
-        s = optimizer_steps(self.model, self.optimizer, batch, steps, micro_loss, args, self.device, self.world)
+        s = optimizer_steps(self.model, self.optimizer, batch, steps, micro_loss, args, self.device, self.world,
+                            share_prompts=args.share_prompts)
         tokens = max(s["tokens"], 1.0)
         metrics = {"critic/value_loss": s["loss"], "critic/value_clip_frac": s["clipped"] / tokens,
                    "critic/mse_to_returns": s["squared_error"] / tokens, "critic/grad_norm": s["grad_norm"],

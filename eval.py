@@ -4,7 +4,8 @@
     python eval.py --data data/math500.jsonl --data data/amc23.jsonl -k 16
     python eval.py plot runs/default                  # PNGs from runs/default/metrics.jsonl
     python eval.py summary runs/default               # the README's benchmark table from metrics.jsonl
-    python eval.py speed                              # engine tokens/s by batch shape; trainer update tokens/s
+    python eval.py compare runs/sweep --baseline grpo # runs grouped by configuration: seeds, intervals, plot (compare.py)
+    python eval.py speed                              # each phase next to its bare counterpart (speed.py)
     python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (GenAC §4)
     python eval.py probe runs/poise                   # POISE's probe value vs held-out avg@8; --cost: its overhead
     (values and probe live in values.py)
@@ -127,72 +128,6 @@ def print_summary(run_dir: str) -> None:
 # Speed of the two halves of a step, outside the RL loop
 
 
-def speed_main(argv: list[str]) -> None:
-    """Generation tokens/s for several batch shapes (training sampling: temperature 1, the model's own
-    stopping), then the trainer's update (train.py's defaults: 2 mini-batches, bf16 autocast) on the first
-    shape's rollouts with and without shared-prompt packing, each twice (this CPU's timings drift)."""
-    import time
-
-    import torch
-    from transformers import AutoTokenizer
-
-    import actor
-    from rollout import build_rollout_batch, make_engine, resolve_model_path
-    ap = argparse.ArgumentParser(prog="eval.py speed")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--shapes", default="4x8,16x8,64x8", help="prompts x samples per engine call, comma-separated")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--micro-batch-size", type=int, default=16)
-    args = ap.parse_args(argv)
-    try:
-        shapes = [(int(p), int(n)) for p, n in (shape.split("x") for shape in args.shapes.split(","))]
-    except ValueError:
-        sys.exit(f"error: --shapes {args.shapes!r}: expected prompts x samples, e.g. 4x8,16x8")
-    try:
-        model_path = resolve_model_path(args.model)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems = load_problems("arithmetic", "train", 0)
-    engine = make_engine("vllm", model_path, dtype="bfloat16", seed=0, max_model_len=512 + args.max_new_tokens)
-    engine.generate([format_prompt(tokenizer, problems[0])], 1, 8, 1.0, 1.0, 0)  # warm-up
-    print("| generation: prompts x samples | tokens | seconds | tokens/s | mean length |\n|---|---|---|---|---|")
-    first = None
-    for prompts, n in shapes:
-        chosen = problems[:prompts]
-        prompt_ids = [format_prompt(tokenizer, p) for p in chosen]
-        start = time.time()
-        samples = engine.generate(prompt_ids, n, args.max_new_tokens, 1.0, 1.0, seed=1)
-        seconds = time.time() - start
-        tokens = sum(len(s.token_ids) for group in samples for s in group)
-        print(f"| {prompts} x {n} | {tokens} | {seconds:.1f} | {tokens / seconds:.0f} | {tokens / (prompts * n):.1f} |", flush=True)
-        if first is None:
-            rewards, _ = score_responses([s.text for g in samples for s in g], [p for p, g in zip(chosen, samples) for _ in g], None)
-            first = build_rollout_batch(prompt_ids, samples, rewards, tokenizer.pad_token_id)
-    engine.close()
-    device = torch.device("cpu")
-    model = actor.load_actor(model_path, device, 1)
-    optimizer = actor.adamw(model.parameters(), lr=1e-7, weight_decay=0.0)  # tiny steps: the batch stays on-policy
-    first.extras["step"] = 0
-    tokens = float(first.attention_mask.sum())
-    print(f"\n| update of {len(first)} rollouts ({int(tokens)} prompt + response tokens) | seconds | rollout tokens/s |\n|---|---|---|")
-    update_defaults = argparse.ArgumentParser()
-    actor.add_update_arguments(update_defaults)  # train.py's update flags and defaults
-    for share in (None, True, False, True, False):  # None: a warm-up update, not reported
-        run_args = update_defaults.parse_args(["--micro-batch-size", str(args.micro_batch_size)]
-                                              + ([] if share is not False else ["--no-share-prompts"]))
-        run_args.seed, run_args.temperature = 0, 1.0
-        model.eval()
-        actor.compute_old_logprobs(model, first, run_args, device)
-        first.advantages = (first.rewards - first.rewards.mean())[:, None] * first.response_mask
-        model.train()
-        start = time.time()
-        actor.ppo_update(model, optimizer, first, run_args, device, 1)
-        seconds = time.time() - start
-        if share is not None:
-            print(f"| {'shared prompts' if share else 'every rollout its own prompt'} | {seconds:.1f} | {tokens / seconds:.0f} |", flush=True)
-
-
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:  # python eval.py probe RUN_DIR [--data D -n N -k K] | python eval.py probe --cost
@@ -212,7 +147,11 @@ def main(argv=None) -> None:
         from values import values_main
         return values_main(argv[1:])
     if argv[:1] == ["speed"]:
+        from speed import speed_main
         return speed_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from compare import compare_main
+        return compare_main(argv[1:])
     if argv[:1] == ["summary"]:
         for run_dir in argv[1:] or ["runs/default"]:
             try:

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import torch
 
-from actor import (adamw, all_gather_objects, all_reduce, compute_old_logprobs, full_optimizer_state_dict, full_state_dict,
+from actor import (adamw, all_gather_objects, all_reduce, full_optimizer_state_dict, full_state_dict,
                    load_actor, load_full_optimizer_state_dict, ppo_update)
 from rollout import build_rollout_batch, make_engine, resolve_model_path
 
@@ -405,8 +405,9 @@ class GenAC:
 
     def after_update(self, batch) -> dict:
         """Step 5 (Alg. 1 l. 23) on the answers judged this iteration: token loss -(R_v - b) log pi_phi(z_t | s, z_<t)
-        via actor.ppo_update in --critic-mini-batches optimizer steps (default 1: ratio 1, plain REINFORCE), then the new
-        weights go into the critic's engine. b = batch mean of R_v over all ranks (--critic-baseline)."""
+        via actor.ppo_update in --critic-mini-batches optimizer steps (default 1: ratio 1, plain REINFORCE, and no
+        old-log-prob pass: the step's own forward is pi_old), then the new weights go into the critic's engine.
+        b = batch mean of R_v over all ranks (--critic-baseline)."""
         t = time.time()
         rewards = torch.tensor(self.answers["critic_rewards"], dtype=torch.float32)  # [M]
         totals = all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards))], dtype=torch.float64))
@@ -416,7 +417,6 @@ class GenAC:
         critic_batch.advantages = critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None] * critic_batch.response_mask
         update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1, "mini_batches": self.args.critic_mini_batches,
                                          "temperature": self.args.critic_temperature, "share_prompts": False})  # one answer per prompt
-        compute_old_logprobs(self.model.eval(), critic_batch, update_args, self.device)
         stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world)
         t_update, t = time.time() - t, time.time()
         self.engine.load_weights(full_state_dict(self.model).items())

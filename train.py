@@ -74,6 +74,7 @@ from probe import POISE
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
                      load_problems, make_engine, resolve_model_path)
+from runrecord import mark_done, write_start
 
 
 ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO, "vcppo": VCPPO, "genac": GenAC, "v05": V05, "poise": POISE}
@@ -292,7 +293,8 @@ def main(argv=None) -> None:
         base_model = resolve_model_path(args.model)
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    if master:  # say which rows are held out: never the training rows
+    if master:  # run.json (args, versions, git commit, model and data hashes; a --resume appends); which rows are held out
+        write_start(out, args, sys.argv[1:] if argv is None else argv, base_model, train_problems, eval_problems, device, world)
         print(f"[data] train: {len(train_problems)} problems of {args.data}; held-out: " + (
             f"{len(eval_problems)} of {args.eval_data} (--eval-data)" if args.eval_data else f"{len(eval_problems)} of the "
             "arithmetic task's held-out split (disjoint by a hash of the text)" if held_out else "none (a file has no "
@@ -352,14 +354,14 @@ def main(argv=None) -> None:
         batch = build_rollout_batch(prompt_ids, samples, rewards, pad_id)
         batch.extras["step"] = step
 
-        # 2. old log-probs, entropies (and pooled hidden features) from the trainer's own forward pass
-        t = time.time()
+        # 2. hidden features (POISE) need a no-grad pass before the advantages; otherwise the update takes the old
+        #    log-probs and entropies from its own first forward (actor.ppo_update) and passes over later mini-batches only
+        t, m_old = time.time(), {}
         model.eval()
-        if actor_trains:
+        if actor_trains and algo.hidden_features is not None:
             m_old = compute_old_logprobs(model, batch, args, device, algo.hidden_features)
-        else:  # the frozen actor of a warm-up iteration needs none
+        elif not actor_trains:  # the frozen actor of a warm-up iteration needs none
             batch.old_logprobs = batch.entropies = torch.zeros_like(batch.response_mask)
-            m_old = {}
         times["time/old_logprob"] = time.time() - t
 
         # 3. advantages
@@ -371,7 +373,9 @@ def main(argv=None) -> None:
         t = time.time()
         model.train()
         m_update = ppo_update(model, optimizer, batch, args, device, world, ref_model) if actor_trains else {}
-        times["time/update"] = time.time() - t
+        seconds_old = m_update.pop("time/old_logprob", 0.0)  # the no-grad pass over later mini-batches
+        times["time/old_logprob"] += seconds_old
+        times["time/update"] = time.time() - t - seconds_old
         m_after = algo.after_update(batch)
 
         # 5. sync the new weights into the engine
@@ -404,6 +408,8 @@ def main(argv=None) -> None:
         final = save_checkpoint(out, total_steps, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total)
         if master:
             print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
+    if master:  # the completion marker, after the final evaluation and checkpoint (sweep.py skips such runs)
+        mark_done(out, total_steps, generated_total)
     for closable in (verifier, engine, algo):
         if closable is not None:
             closable.close()

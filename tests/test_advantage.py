@@ -233,3 +233,48 @@ def test_trainer_logprobs_are_those_of_the_tempered_distribution(tiny_model):
             assert torch.allclose(lp[0, :3], expected, atol=1e-5), share
             p = (full / 0.7).softmax(-1)
             assert torch.allclose(ent[0, :3], -(p * p.log()).sum(-1), atol=1e-4)
+
+
+@pytest.mark.parametrize("mini_batches,epochs,share", [(1, 1, False), (1, 1, True), (2, 1, True), (1, 2, False), (2, 2, False)])
+def test_update_takes_old_logprobs_from_its_first_step_with_the_same_result(tiny_model, mini_batches, epochs, share):
+    """batch.old_logprobs = None (the loop's default): the first optimizer step's rows take pi_old from the step's own
+    forward and only later mini-batches get a no-grad pass. Parameters after the update, every metric, the filled
+    old log-probs and entropies equal those of a separate pass first; the forward count shows the pass skipped."""
+    from transformers import AutoModelForCausalLM
+
+    import actor
+    from rollout import Sample, build_rollout_batch
+
+    def make_batch():
+        torch.manual_seed(3)
+        prompts = [[1, 5, 9, 13], [2, 7, 11], [4, 8]]
+        samples = [[Sample(torch.randint(10, 400, (n,)).tolist(), [0.0] * n, "", "stop") for n in (3, 7, 5)] for _ in prompts]
+        batch = build_rollout_batch(prompts, samples, [1, 0, 0, 1, 1, 0, 0, 1, 0], pad_id=2)
+        batch.advantages = torch.randn(len(batch))[:, None] * batch.response_mask
+        batch.extras["step"] = 0
+        return batch
+
+    args = SimpleNamespace(ppo_epochs=epochs, mini_batches=mini_batches, micro_batch_size=4, loss_agg="token-mean", clip_low=0.2,
+                           clip_high=0.2, kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share,
+                           temperature=0.7, clip_ratio_c=3.0)
+    results = []
+    for separate_pass in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        calls = []
+        model.register_forward_hook(lambda module, inputs, output: calls.append(1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        batch = make_batch()
+        if separate_pass:
+            actor.compute_old_logprobs(model.eval(), batch, args, torch.device("cpu"))
+        metrics = actor.ppo_update(model.train(), opt, batch, args, torch.device("cpu"), world=1)
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), metrics, batch, len(calls)))
+    (params_a, m_a, batch_a, calls_a), (params_b, m_b, batch_b, calls_b) = results
+    assert m_a["approx_kl"] > 0 if (mini_batches, epochs) != (1, 1) else m_a["approx_kl"] < 1e-12  # later steps are off-policy
+    assert torch.allclose(params_a, params_b, atol=1e-6, rtol=1e-5)
+    for name in ("policy_loss", "clip_frac", "approx_kl", "grad_norm", "optimizer_steps"):
+        assert m_b[name] == pytest.approx(m_a[name], rel=1e-5, abs=1e-9), name
+    assert torch.allclose(batch_a.old_logprobs, batch_b.old_logprobs, atol=1e-6)
+    assert torch.allclose(batch_a.entropies, batch_b.entropies, atol=1e-6)
+    first_step = len(actor.rollout_micro_batches(make_batch().select(actor.mini_batch_indices(
+        make_batch(), mini_batches, torch.Generator().manual_seed(0))[0]), 4, share))
+    assert calls_a - calls_b == first_step  # the no-grad forwards the first step's own forward replaced

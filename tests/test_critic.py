@@ -39,7 +39,7 @@ def _batch():
 def _args(**kw):
     base = dict(micro_batch_size=2, dtype="fp32", ppo_epochs=1, mini_batches=1, seed=0, value_clip=0.5, grad_clip=1.0,
                 gamma=1.0, lam=1.0, critic_lam=None, critic_lr=5e-6, weight_decay=0.01, critic_warmup_steps=0,
-                critic_model=None, out="unused")
+                critic_model=None, out="unused", share_prompts=True)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -48,9 +48,11 @@ def _ppo(tiny_model, **kw):
     return PPO(_args(critic_model=tiny_model, model=tiny_model, **kw), None, None, torch.device("cpu"), 1)
 
 
-def test_critic_values_line_up_with_response_tokens(tiny_model):
-    """V_t = head output at the last token of x ∘ y_<t, whatever the padding and the micro-batching."""
-    critic = _ppo(tiny_model)
+@pytest.mark.parametrize("share", [True, False])
+def test_critic_values_line_up_with_response_tokens(tiny_model, share):
+    """V_t = head output at the last token of x ∘ y_<t, whatever the padding, the micro-batching and the
+    shared-prompt packing (prompt 0's two rollouts run as one packed row)."""
+    critic = _ppo(tiny_model, share_prompts=share, micro_batch_size=3)
     batch, prompts, samples = _batch()
     batch.old_values = critic.values(batch)
     rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
@@ -110,3 +112,19 @@ def test_vcppo_warmup_trains_only_the_critic(tiny_model, tmp_path):
     assert max(float((critic[k] - start[k]).abs().max()) for k in start if k in critic) > 1e-6
     assert all(torch.equal(critic[k], pretrained[k]) for k in critic)
     assert "score.weight" in critic
+
+
+def test_critic_update_is_the_same_with_shared_prompt_packing(tiny_model):
+    """The value update's gradients and metrics with packed prompts equal those of one row per rollout."""
+    results = []
+    for share in (True, False):
+        critic = _ppo(tiny_model, share_prompts=share, micro_batch_size=3)
+        critic.optimizer = torch.optim.SGD(critic.model.parameters(), lr=0.0)  # keep the gradients to compare
+        batch, _, _ = _batch()
+        critic.advantages(batch, problems=None)
+        metrics = critic.after_update(batch)
+        results.append((torch.cat([p.grad.flatten() for p in critic.model.parameters()]), metrics))
+    (grad_a, m_a), (grad_b, m_b) = results
+    assert grad_a.abs().max() > 1e-3 and torch.allclose(grad_a, grad_b, atol=1e-6)
+    for name in ("critic/value_loss", "critic/mse_to_returns", "critic/grad_norm"):
+        assert m_a[name] == pytest.approx(m_b[name], rel=1e-5), name
