@@ -51,22 +51,34 @@ def all_gather_objects(obj) -> list:
 # ---------------------------------------------------------------------------------------------
 # Loading and weights
 
+SYNC_BUCKET_MB = 64  # per all-gather of the weight sync: bandwidth-bound on NVLink, < 0.1% of an 80 GB GPU
 
-def load_actor(model_path: str, device: torch.device, world: int):
-    """fp32 master weights; FSDP2 `fully_shard` per decoder layer, then the root, when world > 1."""
+def load_actor(model_path: str, device: torch.device, world: int, args=None):
+    """fp32 master weights; FSDP2 `fully_shard` per decoder layer, then the root, when world > 1 (shard_with_fsdp2;
+    args: --dtype and --gradient-checkpointing, None: neither)."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    return shard_with_fsdp2(model, world)
+    return shard_with_fsdp2(model, world, args)
 
 
-def shard_with_fsdp2(model, world: int):
-    """FSDP2 `fully_shard` per decoder layer, then the root (one process: unchanged). Actor and critic alike."""
+def shard_with_fsdp2(model, world: int, args=None):
+    """FSDP2 `fully_shard` per decoder layer, then the root (one process: unchanged). Actor and critic alike.
+
+    args.gradient_checkpointing: each decoder layer's activations are recomputed in the backward (HF's non-reentrant
+    checkpointing) instead of kept. On GPU with args.dtype bf16, FSDP2's MixedPrecisionPolicy: the all-gathered
+    parameters are cast to bf16 for forward and backward, gradients are reduce-scattered in fp32 and the optimizer
+    steps the fp32 shards (master weights). On CPU the policy stays off (fp32 parameters under bf16 autocast, as
+    in one process), so CPU runs are unchanged."""
     model.config.use_cache = False
+    if args is not None and args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world > 1:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        bf16 = args is not None and args.dtype == "bf16" and next(model.parameters()).is_cuda
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -87,7 +99,12 @@ def add_update_arguments(parser) -> None:
     a("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward")
     a("--no-share-prompts", dest="share_prompts", action="store_false", help="run every rollout's prompt in the "
       "trainer's forward passes (default: a prompt once per micro-batch for all its rollouts; same log-probs)")
-    a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training autocast dtype (master weights fp32)")
+    a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training compute dtype (master weights fp32): autocast; "
+      "on GPU under FSDP2 also bf16 parameters in forward/backward with fp32 gradient reduction (MixedPrecisionPolicy)")
+    a("--gradient-checkpointing", action="store_true", help="recompute each decoder layer's activations in the backward "
+      "(memory for time: long responses on big models)")
+    a("--sync-bucket-mb", type=float, default=SYNC_BUCKET_MB, help="weight sync: parameters gathered per all-gather, in MB "
+      "of the engine's dtype; a rank holds one such bucket of full tensors beyond its shard (0: one parameter at a time)")
 
 
 def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -97,21 +114,67 @@ def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def full_state_dict(model) -> dict:
-    """Full (unsharded) weights on every rank; FSDP2 gathers each DTensor (all ranks must call this)."""
-    from torch.distributed.tensor import DTensor
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
+    """Full (unsharded) weights on every rank, all at once (all ranks must call this). Tests and one-process tools
+    only: the loop streams (stream_full_parameters)."""
+    return dict(stream_full_parameters(model, bucket_mb=0))  # a tied lm_head as its own entry, as model.state_dict()
 
 
-def full_optimizer_state_dict(model, optimizer) -> dict:
-    """The optimizer's state, unsharded, on CPU (all ranks must call this): what a checkpoint stores."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def stream_full_parameters(model, bucket_mb: float = SYNC_BUCKET_MB, dtype: torch.dtype | None = None, tied: bool = True):
+    """-> (name, full tensor) of every weight in state_dict order, cast to `dtype` (None: as stored), one at a time.
+
+    Under FSDP2 the shards of about `bucket_mb` MB of consecutive parameters (counted in `dtype`; a bigger one goes
+    alone) are cast, then gathered in one all-gather (_gather_bucket); the generator keeps no reference to a tensor it
+    has handed out. So beyond its shard a rank holds one bucket of full tensors (two while it unpacks one), plus what
+    the consumer keeps: vLLM buffers a layer's q/k/v or gate/up until the layer is complete. verl and OpenRLHF sync
+    their engines this way (gather, cast, load, free, a bucket at a time). One process: the parameters themselves
+    (a copy only when cast). All ranks must call it and consume it to the end (the gathers are collective).
+    tied: a weight tied to an earlier one (lm_head = embed_tokens) comes again under its own name, gathered again:
+    vLLM's layerwise reload keeps the LM head's old tensor when it gets no lm_head.weight. tied=False skips it (a
+    safetensors file stores it once; transformers ties it on load)."""
+    from torch.distributed.tensor import DTensor, Shard
+    limit, seen, bucket, size = bucket_mb * 2 ** 20, set(), [], 0
+    for name, value in [*model.state_dict(keep_vars=True).items(), (None, None)]:  # None: flush the last bucket
+        if not tied and id(value) in seen:
+            continue
+        seen.add(id(value))
+        sharded = isinstance(value, DTensor) and value.placements == (Shard(0),)
+        nbytes = value.numel() * (dtype or value.dtype).itemsize if sharded else 0
+        if bucket and (not sharded or size + nbytes > limit or (dtype or value.dtype) != (dtype or bucket[0][1].dtype)):
+            full = _gather_bucket(bucket, dtype)[::-1]
+            bucket, size = [], 0
+            while full:
+                yield full.pop()
+        if sharded:
+            bucket.append((name, value))
+            size += nbytes
+        elif value is not None:  # one process (or another layout): no bucket
+            value = value.full_tensor() if isinstance(value, DTensor) else value
+            yield name, value.detach().to(dtype) if dtype is not None and value.is_floating_point() else value.detach()
 
 
-def load_full_optimizer_state_dict(model, optimizer, state: dict) -> None:
-    """Inverse of `full_optimizer_state_dict`; each rank keeps its own shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+def _gather_bucket(bucket: list, dtype: torch.dtype | None) -> list:
+    """[(name, DTensor sharded on dim 0 over a 1-D mesh)] -> [(name, full tensor)] with ONE all-gather: each rank's
+    shard of every parameter (torch.chunk rows: ceil(d0 / world) each, the last ones fewer or none) padded to its
+    full chunk and packed into one flat buffer [E] in `dtype`; gathered [world, E]; each parameter cut out of it."""
+    group = bucket[0][1].device_mesh.get_group()
+    world = dist.get_world_size(group)
+    dtype = dtype or bucket[0][1].dtype
+    widths = [-(-v.shape[0] // world) * math.prod(v.shape[1:]) for _, v in bucket]  # elements per rank
+    local = torch.zeros(sum(widths), dtype=dtype, device=bucket[0][1].to_local().device)  # [E]
+    offset = 0
+    for (_, v), width in zip(bucket, widths):
+        shard = v.to_local().detach().reshape(-1)
+        local[offset:offset + shard.numel()].copy_(shard)  # copy_ casts
+        offset += width
+    gathered = torch.empty(world * len(local), dtype=dtype, device=local.device)  # [world * E] (gloo wants it flat)
+    dist.all_gather_into_tensor(gathered, local, group=group)
+    gathered = gathered.view(world, len(local))  # [world, E]
+    out, offset = [], 0
+    for (name, v), width in zip(bucket, widths):
+        rows = -(-v.shape[0] // world)
+        out.append((name, gathered[:, offset:offset + width].reshape(world * rows, *v.shape[1:])[:v.shape[0]]))  # a copy (alone: a view)
+        offset += width
+    return out
 
 
 def autocast_context(args, device):

@@ -24,24 +24,23 @@ The pretrained critic is saved as OUT/critic-pretrained/ for `python eval.py val
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from actor import (adamw, all_reduce, autocast_context, full_optimizer_state_dict, full_state_dict,
-                   load_full_optimizer_state_dict, mini_batch_indices, optimizer_steps, pack_shared_prompts,
+from actor import (adamw, all_reduce, autocast_context, mini_batch_indices, optimizer_steps, pack_shared_prompts,
                    rollout_micro_batches, shard_with_fsdp2, to_device)
+from checkpoint import load_sharded, save_model_folder
 from rollout import RolloutBatch, resolve_model_path
 
 # ---------------------------------------------------------------------------------------------
 # 1. The value model: a causal LM body with a scalar head
 
 
-def load_value_model(model_path: str, device: torch.device, world: int, seed: int = 0):
-    """A causal LM body + fresh scalar head (or a saved critic, head included). fp32; FSDP2 when world > 1.
+def load_value_model(model_path: str, device: torch.device, world: int, seed: int = 0, args=None):
+    """A causal LM body + fresh scalar head (or a saved critic, head included). fp32; FSDP2 when world > 1
+    (args: --dtype, --gradient-checkpointing as for the actor, actor.shard_with_fsdp2).
 
     The head is initialised like every transformers head (normal(0, initializer_range)); dropout on
     the head is switched off (a value regressor, verl does the same).
@@ -51,7 +50,7 @@ def load_value_model(model_path: str, device: torch.device, world: int, seed: in
     config.classifier_dropout = 0.0
     torch.manual_seed(seed)  # the fresh head's initialisation is part of the run's seed
     model = AutoModelForTokenClassification.from_pretrained(model_path, config=config, dtype=torch.float32).to(device)
-    return shard_with_fsdp2(model, world)
+    return shard_with_fsdp2(model, world, args)
 
 
 def value_forward(model, mb: RolloutBatch, share_prompts: bool = False) -> torch.Tensor:
@@ -170,9 +169,10 @@ class PPO:
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint: Path | None = None):
         self.args, self.device, self.world, self.tokenizer = args, device, world, tokenizer
-        path = str(checkpoint / "critic") if checkpoint else resolve_model_path(args.critic_model or args.model)
-        self.model = load_value_model(path, device, world, args.seed)
+        self.model = load_value_model(resolve_model_path(args.critic_model or args.model), device, world, args.seed, args)
         self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+        if checkpoint:  # a resumed run: the critic's weights and optimizer from its shards
+            load_sharded(checkpoint / "critic" / "sharded", self.model, self.optimizer)
         self.warmup_steps = args.critic_warmup_steps  # iterations that train only the critic
         self.hidden_features = None  # the loop keeps no hidden states for PPO
 
@@ -238,16 +238,14 @@ class PPO:
             save_value_model(self.model, Path(args.out) / "critic-pretrained", self.tokenizer)
         return metrics
 
-    def state_dict(self) -> dict:
-        """The critic's optimizer (its weights go into the checkpoint folder by `save`). All ranks call."""
-        return {"critic_optimizer": full_optimizer_state_dict(self.model, self.optimizer)}
+    def state_dict(self) -> dict: return {}  # weights and optimizer are in the checkpoint's critic/ (`save`)
 
-    def load_state_dict(self, state: dict) -> None:
-        load_full_optimizer_state_dict(self.model, self.optimizer, state["critic_optimizer"])
+    def load_state_dict(self, state: dict) -> None: pass  # __init__ read them
 
     def save(self, folder: Path) -> None:
-        """The critic as folder/critic (loads with AutoModelForTokenClassification). All ranks call."""
-        save_value_model(self.model, Path(folder) / "critic", self.tokenizer)
+        """folder/critic: weights + optimizer as shards, every rank its own (`python eval.py export` makes it a folder
+        for AutoModelForTokenClassification). All ranks call."""
+        save_model_folder(Path(folder) / "critic", self.model, self.tokenizer, self.optimizer)
 
     def close(self) -> None: pass
 
@@ -262,18 +260,9 @@ class VCPPO(PPO):
 
 
 def save_value_model(model, folder: Path, tokenizer) -> None:
-    """All ranks gather the weights; rank 0 writes a temporary folder and renames it into place."""
-    weights = full_state_dict(model)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in weights.items()})
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    """A Hugging Face folder (AutoModelForTokenClassification): gathered a bucket at a time, written by rank 0 to a
+    temporary folder renamed into place. All ranks call."""
+    save_model_folder(folder, model, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
     python eval.py summary runs/default               # the README's benchmark table from metrics.jsonl
     python eval.py compare runs/sweep --baseline grpo # runs grouped by configuration: seeds, intervals, plot (compare.py)
     python eval.py speed                              # each phase next to its bare counterpart (speed.py)
+    python eval.py memory --model CONFIG --world 8    # per-GPU memory plan, any HF config, no weights read (memory.py)
+    python eval.py export runs/grpo/checkpoint-000010 OUT   # sharded checkpoint -> Hugging Face folder (checkpoint.py)
     python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (GenAC §4)
     python eval.py probe runs/poise                   # POISE's probe value vs held-out avg@8; --cost: its overhead
     (values and probe live in values.py)
@@ -149,6 +151,19 @@ def main(argv=None) -> None:
     if argv[:1] == ["speed"]:
         from speed import speed_main
         return speed_main(argv[1:])
+    if argv[:1] == ["memory"]:  # the per-GPU memory plan of a configuration (memory.py)
+        from memory import memory_main
+        return memory_main(argv[1:])
+    if argv[:1] == ["export"]:  # python eval.py export CHECKPOINT [OUT]: the Hugging Face folder(s) of a sharded checkpoint
+        if len(argv) not in (2, 3):
+            sys.exit("usage: python eval.py export CHECKPOINT [OUT]   (default OUT: the checkpoint itself)")
+        from checkpoint import export_checkpoint
+        try:
+            for folder in export_checkpoint(argv[1], argv[2] if len(argv) == 3 else None):
+                print(folder)
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+        return
     if argv[:1] == ["compare"]:
         from compare import compare_main
         return compare_main(argv[1:])

@@ -30,9 +30,7 @@ commands of genac_stages.py; joint training is this file through the loop:
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,8 +38,8 @@ from types import SimpleNamespace
 
 import torch
 
-from actor import (adamw, all_gather_objects, all_reduce, full_optimizer_state_dict, full_state_dict,
-                   load_actor, load_full_optimizer_state_dict, ppo_update)
+from actor import adamw, all_gather_objects, all_reduce, load_actor, ppo_update, stream_full_parameters
+from checkpoint import load_sharded, save_model_folder
 from rollout import build_rollout_batch, make_engine, resolve_model_path
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +300,7 @@ class GenAC:
         template in critic tokens); ValueError if that + --critic-max-new-tokens exceeds the critic's context."""
         from transformers import AutoConfig, AutoTokenizer
         self.args, self.device, self.world, self.actor_tokenizer = args, device, world, tokenizer
-        path = str(checkpoint / "critic") if checkpoint else resolve_model_path(args.critic_model or args.model)
+        path = resolve_model_path(args.critic_model or args.model)  # a resumed run's shards are read over it below
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         actor_parameters = sum(p.numel() for p in actor.parameters())
@@ -315,11 +313,16 @@ class GenAC:
             raise ValueError(f"critic prompts of {self.max_prompt_tokens} tokens (--critic-max-prompt-tokens; default: --max-prompt-"
                              f"tokens + --max-new-tokens + {template} ICC template tokens) + --critic-max-new-tokens "
                              f"{args.critic_max_new_tokens} > the critic's {limit} positions (max_position_embeddings)")
-        self.model = load_actor(path, device, world)
+        self.model = load_actor(path, device, world, args)
         self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-        self.engine = make_engine(args.engine or "vllm", path, dtype=args.engine_dtype, seed=args.seed + 1,
+        if checkpoint:
+            load_sharded(checkpoint / "critic" / "sharded", self.model, self.optimizer)
+        # always awake (sleep_mode=False): on a GPU the actor's engine sleeps while this one judges (rollout.VLLMEngine)
+        self.engine = make_engine(args.engine or "vllm", path, dtype=args.engine_dtype, seed=args.seed + 1, sleep_mode=False,
                                   max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
-        icc_state = Path(path) / "genac_state.json"  # tau: restored on resume; from a stage's folder with --icc-carry-over
+        if checkpoint:
+            self.engine.load_weights(stream_full_parameters(self.model, args.sync_bucket_mb, self.engine.dtype))
+        icc_state = Path(checkpoint / "critic" if checkpoint else path) / "genac_state.json"  # tau: resumed; a stage's: --icc-carry-over
         self.success_rate = RunningSuccessRate(args.icc_momentum)
         carry = icc_state.is_file() and (checkpoint is not None or args.icc_carry_over)
         if carry:
@@ -419,32 +422,22 @@ class GenAC:
                                          "temperature": self.args.critic_temperature, "share_prompts": False})  # one answer per prompt
         stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world)
         t_update, t = time.time() - t, time.time()
-        self.engine.load_weights(full_state_dict(self.model).items())
+        self.engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, self.engine.dtype))
         self.answers = None
         return {"genac/critic_loss": stats["policy_loss"], "genac/critic_grad_norm": stats["grad_norm"],
                 "genac/critic_optimizer_steps": stats["optimizer_steps"], "genac/critic_reward_mean": batch_mean,
                 "cost/critic_trained_tokens": int(critic_batch.attention_mask.sum()), "time/critic_update": t_update,
                 "time/critic_sync": time.time() - t}
 
-    def state_dict(self) -> dict:
-        """The critic's optimizer (its weights and tau go into the checkpoint folder by `save`). All ranks call."""
-        return {"critic_optimizer": full_optimizer_state_dict(self.model, self.optimizer)}
+    def state_dict(self) -> dict: return {}  # weights, optimizer and tau are in the checkpoint's critic/ (`save`)
 
-    def load_state_dict(self, state: dict) -> None:
-        load_full_optimizer_state_dict(self.model, self.optimizer, state["critic_optimizer"])
+    def load_state_dict(self, state: dict) -> None: pass  # __init__ read them
 
-    def save(self, folder: Path, name: str = "critic") -> None:
-        """folder/name: a model folder (transformers and vLLM load it) + genac_state.json with tau, written to a
-        temporary folder and renamed into place. All ranks call (they gather); rank 0 writes."""
-        weights = full_state_dict(self.model)
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return
-        final, tmp = Path(folder) / name, Path(folder) / f".tmp-{name}"
-        self.model.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in weights.items()})
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / "genac_state.json").write_text(json.dumps({"success_rate": self.success_rate.state_dict(), "actor_size": self.actor_size}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    def save(self, folder: Path, name: str = "critic", optimizer: bool = True) -> None:
+        """folder/name + genac_state.json (tau), renamed into place; all ranks call. A checkpoint's: weights and optimizer
+        as shards, every rank its own. optimizer=False (the stages): a model folder transformers and vLLM load."""
+        tau = json.dumps({"success_rate": self.success_rate.state_dict(), "actor_size": self.actor_size})
+        save_model_folder(Path(folder) / name, self.model, self.tokenizer, self.optimizer if optimizer else None, {"genac_state.json": tau})
 
     def close(self) -> None:
         self.engine.close()

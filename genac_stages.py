@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from actor import add_update_arguments, full_state_dict, optimizer_steps, policy_forward
+from actor import add_update_arguments, optimizer_steps, policy_forward, stream_full_parameters
 from genac import GenAC, critic_reward, critic_state_prefixes, segment_boundaries, token_texts
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Sample, build_rollout_batch, format_prompt, load_problems, make_engine,
@@ -202,10 +202,10 @@ def sft_main(argv: list[str]) -> None:
         sys.exit("error: no teacher answer parsed; try another --teacher or more --teacher-samples")
     before = critic_quality(critic, val_states, args.seed + 7)
     metrics = supervised_finetune(critic, rows, args)
-    critic.engine.load_weights(full_state_dict(critic.model).items())
+    critic.engine.load_weights(stream_full_parameters(critic.model, args.sync_bucket_mb, critic.engine.dtype))
     report = {"stage": "sft", "teacher": teacher, "teacher_guided": not args.no_guided_teacher, "sft_rows": len(rows),
               "before": before, "after": critic_quality(critic, val_states, args.seed + 7), **metrics}
-    critic.save(out)
+    critic.save(out, optimizer=False)  # a model folder for --critic
     (out / "sft_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"[sft] critic -> {out / 'critic'}; next: python genac_stages.py pretrain --critic {out / 'critic'} --out ...", file=sys.stderr)
@@ -269,7 +269,7 @@ def pretrain_main(argv: list[str]) -> None:
     log({"step": 0, **first})
     print(f"[pretrain] step 0: value MSE {first['val/mse']:.4f} on {len(open_states)} states", file=sys.stderr)
     best, waited = first["val/mse"], 0
-    critic.save(out)
+    critic.save(out, optimizer=False)  # a model folder for --critic
     rng = torch.Generator().manual_seed(args.seed)
     for step in tqdm(range(args.steps), desc="genac pretrain"):
         t0 = time.time()
@@ -287,7 +287,7 @@ def pretrain_main(argv: list[str]) -> None:
             row.update(validation_mse())
             best, waited = (row["val/mse"], 0) if row["val/mse"] < best else (best, waited + 1)
             if waited == 0:
-                critic.save(out)  # keep the best critic
+                critic.save(out, optimizer=False)  # keep the best critic
         log(row)
         print(f"[pretrain] step {step + 1}: parse rate {m['genac/parse_rate']:.2f} critic reward {m['genac/critic_reward']:.3f}"
               + (f" value MSE {row['val/mse']:.4f}" if "val/mse" in row else ""), file=sys.stderr)

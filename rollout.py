@@ -225,6 +225,9 @@ def resolve_model_path(model: str | None) -> str:
         if os.path.isdir(model):
             if not os.path.isfile(os.path.join(model, "config.json")):
                 raise FileNotFoundError(f"--model {model}: the folder has no config.json (not a Hugging Face model folder)")
+            if os.path.isfile(os.path.join(model, "sharded", ".metadata")) and not any(Path(model).glob("*.safetensors")):
+                raise FileNotFoundError(f"--model {model}: a sharded train.py checkpoint without Hugging Face weights; "
+                                        f"write them with `python eval.py export {model}` (in place) or `... export {model} OUT`")
             return model
         if model.startswith(("/", ".", "~")) or model.count("/") != 1:  # a local path, not "org/name"
             raise FileNotFoundError(f"--model {model}: no such folder")
@@ -282,19 +285,23 @@ class VLLMEngine:
     supports_regex = True  # generate(..., regex=) constrains samples (vLLM structured outputs)
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 1024,
-                 gpu_memory_utilization: float = 0.3, world_size: int = 1):
+                 gpu_memory_utilization: float = 0.3, world_size: int = 1, sleep_mode: bool = True):
+        """sleep_mode (GPU): sleep() frees the engine's GPU memory. vLLM's sleep mode is one allocator per process
+        (CuMemAllocator), so a second engine in the process (GenAC's critic) runs without it: it would otherwise be
+        put to sleep with the first."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
         self.on_gpu = torch.cuda.is_available()
+        self.sleeps = self.on_gpu and sleep_mode
         self.dtype = getattr(torch, dtype)
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
                       enforce_eager=not self.on_gpu, logprobs_mode="processed_logprobs")  # log-probs after temperature, as sampled
         if world_size > 1:  # each torchrun rank owns one engine over its own shard of prompts
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleeps)
         # Loading the fp32 master weights into a bf16 engine warns once per weight ("Attempted to load weight ... float32
         # into parameter with dtype torch.bfloat16"): the cast is what --engine-dtype asked for. Drop exactly that line.
         logging.getLogger("vllm.model_executor.models.utils").addFilter(
@@ -329,7 +336,9 @@ class VLLMEngine:
         return result
 
     def load_weights(self, named_tensors) -> None:
-        """Push trainer weights in (cast to the engine dtype), then drop prefix-cache KV of the old weights."""
+        """Push trainer weights in (cast to the engine dtype), then drop prefix-cache KV of the old weights.
+        named_tensors: any iterable of (name, tensor), pulled one at a time (actor.stream_full_parameters gathers
+        them a bucket at a time): vLLM's layerwise reload keeps a tensor only until its layer is complete."""
         cast = ((k, v.to(self.dtype) if v.is_floating_point() else v) for k, v in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=cast, is_checkpoint_format=True))
         self.llm.reset_prefix_cache()
@@ -341,12 +350,15 @@ class VLLMEngine:
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
 
-    def sleep(self) -> None:  # GPU only: free KV cache and weights while the trainer updates
-        if self.on_gpu:
+    def sleep(self) -> None:
+        """GPU: sleep level 1 while the trainer updates: the KV cache is dropped, the weights go to host RAM (level 2
+        would drop them too; they are overwritten by the next sync anyway, but a warm-up step has none)."""
+        if self.sleeps:
             self.llm.sleep(level=1)
 
     def wake(self) -> None:
-        if self.on_gpu:
+        if self.sleeps:
+            torch.cuda.empty_cache()  # the trainer's cached activation blocks back to the driver, for vLLM to map
             self.llm.wake_up()
 
 
@@ -357,7 +369,8 @@ class HFEngine:
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        self.dtype = getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -389,8 +402,14 @@ class HFEngine:
             result.append(samples)
         return result
 
+    @torch.no_grad()
     def load_weights(self, named_tensors) -> None:
-        self.model.load_state_dict(dict(named_tensors), strict=False)
+        """Copies each (name, tensor) into its weight as it arrives (a tied lm_head follows its embedding)."""
+        own = self.model.state_dict()
+        for name, tensor in named_tensors:
+            if name not in own:
+                raise KeyError(f"HFEngine.load_weights: the engine's model has no weight {name!r}")
+            own[name].copy_(tensor)
 
     def close(self) -> None:
         pass

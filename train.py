@@ -17,7 +17,8 @@ The algorithm interface (every class in ALGORITHMS has exactly these; advantage.
     check_arguments(args)            static, at parse time: raise ValueError naming a bad flag; may fill defaults
                                      that depend on other flags (GenAC's cpu/paper profile follows --model)
     __init__(args, actor, tokenizer, device, world, checkpoint)
-                                     its state: critic, prior or probe (checkpoint: the folder resumed from, or None)
+                                     its state: critic, prior or probe (checkpoint: the folder resumed from, or None;
+                                     a critic reads its shards from checkpoint/critic, checkpoint.load_sharded)
     warmup_steps: int                iterations before RL that train only the algorithm's own model (VC-PPO: 6)
     hidden_features                  None, or (decoder layer, pool(mb, hidden [b,T,H], entropy [b,R]) -> [b,F]):
                                      what the old-log-prob pass keeps of the actor's hidden states (POISE)
@@ -26,7 +27,8 @@ The algorithm interface (every class in ALGORITHMS has exactly these; advantage.
     advantages(batch, problems) -> (token advantages [N, R], metrics)
     after_update(batch) -> metrics   after the actor's update: critic step, prior update (no-op for GRPO)
     state_dict() / load_state_dict(state), save(folder), close()
-                                     checkpoint state (all ranks call), model folders in a checkpoint, engines
+                                     small checkpoint state (all ranks call; rank 0's goes into trainer_state.pt), its
+                                     models' shards in a checkpoint (checkpoint.save_model_folder), engines
 
 One step of the loop (`main`):
     1. generate + score     algo.sample(...) drives the engine through `generate_and_score`
@@ -43,6 +45,8 @@ Run it:
         --data train.jsonl --eval-data math500.jsonl --lr 1e-6 --max-new-tokens 2048     # one 8-GPU node
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 train.py ...
     python train.py --out runs/grpo --resume          # continue exactly; then: python eval.py plot runs/grpo
+    python eval.py export runs/grpo/checkpoint-000010 OUT   # a sharded checkpoint as a Hugging Face folder (checkpoint.py)
+    python eval.py memory --model CONFIG --world 8    # what each GPU holds in each phase (memory.py)
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,8 +68,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from advantage import GRPO, RLOO
-from actor import (adamw, add_update_arguments, all_reduce, compute_old_logprobs, full_optimizer_state_dict,
-                   full_state_dict, load_actor, load_full_optimizer_state_dict, ppo_update)
+from actor import adamw, add_update_arguments, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
+from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from critic import PPO, VCPPO
 from genac import GenAC
 from prior import V05
@@ -187,7 +190,7 @@ def rollout_metrics(batch, stats: dict, actor_ran: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data position, checkpoints
+# Data position (checkpoints: checkpoint.py)
 
 
 class PromptStream:
@@ -220,59 +223,6 @@ class PromptStream:
         self._order = self._shuffle()
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.pt").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, stream: PromptStream, algo, rank: int, keep: int,
-                    generated_total: int = 0) -> Path:
-    """Atomic (a temporary folder renamed into place). The folder loads with transformers / vLLM; trainer_state.pt
-    holds optimizer, step, RNG states, data position and the algorithm's state; algo.save adds its model folders."""
-    weights = full_state_dict(model)  # all ranks gather
-    optim_state = full_optimizer_state_dict(model, optimizer)
-    algo_state = algo.state_dict()
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in weights.items()})
-        tokenizer.save_pretrained(tmp)
-    algo.save(tmp)  # all ranks gather, rank 0 writes (e.g. tmp/critic)
-    if rank == 0:
-        torch.save({"step": step, "optimizer": optim_state, "stream": stream.state_dict(), "algorithm": algo_state,
-                    "generated_tokens": generated_total,
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
-                   tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(out.glob("checkpoint-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
-
-
-def read_trainer_state(folder: Path, out: Path) -> dict:
-    """trainer_state.pt of a checkpoint, or exit with an error naming it, what is wrong and the older checkpoints."""
-    try:
-        return torch.load(folder / "trainer_state.pt", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - truncated, zeroed, not a torch file: all unreadable
-        older = [p.name for p in sorted(out.glob("checkpoint-*")) if p != folder and (p / "trainer_state.pt").is_file()]
-        sys.exit(f"error: cannot resume: {folder / 'trainer_state.pt'} is damaged ({type(e).__name__}: {str(e)[:200]}). "
-                 + (f"Older checkpoints: {', '.join(older)}; move {folder.name} away to resume from {older[-1]}." if older
-                    else "No older checkpoint in this folder."))
-
-
-def load_checkpoint(state: dict, optimizer, model, stream: PromptStream, algo) -> tuple[int, int]:
-    """Restores what save_checkpoint wrote (the weights were loaded from the folder) -> (step, generated tokens)."""
-    load_full_optimizer_state_dict(model, optimizer, state["optimizer"])
-    stream.load_state_dict(state["stream"])
-    algo.load_state_dict(state["algorithm"])
-    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
-    return state["step"], state.get("generated_tokens", 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -301,14 +251,13 @@ def main(argv=None) -> None:
             "held-out split: pass --eval-data FILE)") + (", not evaluated (--no-eval)" if args.no_eval else ""), file=sys.stderr)
     resume_from = latest_checkpoint(out) if args.resume else None
     resume_state = read_trainer_state(resume_from, out) if resume_from else None
-    model_path = str(resume_from) if resume_from else base_model
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(resume_from) if resume_from else base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     too_long = next(((p, n) for p in train_problems + eval_problems if (n := len(format_prompt(tokenizer, p))) > args.max_prompt_tokens), None)
     if too_long:
         sys.exit(f"error: problem {too_long[0].id!r} has a {too_long[1]}-token prompt, over --max-prompt-tokens {args.max_prompt_tokens}")
-    model = load_actor(model_path, device, world)
-    ref_model = load_actor(base_model, device, world).eval() if args.kl_coef > 0 else None
+    model = load_actor(base_model, device, world, args)  # a resumed run's shards are read over it (load_checkpoint)
+    ref_model = load_actor(base_model, device, world, args).eval() if args.kl_coef > 0 else None
     optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     args.model = base_model
     try:
@@ -316,13 +265,15 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. a missing --prior-embedder
         sys.exit(f"error: {e}")
     stream = PromptStream(train_problems, args.seed)
-    start_step, generated_total = load_checkpoint(resume_state, optimizer, model, stream, algo) if resume_from else (0, 0)
+    start_step, generated_total = load_checkpoint(resume_from, resume_state, model, optimizer, stream, algo, world) if resume_from else (0, 0)
     if args.resume and master:
         print(f"[resume] from {resume_from} at step {start_step}" if resume_from else f"[resume] no checkpoint in {out}; "
               "starting from scratch", file=sys.stderr)
-    engine = make_engine(args.engine or default_engine(), model_path, dtype=args.engine_dtype, seed=args.seed,
+    engine = make_engine(args.engine or default_engine(), base_model, dtype=args.engine_dtype, seed=args.seed,
                          max_model_len=args.max_prompt_tokens + args.max_new_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
+    if resume_from:  # the engine starts from the base weights: give it the resumed ones
+        engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype))
     verifier = MathVerifier(timeout_s=args.verifier_timeout) if any(p.kind == "math" for p in train_problems + eval_problems) else None
     metrics_path = out / "metrics.jsonl"
     if master and not args.resume:
@@ -382,7 +333,7 @@ def main(argv=None) -> None:
         t = time.time()
         if actor_trains:
             engine.wake()
-            engine.load_weights(full_state_dict(model).items())
+            engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype))  # a bucket at a time
         times["time/sync"], times["time/step"] = time.time() - t, time.time() - t_step
 
         # 6. log, evaluate, checkpoint
@@ -405,7 +356,8 @@ def main(argv=None) -> None:
 
     if start_step < total_steps:
         run_eval(total_steps)
-        final = save_checkpoint(out, total_steps, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total)
+        final = save_checkpoint(out, total_steps, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total,
+                                final=True)  # + the Hugging Face weights
         if master:
             print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
     if master:  # the completion marker, after the final evaluation and checkpoint (sweep.py skips such runs)

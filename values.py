@@ -175,7 +175,7 @@ def generative_values(path: str, states: list[dict], problems_text: list[str], p
     critic_args = argparse.Namespace(**{**vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0,
                                         "engine": "vllm", "engine_dtype": args.engine_dtype, "seed": args.seed,
                                         "gpu_memory_utilization": 0.2, "model": args.policy, "icc_carry_over": True,
-                                        "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens})
+                                        "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens, "gradient_checkpointing": False})
     GenAC.check_arguments(critic_args)  # the profile follows --policy as given (None: the offline default model)
     critic_args.model = args.policy_path
     with torch.device("meta"):  # the actor's size for the ICC hint

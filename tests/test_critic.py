@@ -39,7 +39,7 @@ def _batch():
 def _args(**kw):
     base = dict(micro_batch_size=2, dtype="fp32", ppo_epochs=1, mini_batches=1, seed=0, value_clip=0.5, grad_clip=1.0,
                 gamma=1.0, lam=1.0, critic_lam=None, critic_lr=5e-6, weight_decay=0.01, critic_warmup_steps=0,
-                critic_model=None, out="unused", share_prompts=True)
+                critic_model=None, out="unused", share_prompts=True, gradient_checkpointing=False)
     return SimpleNamespace(**{**base, **kw})
 
 

@@ -305,7 +305,7 @@ def test_eval_generative_values_picks_the_profile_from_the_policy_as_given(tiny_
 
 class _FakeEngine:
     """Stands in for the critic's vLLM engine: every answer is 'fine \\boxed{5}' (3 tokens)."""
-    supports_regex = False
+    supports_regex, dtype = False, torch.float32
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs

@@ -66,8 +66,8 @@ def test_algorithm_flags_belong_to_their_algorithm():
 
 
 def test_imports_run_one_way():
-    """Entry points on top; algorithm files use only the shared parts (actor, rollout, reward, advantage); no circle;
-    nobody imports train/eval."""
+    """Entry points on top; algorithm files use only the shared parts (actor, rollout, reward, advantage, checkpoint);
+    no circle; nobody imports train/eval; checkpoint sits on actor (its streamed gather) and nothing shared below it."""
     modules = {p.stem for p in ROOT.glob("*.py")}
     imports = {}
     for name in modules:
@@ -80,10 +80,11 @@ def test_imports_run_one_way():
                 found.add(node.module.split(".")[0])
         imports[name] = found & modules - {name}
     assert not [m for m, deps in imports.items() if deps & {"train", "eval"}]
-    shared_parts = {"actor", "rollout", "reward", "advantage"}
+    shared_parts = {"actor", "rollout", "reward", "advantage", "checkpoint"}
     for algorithm_file in ("critic", "genac", "prior", "probe"):
         assert imports[algorithm_file] <= shared_parts, (algorithm_file, imports[algorithm_file])
     for shared in shared_parts:
         assert imports[shared] <= shared_parts, (shared, imports[shared])
     assert not imports["reward"], imports["reward"]  # the bottom: grading needs nothing of ours
     assert "actor" not in imports["rollout"] | imports["advantage"] and "rollout" not in imports["advantage"]
+    assert imports["checkpoint"] <= {"actor"} and not [m for m in shared_parts if "checkpoint" in imports[m]]
