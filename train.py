@@ -287,6 +287,8 @@ def main(argv=None) -> None:
     if start_step == 0:
         run_eval(0)
     total_steps = algo.warmup_steps + args.steps
+    if args.token_budget and generated_total >= args.token_budget:  # resumed from a run's final (budget-stopped) checkpoint
+        total_steps = start_step
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master, desc=type(algo).__name__)
     for step in bar:
         t_step, actor_trains = time.time(), step >= algo.warmup_steps  # warm-up: only the algorithm's own model trains

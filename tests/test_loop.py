@@ -88,3 +88,12 @@ def test_imports_run_one_way():
     assert not imports["reward"], imports["reward"]  # the bottom: grading needs nothing of ours
     assert "actor" not in imports["rollout"] | imports["advantage"] and "rollout" not in imports["advantage"]
     assert imports["checkpoint"] <= {"actor"} and not [m for m in shared_parts if "checkpoint" in imports[m]]
+
+
+def test_resuming_a_run_that_spent_its_token_budget_trains_no_more(tiny_model, tmp_path):
+    """A budget-stopped run killed after its final checkpoint (before run.json's done) resumes to nothing: no extra step."""
+    first = _train(tiny_model, tmp_path, "--token-budget", "20", "--steps", "50", "--no-eval")
+    steps = [r["step"] for r in first if "reward" in r]
+    assert steps[-1] < 50 and first[-1]["generated_tokens_total"] >= 20
+    again = _train(tiny_model, tmp_path, "--token-budget", "20", "--steps", "50", "--no-eval", "--resume")
+    assert [r["step"] for r in again if "reward" in r] == steps
