@@ -84,19 +84,21 @@ def write_safetensors(named_tensors, folder, shard_mb: float = EXPORT_SHARD_MB) 
     past `shard_mb` (the layout transformers and vLLM load); one file's tensors in memory at a time. folder None:
     the pairs are consumed and dropped (ranks that only join stream_full_parameters' gathers)."""
     from safetensors.torch import save_file
-    files, shard, weight_map = [], {}, {}
+    files, shard, weight_map, held = [], {}, {}, [0]  # held[0]: bytes in `shard`
 
     def flush():
         files.append(Path(folder) / f".model-{len(files) + 1:05d}.safetensors")
         save_file({k: v.contiguous() for k, v in shard.items()}, files[-1], metadata={"format": "pt"})
         weight_map.update({k: len(files) - 1 for k in shard})
         shard.clear()
+        held[0] = 0
 
     for name, tensor in named_tensors:
         if folder is not None:
-            if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > shard_mb * 2 ** 20:
+            if shard and held[0] + tensor.nbytes > shard_mb * 2 ** 20:
                 flush()
             shard[name] = tensor.cpu()
+            held[0] += tensor.nbytes
     if folder is None:
         return
     if shard or not files:
