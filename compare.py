@@ -134,10 +134,21 @@ def find_run_folders(paths) -> list[Path]:
     return found
 
 
-def config_key(run: Run) -> str:
-    config = {k: v for k, v in run.args.items() if k not in NON_SEMANTIC}
+def config_key(run: Run, unrecorded: frozenset = frozenset()) -> str:
+    """The run's configuration as a string; `unrecorded`: flags left out (see `partially_recorded`)."""
+    config = {k: v for k, v in run.args.items() if k not in NON_SEMANTIC and k not in unrecorded}
     config["model"] = run.record.get("model", {}).get("sha256") or config.get("model")
     return json.dumps(config, sort_keys=True, default=str)
+
+
+def partially_recorded(runs: list[Run]) -> dict[str, str]:
+    """Flags that some runs' run.json lacks (written by a train.py without them) while every run that has them agrees on
+    one value -> {flag: that value}. They are left out of the configuration, so runs of older and newer code pool, and
+    a note says so: the older code is taken to behave as that value. A flag with several values keeps runs apart."""
+    present = [set(r.args) for r in runs]
+    partial = set().union(*present) - set.intersection(*present) - NON_SEMANTIC if runs else set()
+    values = {k: {json.dumps(r.args[k], default=str) for r in runs if k in r.args} for k in partial}
+    return {k: next(iter(v)) for k, v in sorted(values.items()) if len(v) == 1}
 
 
 def explicit_flags(run: Run) -> set[str]:
@@ -161,22 +172,28 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
     """Complete runs grouped by configuration -> (groups, notes on what was left out). Label: the algorithm and the
     flags given explicitly that differ between configurations (and, for configurations still alike, what differs)."""
     notes, by_key = [], {}
+    complete = [r for r in runs if r.complete]  # an algorithm's own flags exist only in its runs: look within each algorithm
+    by_algo = {a: partially_recorded([r for r in complete if r.args["algo"] == a]) for a in {r.args["algo"] for r in complete}}
+    unrecorded = {k: v for flags in by_algo.values() for k, v in flags.items()}
+    if unrecorded:
+        notes.append("not recorded by every run of an algorithm (older code), so not compared: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(unrecorded.items())) + " in the runs that record it; the others are taken to behave the same")
     for run in runs:
         if not run.complete:
             notes.append(f"incomplete, left out: `{run.folder}` (last logged step {run.steps}; no `done` in run.json)")
             continue
-        same = by_key.setdefault(config_key(run), {})
+        same = by_key.setdefault(config_key(run, frozenset(by_algo[run.args["algo"]])), {})
         if run.seed in same:
             notes.append(f"left out: `{run.folder}` has the configuration and seed of `{same[run.seed].folder}`")
             continue
         same[run.seed] = run
     members = [[r for _, r in sorted(seeds.items())] for seeds in by_key.values()]
-    flags = set().union(*(explicit_flags(r) for rs in members for r in rs)) - NON_SEMANTIC - {"algo"}
+    flags = set().union(*(explicit_flags(r) for rs in members for r in rs)) - NON_SEMANTIC - {"algo"} - set(unrecorded)
     shown = sorted(k for k in flags if len({json.dumps(rs[0].args.get(k), default=str) for rs in members if k in rs[0].args}) > 1)
     order = lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))  # noqa: E731 - numbers by value
     members.sort(key=lambda rs: (rs[0].args["algo"], [order(rs[0].args.get(k)) for k in shown]))
     labels = [" ".join([rs[0].args["algo"]] + [f"{k}={rs[0].args[k]}" for k in shown if k in rs[0].args]) for rs in members]
-    configs = [json.loads(config_key(rs[0])) for rs in members]
+    configs = [json.loads(config_key(rs[0], frozenset(by_algo[rs[0].args["algo"]]))) for rs in members]
     items = [{k: rs[0].args[k] for k in shown if k in rs[0].args} for rs in members]
     for label in set(labels):  # configurations the shown flags do not tell apart (e.g. a newer train.py's new flag): add what differs
         same = [i for i, other in enumerate(labels) if other == label]

@@ -86,9 +86,17 @@ def test_grouping_by_configuration(tmp_path):
     assert [g.shown for g in groups] == [{"lr": 1e-6}, {"lr": 3e-6}, {"lr": 1e-6}] and not notes
     assert [(g.label, [r.seed for r in g.runs]) for g in groups] == [
         ("grpo lr=1e-06", [0, 1]), ("grpo lr=3e-06", [0, 1]), ("poise lr=1e-06", [0, 1])]
-    make_run(tmp_path / "d0", 0, 0.7, 0.9, argv=["--lr", "1e-06"], lr=1e-6, new_flag=4)  # e.g. a newer train.py's flag
-    with_new = [g.label for g in groups_of(tmp_path)[0]]
-    assert with_new[:2] == ["grpo lr=1e-06 new_flag=None", "grpo lr=1e-06 new_flag=4"]
+    # a newer train.py's flag, absent from the older runs' run.json, with one value: pooled, and a note says so
+    make_run(tmp_path / "d2", 2, 0.7, 0.9, argv=["--lr", "1e-06"], lr=1e-6, new_flag=4)
+    pooled, pooled_notes = groups_of(tmp_path)
+    assert [(g.label, [r.seed for r in g.runs]) for g in pooled][0] == ("grpo lr=1e-06", [0, 1, 2])
+    assert any("not compared: new_flag=4" in n for n in pooled_notes)
+    # the same flag with two values among the newer runs: a real difference, the runs stay apart
+    make_run(tmp_path / "e3", 3, 0.7, 0.9, argv=["--lr", "1e-06", "--new-flag", "8"], lr=1e-6, new_flag=8)
+    apart, apart_notes = groups_of(tmp_path)
+    assert [(g.label, [r.seed for r in g.runs]) for g in apart][:3] == [
+        ("grpo lr=1e-06 new_flag=4", [2]), ("grpo lr=1e-06 new_flag=8", [3]), ("grpo lr=1e-06", [0, 1])]
+    assert not any("not compared" in n for n in apart_notes)
     table = compare.markdown_table(groups, [], "grpo")
     # each row is paired with the grpo row of its own lr: poise 0.4 - grpo 0.5 = -0.100 on both seeds (no spread)
     assert "| poise lr=1e-06 | 2 (0,1) | 0.400 ± 0.000 | 0.600 ± 0.000 | -0.100 ± 0.000 (2 seeds) | 80 | 12 s | 4.5 |" in table
