@@ -55,7 +55,7 @@ def speed_main(argv: list[str]) -> None:
     from transformers import AutoTokenizer
 
     import actor
-    from reward import score_responses
+    from reward import MathVerifier, score_responses
     from rollout import DataError, build_rollout_batch, format_prompt, load_problems, make_engine, resolve_model_path
     ap = argparse.ArgumentParser(prog="eval.py speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -75,6 +75,7 @@ def speed_main(argv: list[str]) -> None:
     except ValueError:
         sys.exit(f"error: --shapes {pa.shapes!r}: expected prompts x samples, e.g. 8x4,16x8")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    verifier = MathVerifier() if any(p.kind == "math" for p in problems) else None  # a JSONL of math problems: math-verify
     engine = make_engine("vllm", model_path, dtype="bfloat16", seed=0, max_model_len=1024 + pa.max_new_tokens)
     engine.generate([format_prompt(tokenizer, problems[0])], 1, 8, 1.0, 1.0, 0)  # warm-up
     print(f"| generation: prompts x samples (≤ {pa.max_new_tokens} new tokens) | loop tokens/s | bare vLLM tokens/s "
@@ -91,13 +92,15 @@ def speed_main(argv: list[str]) -> None:
             start = time.time()
             bare_rate.append(bare_generate(engine, prompt_ids, n, pa.max_new_tokens) / (time.time() - start))
         start = time.time()
-        rewards, _ = score_responses([s.text for g in samples for s in g], [p for p, g in zip(chosen, samples) for _ in g], None)
+        rewards, _ = score_responses([s.text for g in samples for s in g], [p for p, g in zip(chosen, samples) for _ in g], verifier)
         scoring = time.time() - start
         loop, bare = sum(loop_rate) / len(loop_rate), sum(bare_rate) / len(bare_rate)
         print(f"| {prompts} x {n} | {loop:.0f} | {bare:.0f} | {loop and bare / loop - 1:+.0%} | {scoring:.2f} |", flush=True)
         if first is None:
             first = build_rollout_batch(prompt_ids, samples, rewards, tokenizer.pad_token_id)
     engine.close()
+    if verifier is not None:
+        verifier.close()
 
     device = torch.device("cpu")
     model = actor.load_actor(model_path, device, 1)

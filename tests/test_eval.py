@@ -54,3 +54,16 @@ def test_speed_rejects_a_malformed_shape(capsys):
     import eval as eval_module
     with pytest.raises(SystemExit, match="expected prompts x samples"):
         eval_module.main(["speed", "--shapes", "4x8,16"])
+
+
+def test_speed_runs_on_a_math_jsonl(tiny_model, tmp_path, capsys):
+    """`eval.py speed --data FILE.jsonl` scores math answers with math-verify (it stopped with 'math problems need a
+    MathVerifier' before) and prints both tables: generation loop vs bare vLLM, update loop vs bare forward+backward."""
+    import eval as eval_module
+    rows = [{"problem": f"What is {a} + {a}? Put the answer in \\boxed{{}}.", "answer": str(2 * a)} for a in range(1, 5)]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eval_module.main(["speed", "--model", tiny_model, "--data", str(data), "--shapes", "2x2", "--max-new-tokens", "8",
+                      "--repeats", "1", "--micro-batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "| 2 x 2 |" in out and "bare vLLM" in out and "| bare forward + backward" in out and "(actor.ppo_update) |" in out
