@@ -134,7 +134,7 @@ def find_run_folders(paths) -> list[Path]:
     return found
 
 
-def config_key(run: Run, unrecorded: frozenset = frozenset()) -> str:
+def config_key(run: Run, unrecorded=()) -> str:
     """The run's configuration as a string; `unrecorded`: flags left out (see `partially_recorded`)."""
     config = {k: v for k, v in run.args.items() if k not in NON_SEMANTIC and k not in unrecorded}
     config["model"] = run.record.get("model", {}).get("sha256") or config.get("model")
@@ -182,7 +182,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
         if not run.complete:
             notes.append(f"incomplete, left out: `{run.folder}` (last logged step {run.steps}; no `done` in run.json)")
             continue
-        same = by_key.setdefault(config_key(run, frozenset(by_algo[run.args["algo"]])), {})
+        same = by_key.setdefault(config_key(run, by_algo[run.args["algo"]]), {})
         if run.seed in same:
             notes.append(f"left out: `{run.folder}` has the configuration and seed of `{same[run.seed].folder}`")
             continue
@@ -193,7 +193,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
     order = lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))  # noqa: E731 - numbers by value
     members.sort(key=lambda rs: (rs[0].args["algo"], [order(rs[0].args.get(k)) for k in shown]))
     labels = [" ".join([rs[0].args["algo"]] + [f"{k}={rs[0].args[k]}" for k in shown if k in rs[0].args]) for rs in members]
-    configs = [json.loads(config_key(rs[0], frozenset(by_algo[rs[0].args["algo"]]))) for rs in members]
+    configs = [json.loads(config_key(rs[0], by_algo[rs[0].args["algo"]])) for rs in members]
     items = [{k: rs[0].args[k] for k in shown if k in rs[0].args} for rs in members]
     for label in set(labels):  # configurations the shown flags do not tell apart (e.g. a newer train.py's new flag): add what differs
         same = [i for i, other in enumerate(labels) if other == label]
