@@ -3,7 +3,7 @@
     load_actor -> compute_old_logprobs (no grad: old log-probs, entropies, pooled hidden features if asked)
                -> ppo_update = optimizer_steps(micro_loss = clipped surrogate): the skeleton every model's
                   update uses (actor, value critic, generative critic, SFT), normaliser fixed per step
-               -> full_state_dict (gathered on every rank, for the engine sync and checkpoints)
+               -> stream_full_parameters (a bucket of full tensors at a time, for the engine sync and the HF writer)
 
 Rows are laid out [left-padded prompt | right-padded response] (rollout.RolloutBatch), so every
 response starts at the same column and the LM head only runs on response positions. By default
@@ -111,12 +111,6 @@ def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW (0.9, 0.999) as one fused kernel: for 135M fp32 parameters on this CPU a step takes 0.1 s
     fused vs 0.6-1.1 s with the default multi-tensor (foreach) implementation; same update rule."""
     return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
-
-
-def full_state_dict(model) -> dict:
-    """Full (unsharded) weights on every rank, all at once (all ranks must call this). Tests and one-process tools
-    only: the loop streams (stream_full_parameters)."""
-    return dict(stream_full_parameters(model, bucket_mb=0))  # a tied lm_head as its own entry, as model.state_dict()
 
 
 def stream_full_parameters(model, bucket_mb: float = SYNC_BUCKET_MB, dtype: torch.dtype | None = None, tied: bool = True):

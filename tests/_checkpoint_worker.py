@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import actor  # noqa: E402
+from _helpers import full_state_dict  # noqa: E402
 import checkpoint  # noqa: E402
 import train  # noqa: E402
 from _fsdp_update import fixed_batch  # noqa: E402
@@ -28,7 +29,7 @@ def full_state(model, optimizer) -> dict:
     """Full weights and optimizer state (gathered: small test models only)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {"weights": {k: v.clone() for k, v in actor.full_state_dict(model).items()},
+    return {"weights": {k: v.clone() for k, v in full_state_dict(model).items()},
             "optimizer": {k: {s: t.clone() for s, t in v.items()} for k, v in optim.get("state", {}).items()}}
 
 

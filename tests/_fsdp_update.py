@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import actor  # noqa: E402
+from _helpers import full_state_dict  # noqa: E402
 import train  # noqa: E402
 from rollout import Sample, build_rollout_batch  # noqa: E402
 
@@ -44,7 +45,7 @@ def main():
         halves = [share.chunk(2)[s] for share in shares]
         rows = halves[rank] if world > 1 else torch.cat(halves)
         actor.ppo_update(model, opt, batch.select(rows), args, device, world)
-    weights = actor.full_state_dict(model)
+    weights = full_state_dict(model)
     if rank == 0:
         torch.save({k: v.clone() for k, v in weights.items()}, out)
     if world > 1:

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from _helpers import full_state_dict
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_checkpoint_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -161,6 +163,6 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model):
         assert model.is_gradient_checkpointing == checkpointing
         optimizer = actor.adamw(model.parameters(), lr=1e-3, weight_decay=0.01)
         actor.ppo_update(model, optimizer, fixed_batch(), args, torch.device("cpu"), 1)
-        weights.append(actor.full_state_dict(model))
+        weights.append(full_state_dict(model))
     for k in weights[0]:
         assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), k

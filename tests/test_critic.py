@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from critic import PPO, discriminative_value_fn, gae_advantages, masked_whiten, value_forward
+from _helpers import masked_whiten
+from critic import PPO, discriminative_value_fn, gae_advantages, value_forward
 from rollout import Sample, build_rollout_batch
 
 ROOT = Path(__file__).resolve().parents[1]

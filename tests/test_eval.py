@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from eval import pass_at_k, plot_run, run_summary
+from eval import plot_run, run_summary
+from rollout import pass_at_k
 
 
 def test_pass_at_k_unbiased_estimator():

