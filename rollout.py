@@ -277,6 +277,47 @@ def _convert_offline_default(cache: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# A quiet console: third-party lines that say nothing to a user of this project, dropped at their source
+
+
+# vLLM warnings that describe the CPU build or settings this project chose on purpose (eager mode, an in-process engine,
+# no Triton / tcmalloc / iomp on a CPU, the CPU worker refusing torch.set_num_threads): {logger: how each message starts}
+VLLM_EXPECTED_WARNINGS = {
+    "vllm.engine.arg_utils": ("The global random seed is set to",),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.v1.worker.cpu_worker": ("libtcmalloc is not found", "libiomp is not found",
+                                  "CPU backend doesn't allow to use `torch.set_num_threads`"),
+}
+
+
+def quiet_third_party_output() -> None:
+    """Drop the start-up lines of vLLM, torch and transformers that are expected on this project's settings. Only named
+    warnings go (VLLM_EXPECTED_WARNINGS, filtered on the logger that emits them, which survives vLLM re-configuring its
+    handlers; torch's reduce_op deprecation inside vLLM; torch's "Triton not available") and the weight-loading progress
+    bars; every error and any other warning still shows. The entry points also set TORCH_CPP_LOG_LEVEL=ERROR before
+    importing torch (C++ warnings such as the vLLM-CPU worker's NUMA binding note)."""
+    import warnings
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    for name, starts in VLLM_EXPECTED_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(starts))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# ----------------------------------------------------------------------------------------------
 # Generation engines
 
 
@@ -306,12 +347,13 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        quiet_third_party_output()
         from vllm import LLM
         self.on_gpu = torch.cuda.is_available()
         self.sleeps = self.on_gpu and sleep_mode
         self.dtype = getattr(torch, dtype)
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
-                      enforce_eager=not self.on_gpu, logprobs_mode="processed_logprobs")  # log-probs after temperature, as sampled
+                      enforce_eager=not self.on_gpu, logprobs_mode="processed_logprobs", use_tqdm_on_load=False)  # log-probs after temperature, as sampled
         if world_size > 1:  # each torchrun rank owns one engine over its own shard of prompts
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if self.on_gpu:

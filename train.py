@@ -61,8 +61,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: C++ warnings off, errors still shown
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -76,7 +77,7 @@ from prior import V05
 from probe import POISE
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
-                     load_problems, make_engine, resolve_model_path)
+                     load_problems, make_engine, quiet_third_party_output, resolve_model_path)
 from runrecord import mark_done, write_start
 
 
@@ -229,6 +230,7 @@ class PromptStream:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    quiet_third_party_output()
     rank, world, device = setup_distributed()
     master, out, local_prompts = rank == 0, Path(args.out), args.prompts_per_step // world
     if local_prompts < 1:
