@@ -384,13 +384,15 @@ def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, 
     t = time.time()
     result = evaluate(engine, tokenizer, eval_problems[rank::world], args.eval_k, args.max_new_tokens, verifier, seed=args.seed + 17)
     totals = all_reduce(torch.tensor([result["correct_sum"], result["samples"], result["pass_at_k_sum"], result["problems"],
-                                      result["generated_tokens"]], dtype=torch.float64))
+                                      result["generated_tokens"], result["timeouts"]], dtype=torch.float64))
     record = {"step": step, "eval/avg_at_k": float(totals[0] / totals[1]), "eval/pass_at_k": float(totals[2] / totals[3]),
-              "eval/k": args.eval_k, "eval/problems": int(totals[3]), "eval/generated_tokens": int(totals[4]), "time/eval": time.time() - t}
+              "eval/k": args.eval_k, "eval/problems": int(totals[3]), "eval/generated_tokens": int(totals[4]),
+              "eval/timeouts": int(totals[5]), "time/eval": time.time() - t}
     log(record)
     if rank == 0:
-        print(f"[eval] step {step}: avg@{args.eval_k} {record['eval/avg_at_k']:.4f}  pass@{args.eval_k} "
-              f"{record['eval/pass_at_k']:.4f} on {record['eval/problems']} held-out problems ({record['time/eval']:.0f}s)", flush=True)
+        print(f"[eval] step {step}: avg@{args.eval_k} {record['eval/avg_at_k']:.4f} ({record['eval/timeouts']} timeouts, scored 0)  "
+              f"pass@{args.eval_k} {record['eval/pass_at_k']:.4f} on {record['eval/problems']} held-out problems "
+              f"({record['time/eval']:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":
