@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+from flags import LOSS_AGG_MODES
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,8 +168,8 @@ def _top_level_parts(box: str) -> list[str]:
     """The box split at commas outside braces, brackets and parentheses: `x=2, y=3` -> [`x=2`, ` y=3`]."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(box):
-        depth += ch in "{[(" and not box[i - 1:i] == "\\"
-        depth -= ch in "}])" and not box[i - 1:i] == "\\"
+        depth += ch in "{[(" and box[i - 1:i] != "\\"
+        depth -= ch in "}])" and box[i - 1:i] != "\\"
         if ch == "," and depth == 0:
             parts.append(box[start:i])
             start = i + 1
