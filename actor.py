@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import advantage as adv_math
-from flags import SYNC_BUCKET_MB, add_update_arguments  # noqa: F401 - re-exported: the stage commands take the flags here
+from flags import SYNC_BUCKET_MB, add_update_arguments  # noqa: F401 - re-exported for the stage commands
 from rollout import RolloutBatch
 
 # ---------------------------------------------------------------------------------------------

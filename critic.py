@@ -145,7 +145,8 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
-def value_clip_active(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float = 0.5) -> torch.Tensor:
+def value_clip_active(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                      clip: float = 0.5) -> torch.Tensor:
     """Where the clipped term wins the max in `clipped_value_loss` (verl's vf_clipfrac counts these): bool [N, R].
 
     A value that moved past the clip range AWAY from its return is not counted: its unclipped error is the larger.
@@ -235,7 +236,8 @@ class PPO:
             token_loss = clipped_value_loss(values, mb.old_values, mb.returns, args.value_clip)
             with torch.no_grad():
                 active = value_clip_active(values, mb.old_values, mb.returns, args.value_clip)  # [b, R]
-                sums = {"clipped": (active.float() * mask).sum(), "squared_error": (((values - mb.returns) ** 2) * mask).sum()}
+                sums = {"clipped": (active.float() * mask).sum(),
+                        "squared_error": (((values - mb.returns) ** 2) * mask).sum()}
             return token_loss, sums
 
         s = optimizer_steps(self.model, self.optimizer, batch, steps, micro_loss, args, self.device, self.world,

@@ -51,7 +51,8 @@ def add_run_arguments(parser) -> None:
     a("--seed", type=number(int), default=0)
     a("--steps", type=number(int, 0), default=30, help="RL iterations")
     a("--prompts-per-step", type=number(int, 1), default=4, help="prompts per iteration (over all ranks)")
-    a("--rollouts-per-prompt", type=number(int, 1), default=8, help="G (poise: 2; v05 samples --v05-n0 first, then OSLA)")
+    a("--rollouts-per-prompt", type=number(int, 1), default=8,
+      help="G (poise: 2; v05 samples --v05-n0 first, then OSLA)")
     a("--max-new-tokens", type=int, default=128)
     a("--max-prompt-tokens", type=number(int, 1), default=512, help="longer prompts are an error")
     a("--temperature", type=float, default=1.0)
@@ -91,10 +92,11 @@ def add_update_arguments(parser) -> None:
     a("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward")
     a("--no-share-prompts", dest="share_prompts", action="store_false", help="run every rollout's prompt in the "
       "trainer's forward passes (default: a prompt once per micro-batch for all its rollouts; same log-probs)")
-    a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training compute dtype (master weights fp32): autocast; "
-      "on GPU under FSDP2 also bf16 parameters in forward/backward with fp32 gradient reduction (MixedPrecisionPolicy)")
-    a("--gradient-checkpointing", action="store_true", help="recompute each decoder layer's activations in the backward "
-      "(memory for time: long responses on big models)")
+    a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training compute dtype (master weights fp32): "
+      "autocast; on GPU under FSDP2 also bf16 parameters in forward/backward with fp32 gradient reduction "
+      "(MixedPrecisionPolicy)")
+    a("--gradient-checkpointing", action="store_true", help="recompute each decoder layer's activations in the "
+      "backward (memory for time: long responses on big models)")
     a("--sync-bucket-mb", type=number(float, 0), default=SYNC_BUCKET_MB, help="weight sync: parameters gathered per "
       "all-gather, in MB of the engine's dtype; a rank holds one such bucket of full tensors beyond its shard "
       "(0: one parameter at a time)")

@@ -140,8 +140,8 @@ def sft_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-data", default=None, help="JSONL of teacher answers: reused if it exists (default: OUT/sft.jsonl)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--sft-lr", type=float, default=1e-5)
-    p.add_argument("--val-frac", type=float, default=0.25, help="prompts whose states are held out to measure parse rate / "
-                   "critic reward (split by prompt)")
+    p.add_argument("--val-frac", type=float, default=0.25, help="prompts whose states are held out to measure "
+                   "parse rate / critic reward (split by prompt)")
     p.add_argument("--no-guided-teacher", action="store_true", help="let the teacher answer freely (default: constrained to "
                    "end in \\boxed{0..10}, since small teachers rarely follow the format)")
     return p

@@ -418,7 +418,8 @@ class POISE:
         a("--probe-standardize-hidden", action="store_true", help="scale hidden dims before PCA (default: centre only)")
         # G = 2 at GRPO's rollout budget; as the authors' launcher: clip-higher 0.28 (clip_ratio_high), dual-clip
         # c = 10 (clip_ratio_c) and 8 optimizer steps per iteration (train batch / ppo_mini_batch_size)
-        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16, clip_high=0.28, clip_ratio_c=10.0, mini_batches=8)
+        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16, clip_high=0.28, clip_ratio_c=10.0,
+                            mini_batches=8)
 
     @staticmethod
     def check_arguments(args) -> None:

@@ -66,13 +66,14 @@ def last_boxed(text: str) -> str | None:
     return boxes[-1].content if boxes else None
 
 
-CONNECTIVE = re.compile(r"\\(?:text|mbox|textrm|mathrm)\s*\{|\\q?quad|\\[,;:! ]|\\[()]|[\s$,;:.{}]|\b(?:or|and|either|maybe)\b",
-                        re.IGNORECASE)
+CONNECTIVE = re.compile(r"\\(?:text|mbox|textrm|mathrm)\s*\{|\\q?quad|\\[,;:! ]|\\[()]|[\s$,;:.{}]"
+                        r"|\b(?:or|and|either|maybe)\b", re.IGNORECASE)
 
 
 def boxes_are_alternatives(text: str) -> bool:
     """True when the last box sits next to an earlier box with a different answer, joined by nothing but a
-    connective: `\\boxed{11} or \\boxed{12}`, `\\boxed{11}, \\boxed{12}`, `\\boxed{\\frac12} \\text{ or } \\boxed{\\frac13}`.
+    connective: `\\boxed{11} or \\boxed{12}`, `\\boxed{11}, \\boxed{12}`,
+    `\\boxed{\\frac12} \\text{ or } \\boxed{\\frac13}`.
 
     A later box after words (`I got \\boxed{2}, no wait, it is \\boxed{3}`, `Step 2: \\boxed{2}. Final: \\boxed{3}`)
     is a revision, and the last box is the answer.
@@ -99,8 +100,8 @@ UNIT_TEXT = re.compile(r"\s*\\(?:text|mbox|textrm|mathrm)\s*\{([A-Za-z .]*)\}\s*
 UNIT_WORDS = re.compile(r"\s+([A-Za-z][A-Za-z .]*)$")  # `12 apples`
 FORMATTING = re.compile(r"\\(?:mathbf|textbf|boldsymbol|bm|mathrm|text|textrm|mbox)\s*\{([^{}]*)\}")
 ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=(?!=)")  # `x = `, `n_1 = `
-SIGNED_INTEGER = re.compile(r"\s*(?P<sign>[+-]?)\s*(?P<open>\(?)\s*(?P<inner>[+-]?)\s*(?P<digits>\d{1,3}(?:,\d{3})+|\d+)"
-                            r"(?:\.0*)?\s*(?P<close>\)?)\s*\.?\s*")
+SIGNED_INTEGER = re.compile(r"\s*(?P<sign>[+-]?)\s*(?P<open>\(?)\s*(?P<inner>[+-]?)\s*"
+                            r"(?P<digits>\d{1,3}(?:,\d{3})+|\d+)(?:\.0*)?\s*(?P<close>\)?)\s*\.?\s*")
 
 
 def integer_in_box(content: str) -> int | None:
@@ -267,8 +268,8 @@ class _Worker:
 
     def __init__(self):
         folder = os.path.dirname(os.path.abspath(__file__))
-        self.process = subprocess.Popen([sys.executable, "-c", WORKER_COMMAND.format(folder=folder)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER_COMMAND.format(folder=folder)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.ready, self.task, self.deadline = False, None, 0.0
 
     def kill(self) -> None:
@@ -324,7 +325,8 @@ class MathVerifier:
             for worker in self._workers:
                 if worker.ready and worker.task is None and queue:
                     worker.task = queue.pop()
-                    worker.process.stdin.write(json.dumps([golds[worker.task], responses[worker.task], self.timeout_s]) + "\n")
+                    task = [golds[worker.task], responses[worker.task], self.timeout_s]
+                    worker.process.stdin.write(json.dumps(task) + "\n")
                     worker.process.stdin.flush()
                     worker.deadline = time.monotonic() + 2 * self.timeout_s + 1
             busy = [w for w in self._workers if w.task is not None]

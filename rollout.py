@@ -540,8 +540,8 @@ def evaluate(engine, tokenizer, problems: list[Problem], k: int, max_new_tokens:
 
     `timeouts`: answers whose math-verify check ran past its budget; each counts as a wrong sample in avg@k."""
     if not problems:
-        return {"correct_sum": 0.0, "samples": 0, "pass_at_k_sum": 0.0, "problems": 0, "generated_tokens": 0, "timeouts": 0,
-                "avg_at_k": float("nan"), "pass_at_k": float("nan")}
+        return {"correct_sum": 0.0, "samples": 0, "pass_at_k_sum": 0.0, "problems": 0, "generated_tokens": 0,
+                "timeouts": 0, "avg_at_k": float("nan"), "pass_at_k": float("nan")}
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     samples = engine.generate(prompt_ids, k, max_new_tokens, temperature, top_p, seed)
     texts = [s.text for group in samples for s in group]

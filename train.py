@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if algo not in ALGORITHMS:
         p.error(f"unknown --algo {algo!r}; choose one of {', '.join(ALGORITHMS)}")
     ALGORITHMS[algo].add_arguments(p.add_argument_group(f"--algo {algo}"))
-    p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: that algorithm's flags too) and exit")
+    p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
     args = p.parse_args(argv)
     if (message := run_argument_error(args)) is not None:
         p.error(message)
@@ -364,7 +364,8 @@ def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, 
               "eval/timeouts": int(totals[5]), "time/eval": time.time() - t}
     log(record)
     if rank == 0:
-        print(f"[eval] step {step}: avg@{args.eval_k} {record['eval/avg_at_k']:.4f} ({record['eval/timeouts']} timeouts, scored 0)  "
+        print(f"[eval] step {step}: avg@{args.eval_k} {record['eval/avg_at_k']:.4f} "
+              f"({record['eval/timeouts']} timeouts, scored 0)  "
               f"pass@{args.eval_k} {record['eval/pass_at_k']:.4f} on {record['eval/problems']} held-out problems "
               f"({record['time/eval']:.0f}s)", flush=True)
 

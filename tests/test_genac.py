@@ -437,7 +437,8 @@ def test_sft_states_are_held_out_and_disjoint_from_pretraining_validation():
 def test_sft_validation_states_come_from_prompts_sft_never_trains_on():
     """The SFT held-out split is by prompt: no prompt has states on both sides (by state it would)."""
     import genac_stages as S
-    states = [{"problem": f"What is {p} + 1?", "prefix_ids": list(range(k))} for p in range(8) for k in range(1 + p % 3)]
+    states = [{"problem": f"What is {p} + 1?", "prefix_ids": list(range(k))}
+              for p in range(8) for k in range(1 + p % 3)]
     val, train = S.split_states_by_prompt(states, 0.25, seed=0)
     val_prompts, train_prompts = {s["problem"] for s in val}, {s["problem"] for s in train}
     assert not val_prompts & train_prompts and len(val_prompts) == 2 and len(train_prompts) == 6

@@ -73,7 +73,8 @@ INTEGER_FORMS = [  # (response, gold, reward)
     ("\\boxed{12 \\lor 13}", "12", 0.0), ("\\boxed{12 \\text{ or more}}", "12", 0.0), ("\\boxed{about 12}", "12", 0.0),
     ("\\boxed{12 \\pm 1}", "12", 0.0),
     # ranges, fractions, powers, roots, factorials, expressions
-    ("\\boxed{10-12}", "12", 0.0), ("\\boxed{10 \\text{ to } 12}", "12", 0.0), ("\\boxed{10 \\le x \\le 12}", "12", 0.0),
+    ("\\boxed{10-12}", "12", 0.0), ("\\boxed{10 \\text{ to } 12}", "12", 0.0),
+    ("\\boxed{10 \\le x \\le 12}", "12", 0.0),
     ("\\boxed{12.5}", "12", 0.0), ("\\boxed{3/12}", "12", 0.0), ("\\boxed{\\frac{24}{2}}", "12", 0.0),
     ("\\boxed{2^{12}}", "12", 0.0), ("\\boxed{12^2}", "144", 0.0), ("\\boxed{\\sqrt{12}}", "12", 0.0),
     ("\\boxed{12!}", "12", 0.0), ("\\boxed{x + 12}", "12", 0.0), ("\\boxed{x = 3 + 9}", "12", 0.0),
@@ -108,12 +109,14 @@ def verifier():
 
 
 def test_math_path_refuses_alternatives_and_equations(verifier):
-    cases = [("\\frac{1}{2}", "\\boxed{\\frac13 = \\frac12}", 0.0), ("\\frac{1}{2}", "\\boxed{\\frac12} \\text{ or } \\boxed{\\frac13}", 0.0),
-             ("\\frac{1}{3}", "\\boxed{\\frac12} \\text{ or } \\boxed{\\frac13}", 0.0), ("2", "\\boxed{1 \\text{ or } 2}", 0.0),
+    hedge = "\\boxed{\\frac12} \\text{ or } \\boxed{\\frac13}"
+    cases = [("\\frac{1}{2}", "\\boxed{\\frac13 = \\frac12}", 0.0), ("\\frac{1}{2}", hedge, 0.0),
+             ("\\frac{1}{3}", hedge, 0.0), ("2", "\\boxed{1 \\text{ or } 2}", 0.0),
              ("2", "\\boxed{1 \\lor 2}", 0.0), ("7", "\\boxed{2x + 3 = 7}", 0.0), ("7", "\\boxed{5}, \\boxed{7}", 0.0),
              # answers that look alike and are fine
-             ("3", "\\boxed{x = 3}", 1.0), ("y = 2x + 3", "\\boxed{y = 2x + 3}", 1.0), ("(2, 3)", "\\boxed{x=2, y=3}", 1.0),
-             ("7", "first \\boxed{5}, checking again \\boxed{7}", 1.0), ("\\frac{1}{2}", "\\boxed{\\frac12} so \\boxed{\\frac12}", 1.0)]
+             ("3", "\\boxed{x = 3}", 1.0), ("y = 2x + 3", "\\boxed{y = 2x + 3}", 1.0),
+             ("(2, 3)", "\\boxed{x=2, y=3}", 1.0), ("7", "first \\boxed{5}, checking again \\boxed{7}", 1.0),
+             ("\\frac{1}{2}", "\\boxed{\\frac12} so \\boxed{\\frac12}", 1.0)]
     rewards, timeouts = verifier([c[1] for c in cases], [c[0] for c in cases])
     assert rewards == [c[2] for c in cases] and timeouts == 0
 
@@ -168,7 +171,7 @@ def test_evaluate_counts_timeouts_as_wrong_samples():
 
     class ScriptedEngine:  # a fake engine: only evaluate's bookkeeping is under test
         def generate(self, prompt_ids, n, max_tokens, temperature, top_p, seed):
-            texts = [["\\boxed{(x+y+z+1)^{15}}", "\\boxed{2}"], ["\\boxed{3}", "\\boxed{4}"]]  # sympy grinds ~2 s on the first
+            texts = [["\\boxed{(x+y+z+1)^{15}}", "\\boxed{2}"], ["\\boxed{3}", "\\boxed{4}"]]  # sympy: ~2 s on the 1st
             return [[Sample([1, 2], [0.0, 0.0], t, "stop") for t in group] for group in texts]
 
     class Tokenizer:
