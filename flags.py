@@ -37,10 +37,17 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
     return parse
 
 
+def algorithm_name(text: str) -> str:
+    """An argparse `type` for --algo: one of ALGORITHM_NAMES, or a one-line error listing them."""
+    if text not in ALGORITHM_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown --algo {text!r}; choose one of {', '.join(ALGORITHM_NAMES)}")
+    return text
+
+
 def add_run_arguments(parser) -> None:
     """train.py's flags shared by every algorithm."""
     a = parser.add_argument
-    a("--algo", default="grpo", help=f"one of {', '.join(ALGORITHM_NAMES)}")
+    a("--algo", type=algorithm_name, default="grpo", help=f"one of {', '.join(ALGORITHM_NAMES)}")
     a("--model", default=None, help="HF causal LM folder or name (default: offline SmolLM2-135M-Instruct)")
     a("--data", default="arithmetic", help="'arithmetic[:levels]', a JSONL file, or a HF dataset name")
     a("--eval-data", default=None, help="held-out set (default: the held-out split of the arithmetic task)")
@@ -109,9 +116,7 @@ def run_argument_error(args) -> str | None:
                         ("--top-p must be in (0, 1]", 0 < args.top_p <= 1),
                         ("--eval-k must be >= 1", args.eval_k >= 1),
                         ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",
-                         min(args.micro_batch_size, args.mini_batches, args.ppo_epochs) >= 1),
-                        (f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGORITHM_NAMES)}",
-                         args.algo in ALGORITHM_NAMES)):
+                         min(args.micro_batch_size, args.mini_batches, args.ppo_epochs) >= 1)):
         if not ok:
             return message
     return None

@@ -94,9 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Shared flags, then the chosen algorithm's own (`--algo X --help` lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     add_run_arguments(p)  # flags.py: the shared flags with their types and ranges
-    algo = p.parse_known_args(argv)[0].algo
-    if algo not in ALGORITHMS:
-        p.error(f"unknown --algo {algo!r}; choose one of {', '.join(ALGORITHMS)}")
+    algo = p.parse_known_args(argv)[0].algo  # one of ALGORITHMS (flags.algorithm_name)
     ALGORITHMS[algo].add_arguments(p.add_argument_group(f"--algo {algo}"))
     p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
     args = p.parse_args(argv)

@@ -93,7 +93,7 @@ BAD_FLAGS = [  # (flags, the one line train.py prints), each stopped by the pars
     (("--gpu-memory-utilization", "0"),
      "argument --gpu-memory-utilization: expected a finite number > 0 and <= 1, got '0'"),
     (("--temperature", "nan"), "--temperature must be > 0"),
-    (("--algo", "nope"), "unknown --algo 'nope'; choose one of grpo, rloo, ppo, vcppo, genac, v05, poise"),
+    (("--algo", "nope"), "argument --algo: unknown --algo 'nope'; choose one of grpo, rloo, ppo, vcppo, genac, v05, poise"),
 ]
 
 
