@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import advantage as adv_math
+from flags import SYNC_BUCKET_MB, add_update_arguments  # noqa: F401 - re-exported for the stage commands
 from rollout import RolloutBatch
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +52,6 @@ def all_gather_objects(obj) -> list:
 # ---------------------------------------------------------------------------------------------
 # Loading and weights
 
-SYNC_BUCKET_MB = 64  # per all-gather of the weight sync: bandwidth-bound on NVLink, < 0.1% of an 80 GB GPU
 
 def load_actor(model_path: str, device: torch.device, world: int, args=None):
     """fp32 master weights; FSDP2 `fully_shard` per decoder layer, then the root, when world > 1 (shard_with_fsdp2;
@@ -80,31 +80,6 @@ def shard_with_fsdp2(model, world: int, args=None):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     return model
-
-
-def add_update_arguments(parser) -> None:
-    """The update's flags, shared by train.py and genac.py's stage commands (defaults: GenAC Table 5,
-    arXiv:2604.10701, except the CPU-sized lr)."""
-    a = parser.add_argument
-    a("--lr", type=float, default=2e-5, help="actor lr (papers: 1e-6 for 1.5-8B models; the 135M CPU default uses more)")
-    a("--weight-decay", type=float, default=0.01)
-    a("--grad-clip", type=float, default=1.0)
-    a("--clip-low", type=float, default=0.2)
-    a("--clip-high", type=float, default=0.2, help="0.28 = DAPO clip-higher")
-    a("--clip-ratio-c", type=float, default=3.0, help="dual-clip bound on negative advantages (verl's default)")
-    a("--loss-agg", default="token-mean", choices=adv_math.LOSS_AGG_MODES)
-    a("--kl-coef", type=float, default=0.0, help="k3 KL to the initial model (0: no reference model loaded)")
-    a("--ppo-epochs", type=int, default=1)
-    a("--mini-batches", type=int, default=2, help="optimizer steps per epoch (verl: batch / ppo_mini_batch_size)")
-    a("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward")
-    a("--no-share-prompts", dest="share_prompts", action="store_false", help="run every rollout's prompt in the "
-      "trainer's forward passes (default: a prompt once per micro-batch for all its rollouts; same log-probs)")
-    a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training compute dtype (master weights fp32): autocast; "
-      "on GPU under FSDP2 also bf16 parameters in forward/backward with fp32 gradient reduction (MixedPrecisionPolicy)")
-    a("--gradient-checkpointing", action="store_true", help="recompute each decoder layer's activations in the backward "
-      "(memory for time: long responses on big models)")
-    a("--sync-bucket-mb", type=float, default=SYNC_BUCKET_MB, help="weight sync: parameters gathered per all-gather, in MB "
-      "of the engine's dtype; a rank holds one such bucket of full tensors beyond its shard (0: one parameter at a time)")
 
 
 def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:

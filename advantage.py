@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+from flags import LOSS_AGG_MODES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,12 +141,13 @@ def loss_normaliser(mask: torch.Tensor, mode: str) -> float:
     """The denominator of `aggregate_loss` for a whole optimizer batch (count it once per step).
 
     mask [N, R] of ALL rollouts in the optimizer step (summed over ranks by the caller).
-    token-mean -> number of response tokens; seq-mean-* -> number of sequences.
+    token-mean -> number of response tokens; seq-mean-* -> number of non-empty responses (an empty one has no
+    token to train and is left out of the mean, as verl's agg_loss masks it).
     """
     if mode == "token-mean":
         return float(mask.sum())
     if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        return float(mask.shape[0])
+        return float((mask.sum(1) > 0).sum())
     raise ValueError(f"unknown loss aggregation {mode!r}; choose from {LOSS_AGG_MODES}")
 
 
@@ -155,8 +156,8 @@ def aggregate_loss(token_losses: torch.Tensor, mask: torch.Tensor, mode: str, no
 
     Summing `aggregate_loss` over the micro-batches of a step gives exactly
       token-mean:          sum_{i,t} L_it / (#tokens in the step)
-      seq-mean-token-mean: sum_i (sum_t L_it / |y_i|) / (#sequences in the step)
-      seq-mean-token-sum:  sum_i (sum_t L_it) / (#sequences in the step)
+      seq-mean-token-mean: sum_i (sum_t L_it / |y_i|) / (#non-empty sequences in the step)
+      seq-mean-token-sum:  sum_i (sum_t L_it) / (#non-empty sequences in the step)
     whatever the split, because the normaliser is fixed for the step.
     """
     masked = token_losses * mask

@@ -15,7 +15,8 @@ PPO (arXiv:1707.06347) with a learned value model, as verl and TRL build it for 
 
 VC-PPO (arXiv:2503.01491) = PPO + value pretraining: the first --critic-warmup-steps (6) iterations
 train only the critic on rollouts of the frozen initial actor (no actor forward pass, no sync), and
-the critic's targets are Monte-Carlo returns (lambda = 1, "decoupled GAE") whatever the actor's lambda.
+the critic's targets are Monte-Carlo returns (lambda = 1) while the actor's advantages use lambda = 0.95
+("decoupled GAE", the paper's lambda_critic = 1.0, lambda_actor = 0.95; --lam changes the actor's).
 The pretrained critic is saved as OUT/critic-pretrained/ for `python eval.py values --critic ...`.
 
     python train.py --algo ppo
@@ -136,6 +137,16 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
+def value_clip_active(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                      clip: float = 0.5) -> torch.Tensor:
+    """Where the clipped term wins the max in `clipped_value_loss` (verl's vf_clipfrac counts these): bool [N, R].
+
+    A value that moved past the clip range AWAY from its return is not counted: its unclipped error is the larger.
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return (clipped - returns) ** 2 > (values - returns) ** 2
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The algorithm: GAE advantages from the critic, then the critic's clipped value update
 
@@ -216,8 +227,9 @@ class PPO:
             mask = mb.response_mask
             token_loss = clipped_value_loss(values, mb.old_values, mb.returns, args.value_clip)
             with torch.no_grad():
-                moved = (values - mb.old_values).abs() > args.value_clip
-                sums = {"clipped": (moved.float() * mask).sum(), "squared_error": (((values - mb.returns) ** 2) * mask).sum()}
+                active = value_clip_active(values, mb.old_values, mb.returns, args.value_clip)  # [b, R]
+                sums = {"clipped": (active.float() * mask).sum(),
+                        "squared_error": (((values - mb.returns) ** 2) * mask).sum()}
             return token_loss, sums
 
         s = optimizer_steps(self.model, self.optimizer, batch, steps, micro_loss, args, self.device, self.world,
@@ -243,12 +255,13 @@ class PPO:
 
 
 class VCPPO(PPO):
-    """VC-PPO (arXiv:2503.01491): PPO with 6 value-pretraining iterations and Monte-Carlo critic targets."""
+    """VC-PPO (arXiv:2503.01491): PPO with 6 value-pretraining iterations, Monte-Carlo critic targets (lambda 1)
+    and actor advantages at lambda 0.95."""
 
     @staticmethod
     def add_arguments(parser) -> None:
         PPO.add_arguments(parser)
-        parser.set_defaults(critic_warmup_steps=6, critic_lam=1.0)
+        parser.set_defaults(critic_warmup_steps=6, critic_lam=1.0, lam=0.95)  # decoupled GAE as the paper sets it
 
 
 def save_value_model(model, folder: Path, tokenizer) -> None:

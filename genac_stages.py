@@ -140,7 +140,8 @@ def sft_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-data", default=None, help="JSONL of teacher answers: reused if it exists (default: OUT/sft.jsonl)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--sft-lr", type=float, default=1e-5)
-    p.add_argument("--val-frac", type=float, default=0.25, help="states held out to measure parse rate / critic reward")
+    p.add_argument("--val-frac", type=float, default=0.25, help="prompts whose states are held out to measure "
+                   "parse rate / critic reward (split by prompt)")
     p.add_argument("--no-guided-teacher", action="store_true", help="let the teacher answer freely (default: constrained to "
                    "end in \\boxed{0..10}, since small teachers rarely follow the format)")
     return p
@@ -154,6 +155,17 @@ def sft_prompts(heldout: list, args) -> list:
 def validation_prompts(heldout: list, args) -> list:
     """The held-out prompts whose states pretrain validates on: the first --val-n."""
     return heldout[: args.val_n]
+
+
+def split_states_by_prompt(states: list[dict], val_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """-> (validation states, training states), split by PROMPT: every state of a prompt falls on one side, so the
+    held-out parse rate and critic reward are measured on prompts SFT never saw (a split by state puts the states
+    of one response on both sides). A seeded shuffle of the prompts; at least one on each side when there are two."""
+    prompts = list(dict.fromkeys(s["problem"] for s in states))  # in order of appearance, each once
+    random.Random(seed).shuffle(prompts)
+    n_val = min(max(1, round(len(prompts) * val_frac)), max(len(prompts) - 1, 1))
+    held_out = set(prompts[:n_val])
+    return [s for s in states if s["problem"] in held_out], [s for s in states if s["problem"] not in held_out]
 
 
 def sft_main(argv: list[str]) -> None:
@@ -170,11 +182,9 @@ def sft_main(argv: list[str]) -> None:
         sys.exit(f"error: no held-out prompts after --skip {args.skip} ({len(problems)} held out)")
     rewards, states = _rollout_states(engine, tokenizer, chosen, verifier, args, args.seed)
     critic.success_rate.update(rewards)  # tau: the actor's success rate on these prompts
-    random.Random(args.seed).shuffle(states)
-    n_val = max(1, int(len(states) * args.val_frac))
-    val_states, train_states = states[:n_val], states[n_val:]
+    val_states, train_states = split_states_by_prompt(states, args.val_frac, args.seed)
     print(f"[sft] {len(states)} states from held-out prompts [{args.skip}, {args.skip + len(chosen)}) (actor success rate "
-          f"{critic.fallback_value():.2f}); {n_val} held out", file=sys.stderr)
+          f"{critic.fallback_value():.2f}); {len(val_states)} states of other prompts held out", file=sys.stderr)
     if sft_path.is_file():
         rows = [json.loads(line) for line in sft_path.read_text().splitlines() if line.strip()]
         print(f"[sft] reusing {len(rows)} teacher answers from {sft_path}", file=sys.stderr)

@@ -6,10 +6,11 @@ Rewards r ∈ {0,1}; G ≥ 2 rollouts per prompt (the authors use G = 2). One st
 
     1. features z_i (`rollout_features`), pooled in the old-log-prob pass (no extra forward) from h_t, the
        output of decoder layer L ≈ 0.55·depth, and H_t, the entropy of the distribution that sampled
-       response token t (P prompt tokens, R response tokens, E ≤ R up to and including `</think>`, else R):
+       response token t (P prompt tokens, R response tokens, E ≤ R up to and including the first `</think>`,
+       else R; as the authors: reasoning = inside the first `<think>…</think>`, answer = after the first `</think>`):
            z_i = [ mean h_t over the last 10 prompt tokens,                      H dims
                    mean h_t over the last 10 response tokens ending at token E,  H dims
-                   mean H_t over [0, R), over [0, E), over [E, R) ]              3 dims (empty span -> [0, R))
+                   mean H_t over the response, the reasoning, the answer ]       3 dims (a missing span -> 0.0)
     2. the probe (`RidgeProbe`): g(z) = clip(w·φ(z) + c, 0, 1), φ = PCA of the centred raw prompt block (32
        axes) and response block (64), scores scaled to unit variance, plus the 3 standardised entropies;
        (w, c) is ridge regression, α = 100, unpenalised intercept: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred
@@ -22,7 +23,7 @@ Rewards r ∈ {0,1}; G ≥ 2 rollouts per prompt (the authors use G = 2). One st
        form (0.3 s at 4096 rows, H = 576); the first 16 steps use RLOO (b_i = y_i) while it fills.
        One probe serves all ranks: every rank gathers all rows, fits the same probe and keeps its share.
 
-    python train.py --algo poise                      # G = 2, 16 prompts per step, clip-high 0.28 by default
+    python train.py --algo poise      # G = 2, 16 prompts per step, clip-high 0.28, dual-clip 10, 8 optimizer steps
     python eval.py probe runs/poise                   # probe value vs held-out avg@8 (the authors' check)
 """
 
@@ -68,19 +69,24 @@ def _mean_of_last_tokens(hidden: torch.Tensor, window_end: torch.Tensor, window_
 
 
 def rollout_features(hidden: torch.Tensor, prompt_lens: torch.Tensor, response_lens: torch.Tensor,
-                     response_entropy: torch.Tensor, reasoning_end: torch.Tensor,
+                     response_entropy: torch.Tensor, reasoning_end: torch.Tensor, entropy_spans: torch.Tensor,
                      pool: int = POOL_TOKENS) -> torch.Tensor:
     """Features z of each rollout, [b, 2H + 3] float32: [prompt hidden | response hidden | entropies].
 
     hidden [b, T, H]: one layer's output; row i holds the prompt at [0, P_i), the response at
     [P_i, P_i + R_i), then padding. prompt_lens P, response_lens R, reasoning_end E [b] (E = number of
-    response tokens up to and including `</think>`, or R without one). response_entropy [b, R_max]:
+    response tokens up to and including the first `</think>`, or R without one). response_entropy [b, R_max]:
     entropy of the sampling distribution of each response token (values past R_i are ignored).
+    entropy_spans [b, 3] = (s, e, a): the reasoning span is [s, e), the answer span [a, R); an empty span's
+    mean entropy is 0.0 (`think_spans`: both empty without a `</think>`).
     """
     device = hidden.device
     P, R, E = (x.to(device=device, dtype=torch.long) for x in (prompt_lens, response_lens, reasoning_end))
+    s, e, a = entropy_spans.to(device=device, dtype=torch.long).unbind(1)  # [b] each
     if bool((E < 0).any() | (E > R).any()):
         raise ValueError("reasoning_end must lie in [0, response_len]")
+    if bool((s < 0).any() | (s > e).any() | (e > a).any() | (a > R).any()):
+        raise ValueError("entropy_spans must satisfy 0 <= start <= stop <= answer_start <= response_len")
     if bool((P + R > hidden.shape[1]).any()) or bool((R > response_entropy.shape[1]).any()):
         raise ValueError("prompt_len + response_len exceeds the hidden or entropy tensors")
 
@@ -90,19 +96,13 @@ def rollout_features(hidden: torch.Tensor, prompt_lens: torch.Tensor, response_l
     entropy = response_entropy.to(device=device, dtype=torch.float32)  # [b, R_max]
     token = torch.arange(entropy.shape[1], device=device)  # [R_max]
     in_response = token < R[:, None]  # [b, R_max]
-    in_reasoning = token < E[:, None]  # [b, R_max] ⊆ in_response since E ≤ R
-    in_answer = in_response & ~in_reasoning  # [b, R_max]
+    in_reasoning = (token >= s[:, None]) & (token < e[:, None])  # [b, R_max] ⊆ in_response since e ≤ R
+    in_answer = (token >= a[:, None]) & in_response  # [b, R_max]
 
-    def span_mean(mask):  # [b, R_max] -> mean [b], token count [b]
-        count = mask.sum(1)
-        return torch.where(mask, entropy, 0.0).sum(1) / count.clamp(min=1), count
+    def span_mean(mask):  # [b, R_max] -> mean [b]; 0.0 for an empty span (the authors' value when it is missing)
+        return torch.where(mask, entropy, 0.0).sum(1) / mask.sum(1).clamp(min=1)
 
-    whole, _ = span_mean(in_response)  # [b], 0 for an empty response
-    reasoning, n_reasoning = span_mean(in_reasoning)
-    answer, n_answer = span_mean(in_answer)
-    reasoning = torch.where(n_reasoning > 0, reasoning, whole)  # [b] empty span -> whole response
-    answer = torch.where(n_answer > 0, answer, whole)  # [b] no marker -> whole response
-    entropies = torch.stack([whole, reasoning, answer], dim=1)  # [b, 3]
+    entropies = torch.stack([span_mean(in_response), span_mean(in_reasoning), span_mean(in_answer)], dim=1)  # [b, 3]
     return torch.cat([prompt_hidden, response_hidden, entropies], dim=1)  # [b, 2H + 3]
 
 
@@ -115,17 +115,35 @@ def _right_align(hidden: torch.Tensor, mb):
     return hidden.gather(1, src[:, :, None].expand(b, T, H)), mb.prompt_lens, mb.response_lens
 
 
-def reasoning_end(mb, marker: list[int] | None) -> torch.Tensor:
-    """Response tokens up to and including the last end-of-reasoning marker, else the response length. [b]"""
+def _find(row: list[int], marker: list[int], start: int = 0) -> int:
+    """Index of the first occurrence of the token sequence `marker` in row[start:], or -1."""
+    for j in range(start, len(row) - len(marker) + 1):
+        if marker and row[j:j + len(marker)] == marker:
+            return j
+    return -1
+
+
+def think_spans(mb, open_marker: list[int], close_marker: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' split of each response at its FIRST `</think>` (token sequences, as their trainer searches).
+
+    -> reasoning_end E [b] (tokens up to and including that `</think>`, else R) and entropy_spans [b, 3] =
+    (s, e, a): reasoning = [s, e), inside the first `<think>…</think>` (tags excluded; s = 0 when the response
+    has no `<think>` before it, which the chat template may have opened), answer = [a, R) after the first
+    `</think>`. Without a `</think>` both spans are empty (entropy 0.0).
+    """
     ends = mb.response_lens.clone()
-    if marker:
-        for i, row in enumerate(mb.response_ids.tolist()):
-            row = row[: int(mb.response_lens[i])]
-            for j in range(len(row) - len(marker), -1, -1):
-                if row[j:j + len(marker)] == marker:
-                    ends[i] = j + len(marker)
-                    break
-    return ends
+    spans = torch.zeros(len(ends), 3, dtype=torch.long)
+    for i, row in enumerate(mb.response_ids.tolist()):
+        row = row[: int(mb.response_lens[i])]
+        close = _find(row, close_marker)
+        if close < 0:
+            spans[i] = torch.tensor([0, 0, len(row)])
+            continue
+        opened = _find(row[:close], open_marker)
+        start = opened + len(open_marker) if opened >= 0 else 0
+        ends[i] = close + len(close_marker)
+        spans[i] = torch.tensor([start, close, close + len(close_marker)])
+    return ends, spans
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +416,10 @@ class POISE:
         a("--probe-layer", type=int, default=None, help="decoder layer for features (default 0.55 x depth)")
         a("--probe-bootstrap-steps", type=int, default=16, help="RLOO steps that fill the probe's buffer")
         a("--probe-standardize-hidden", action="store_true", help="scale hidden dims before PCA (default: centre only)")
-        # G = 2 at GRPO's rollout budget; clip-higher 0.28 as in the authors' launcher (clip_ratio_high)
-        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16, clip_high=0.28)
+        # G = 2 at GRPO's rollout budget; as the authors' launcher: clip-higher 0.28 (clip_ratio_high), dual-clip
+        # c = 10 (clip_ratio_c) and 8 optimizer steps per iteration (train batch / ppo_mini_batch_size)
+        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16, clip_high=0.28, clip_ratio_c=10.0,
+                            mini_batches=8)
 
     @staticmethod
     def check_arguments(args) -> None:
@@ -415,12 +435,14 @@ class POISE:
         self.baseline = PoiseBaseline(prompt_dim=actor.config.hidden_size, bootstrap_steps=args.probe_bootstrap_steps,
                                       standardize_hidden=args.probe_standardize_hidden)
         self.marker = tokenizer.encode("</think>", add_special_tokens=False)  # token sequence, as the authors' trainer
+        self.open_marker = tokenizer.encode("<think>", add_special_tokens=False)
         self.warmup_steps = 0
         self.hidden_features = (layer, self.pool_features)  # the old-log-prob pass keeps decoder `layer`'s output
 
     def pool_features(self, mb, hidden: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
         """hidden [b, T, H] of one micro-batch, entropy [b, R] -> features z [b, 2H + 3] (`rollout_features`)."""
-        return rollout_features(*_right_align(hidden, mb), entropy * mb.response_mask, reasoning_end(mb, self.marker))
+        return rollout_features(*_right_align(hidden, mb), entropy * mb.response_mask,
+                                *think_spans(mb, self.open_marker, self.marker))
 
     def sample(self, problems, prompt_ids, generate, seed: int):
         return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})  # G rollouts per prompt

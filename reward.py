@@ -3,29 +3,46 @@ per-answer timeout, and `score_responses`, which counts timeouts, empty and trun
 
     >>> reward_for("8 * 4 = 32, so the answer is \\boxed{32}.", type("P", (), {"answer": "32"})())
     1.0
+
+The policy is optimised against these rules, so they pay only an answer that commits to one value: a hedge
+(`\\boxed{11, 12}`, `\\boxed{13 or 12}`, `\\boxed{11} or \\boxed{12}`) scores 0 whatever it contains.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import logging
+import os
 import re
+import select
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
-
 BOXED_START = re.compile(r"\\boxed\s*\{")
-INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")  # 12, -3, 1,000, 12.0, 12.5
 UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
+# ----------------------------------------------------------------------------------------------
+# The final box
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last-opened non-empty \\boxed{...}, braces matched; None without one.
 
-    `a \\boxed{5}, again \\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`; escaped braces (`\\{1, 2\\}`) do not
-    count, and a box left open (a truncated response) is skipped. One pass: linear in len(text).
+@dataclass
+class Box:
+    start: int  # index of the backslash of "\boxed"
+    close: int  # index of its closing "}"
+    content: str
+
+
+def completed_boxes(text: str) -> list[Box]:
+    """Every closed, non-empty \\boxed{...} in order of its opening brace, braces matched.
+
+    Escaped braces (`\\{1, 2\\}`) do not count, and a box left open (a truncated response) is skipped.
+    One pass: linear in len(text).
     """
-    box_braces = {m.end() - 1 for m in BOXED_START.finditer(text)}  # index of each box's "{"
-    open_braces, best = [], None  # best: (index of "{", index of "}")
+    box_at = {m.end() - 1: m.start() for m in BOXED_START.finditer(text)}  # index of a box's "{" -> its "\boxed"
+    open_braces, boxes = [], []
     i = 0
     while i < len(text):
         if text[i] == "\\":
@@ -34,43 +51,146 @@ def last_boxed(text: str) -> str | None:
             open_braces.append(i)
         elif text[i] == "}" and open_braces:
             at = open_braces.pop()
-            if at in box_braces and (best is None or at > best[0]) and text[at + 1:i].strip():
-                best = (at, i)
+            if at in box_at and text[at + 1:i].strip():
+                boxes.append((at, Box(box_at[at], i, text[at + 1:i])))
         i += 1
-    return None if best is None else text[best[0] + 1:best[1]]
+    return [box for _, box in sorted(boxes, key=lambda pair: pair[0])]
 
 
-def _exact_integer(token: str) -> int | None:
-    """An INTEGER match as an exact int, never via float: '1,000' -> 1000, '-12.00' -> -12, '12.5' -> None.
+def last_boxed(text: str) -> str | None:
+    """The content of the last-opened non-empty \\boxed{...}; None without one.
 
-    None past Python's 4300-digit str -> int limit too: no integer reference is that long.
+    `a \\boxed{5}, again \\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`.
     """
-    whole, _, fraction = token.replace(",", "").partition(".")
-    if fraction.strip("0"):
+    boxes = completed_boxes(text)
+    return boxes[-1].content if boxes else None
+
+
+CONNECTIVE = re.compile(r"\\(?:text|mbox|textrm|mathrm)\s*\{|\\q?quad|\\[,;:! ]|\\[()]|[\s$,;:.{}]"
+                        r"|\b(?:or|and|either|maybe)\b", re.IGNORECASE)
+
+
+def boxes_are_alternatives(text: str) -> bool:
+    """True when the last box sits next to an earlier box with a different answer, joined by nothing but a
+    connective: `\\boxed{11} or \\boxed{12}`, `\\boxed{11}, \\boxed{12}`,
+    `\\boxed{\\frac12} \\text{ or } \\boxed{\\frac13}`.
+
+    A later box after words (`I got \\boxed{2}, no wait, it is \\boxed{3}`, `Step 2: \\boxed{2}. Final: \\boxed{3}`)
+    is a revision, and the last box is the answer.
+    """
+    boxes = completed_boxes(text)
+    last = boxes[-1] if boxes else None
+    earlier = [b for b in boxes if last is not None and b.close < last.start]  # not nested in the last box
+    if not earlier:
+        return False
+    before = earlier[-1]
+    if "".join(before.content.split()) == "".join(last.content.split()):
+        return False  # the same answer twice
+    return not CONNECTIVE.sub("", text[before.close + 1:last.start])
+
+
+# ----------------------------------------------------------------------------------------------
+# The integer reward (the arithmetic task)
+
+MINUS_SIGNS = str.maketrans({c: "-" for c in "\u2212\u2012\u2013\u2014\ufe63\uff0d"})  # − ‒ – — ﹣ －
+SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|~|\\\$|\$|\\left\b|\\right\b|\\displaystyle\b")
+HEDGE_WORDS = re.compile(r"\b(?:or|and|to|than|more|less|about|approx\w*|around|least|most|between|either|nor|plus|"
+                         r"minus|times|over|divided|per|cent|percent)\b", re.IGNORECASE)
+UNIT_TEXT = re.compile(r"\s*\\(?:text|mbox|textrm|mathrm)\s*\{([A-Za-z .]*)\}\s*$")  # `12 \text{ apples}`
+UNIT_WORDS = re.compile(r"\s+([A-Za-z][A-Za-z .]*)$")  # `12 apples`
+FORMATTING = re.compile(r"\\(?:mathbf|textbf|boldsymbol|bm|mathrm|text|textrm|mbox)\s*\{([^{}]*)\}")
+ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=(?!=)")  # `x = `, `n_1 = `
+SIGNED_INTEGER = re.compile(r"\s*(?P<sign>[+-]?)\s*(?P<open>\(?)\s*(?P<inner>[+-]?)\s*"
+                            r"(?P<digits>\d{1,3}(?:,\d{3})+|\d+)(?:\.0*)?\s*(?P<close>\)?)\s*\.?\s*")
+
+
+def integer_in_box(content: str) -> int | None:
+    """The one integer a box holds, or None when it holds anything else. Never raises; any length is exact.
+
+    Accepted (each row a test in tests/test_grading.py)      Refused (None)
+      12   +12   012   12.   12.0   12.00                       12.5   1/2   3/12   \\frac{24}{2}
+      1,000   1{,}000                                           11, 12   11,12   11; 12   {11, 12}
+      x = 12   n_1 = 12                                         x = 3 + 9   12 = 12   x = 12 = 12
+      $12$   \\mathbf{12}   \\text{12}   {12}                     13 or 12   12 \\text{ or } 13   12 \\lor 13
+      12 \\text{ apples}   12 apples                             12 \\text{ or more}   about 12   12 \\pm 1
+      -12   − 12 (Unicode minus)   - 12   -(12)   (-12)         10-12   10 \\text{ to } 12   10 \\le x \\le 12
+                                                                2^{12}   12^2   \\sqrt{12}   12!   x + 12   --12
+    """
+    s = content.translate(MINUS_SIGNS).replace("{,}", ",")
+    s = SPACING.sub(" ", s)
+    for unit in (UNIT_TEXT, UNIT_WORDS):  # one trailing unit, never a hedge (`\text{ or more}`)
+        m = unit.search(s, max(len(s) - 200, 0))  # units are short: the search stays linear in a long box
+        if m and not HEDGE_WORDS.search(m.group(1)) and not re.search(r"\d", s[m.end():]):
+            s = s[:m.start()]
+            break
+    while (unwrapped := FORMATTING.sub(r"\1", s)) != s:
+        s = unwrapped
+    s = ASSIGNMENT.sub("", s, count=1)
+    while s.strip().startswith("{") and s.strip().endswith("}") and s.count("{") == 1:
+        s = s.strip()[1:-1]
+    m = SIGNED_INTEGER.fullmatch(s)
+    if m is None or bool(m["open"]) != bool(m["close"]) or (m["sign"] and m["inner"]):
         return None
     try:
-        return int(whole)
-    except ValueError:
+        value = int(m["digits"].replace(",", ""))
+    except ValueError:  # past Python's 4300-digit str -> int limit: no reference is that long
         return None
+    return -value if "-" in (m["sign"], m["inner"]) else value
 
 
 def extract_integer_answer(text: str) -> int | None:
-    """The last non-empty \\boxed{...} as an integer; without a box, the last integer in the text.
+    """The integer in the response's final box; None without a box, for a hedged pair of boxes, or when the
+    box holds anything but one integer (`integer_in_box`).
 
-    The fallback exists because a 135M model often writes "The answer is 12." next to an empty
-    \\boxed{}; the reward still asks for the right number. `x = 3`, `$12$`, `1,000`, `12.0` parse;
-    `12.5` is no integer (None). Any length is exact, and no input raises.
+    No box scores 0: the prompt asks for \\boxed{}, and outside a box nothing marks one number as the answer,
+    so any rule that picks one ("the last integer in the text") pays "Possible values: 9, 10, 11, 12" for
+    gold 12 -- a response scoring for containing the answer among other numbers.
     """
     box = last_boxed(text)
-    candidates = INTEGER.findall(text if box is None else box)
-    return _exact_integer(candidates[-1]) if candidates else None
+    if box is None or boxes_are_alternatives(text):
+        return None
+    return integer_in_box(box)
 
 
 def reward_for(response: str, problem: Problem) -> float:
     """1.0 if the response's answer equals the integer reference (kind "int"), else 0.0."""
     got = extract_integer_answer(response)
-    gold = problem.answer.strip()
-    return float(got is not None and INTEGER.fullmatch(gold) is not None and got == _exact_integer(gold))
+    return float(got is not None and got == integer_in_box(problem.answer.strip()))
+
+
+# ----------------------------------------------------------------------------------------------
+# math-verify (every other task): refusals first, then the check in a warm worker process
+
+ALTERNATIVES = re.compile(r"\bor\b|\\lor\b|\\vee\b|\\text\s*\{\s*either", re.IGNORECASE)
+EQUATION_SIDE = re.compile(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\s*\([^()]*\))?'*\s*")  # x, a_1, \theta, f(x)
+
+
+def _top_level_parts(box: str) -> list[str]:
+    """The box split at commas outside braces, brackets and parentheses: `x=2, y=3` -> [`x=2`, ` y=3`]."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(box):
+        depth += ch in "{[(" and box[i - 1:i] != "\\"
+        depth -= ch in "}])" and box[i - 1:i] != "\\"
+        if ch == "," and depth == 0:
+            parts.append(box[start:i])
+            start = i + 1
+    return parts + [box[start:]]
+
+
+def refused_box(box: str) -> str | None:
+    """Why a final box is no single answer (-> scored 0 before verification), or None.
+
+    Alternatives: `\\frac12 \\text{ or } \\frac13`, `1 \\lor 2`. An equation: any comma-separated part with two `=`,
+    or with one whose left side is not a name (`\\frac13 = \\frac12`, `2x + 3 = 7`); `x = 3`, `y = 2x + 3`,
+    `x=2, y=3` and `f(x) = x^2` are answers.
+    """
+    if ALTERNATIVES.search(box):
+        return "alternatives"
+    for part in _top_level_parts(box):
+        sides = part.split("=")
+        if len(sides) > 2 or (len(sides) == 2 and not EQUATION_SIDE.fullmatch(sides[0])):
+            return "equation"
+    return None
 
 
 def _gold_latex(gold: str) -> str:
@@ -84,10 +204,15 @@ def _gold_latex(gold: str) -> str:
     return gold if UNESCAPED_DOLLAR.search(gold) else f"${gold}$"
 
 
-def _response_latex(response: str) -> str:
-    """The response as math-verify input: only its last box when it has one (`\\boxed{5} ... \\boxed{7}` -> 7)."""
+def _response_latex(response: str) -> str | None:
+    """The response as math-verify input: only its last box when it has one (`\\boxed{5} ... \\boxed{7}` -> 7);
+    None when that box is refused (`refused_box`) or sits next to a different one (`boxes_are_alternatives`)."""
     box = last_boxed(response)
-    return response if box is None else f"\\boxed{{{box}}}"
+    if box is None:
+        return response
+    if refused_box(box) or boxes_are_alternatives(response):
+        return None
+    return f"\\boxed{{{box}}}"
 
 
 class _VerifierTimeout(BaseException):
@@ -101,13 +226,16 @@ def _raise_timeout(signum, frame):
 def _math_verify_worker(args: tuple[str, str, float]) -> str:
     """Runs in a worker process's main thread, where SIGALRM timeouts work. -> 'correct'|'wrong'|'timeout'."""
     gold, response, timeout_s = args
+    response_latex = _response_latex(response)
+    if response_latex is None:
+        return "wrong"
     from math_verify import parse, verify
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
     try:
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
             gold_parsed = parse(_gold_latex(gold), parsing_timeout=None)
-            ok = verify(gold_parsed, parse(_response_latex(response), parsing_timeout=None), timeout_seconds=None)
+            ok = verify(gold_parsed, parse(response_latex, parsing_timeout=None), timeout_seconds=None)
             return "correct" if ok else "wrong"
         except Exception:  # noqa: BLE001 - an unparsable answer is wrong, not a crash
             return "wrong"
@@ -119,42 +247,107 @@ def _math_verify_worker(args: tuple[str, str, float]) -> str:
         signal.signal(signal.SIGALRM, previous)
 
 
-class MathVerifier:
-    """math-verify in worker processes: a per-answer timeout scores 0 and is counted; never hangs.
+def serve_verifier() -> None:
+    """A worker's main loop: warm up, say "ready", then one JSON line [gold, response, timeout_s] in -> one verdict
+    line out, until stdin closes. Started by MathVerifier as `python -c` importing only this module (the entry
+    point that created the verifier -- train.py, seconds of imports -- is never imported again)."""
+    answers = os.fdopen(os.dup(1), "w")  # the protocol's channel; stray prints of libraries go to stderr
+    os.dup2(2, 1)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "Timeout is disabled": the alarm above is ours
+    _math_verify_worker(("1", "\\boxed{1}", 60.0))  # imports math-verify and sympy, warms their parsers
+    print("ready", file=answers, flush=True)
+    for line in sys.stdin:
+        print(_math_verify_worker(tuple(json.loads(line))), file=answers, flush=True)
 
-    Each answer has a SIGALRM budget inside its worker; a worker stuck in C code past twice that
-    budget is killed with its whole pool, which is rebuilt.
+
+WORKER_COMMAND = "import sys; sys.path.insert(0, {folder!r}); import reward; reward.serve_verifier()"
+
+
+class _Worker:
+    """One verifier process. `ready` once warm; `task`/`deadline` while it checks an answer."""
+
+    def __init__(self):
+        folder = os.path.dirname(os.path.abspath(__file__))
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER_COMMAND.format(folder=folder)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.ready, self.task, self.deadline = False, None, 0.0
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            pipe.close()
+
+
+class MathVerifier:
+    """math-verify in warm worker processes: a per-answer timeout scores 0 and is counted; never hangs.
+
+    Each answer has a SIGALRM budget of `timeout_s` inside its worker; a worker stuck in C code past
+    2 * timeout_s + 1 s is killed and replaced. A budget starts only when a warm worker receives the answer:
+    starting a worker (Python, math-verify, sympy: seconds on a loaded machine) never counts against it.
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
-        self.workers, self.timeout_s = workers, timeout_s
-        self._pool = None
-
-    def _get_pool(self):
-        if self._pool is None:
-            self._pool = mp.get_context("spawn").Pool(self.workers)
-        return self._pool
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, start_timeout_s: float = 300.0):
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self._workers = [_Worker() for _ in range(workers)]  # start warming now, while the caller loads its model
 
     def close(self):
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+        for worker in self._workers:
+            worker.kill()
+        self._workers = []
+
+    def _wait_until_ready(self, worker: _Worker) -> None:
+        """Blocks (no answer's deadline runs) until the worker is warm; a worker that cannot start is an error."""
+        if not select.select([worker.process.stdout], [], [], self.start_timeout_s)[0]:
+            raise RuntimeError(f"a math-verify worker did not start within {self.start_timeout_s:.0f} s")
+        if worker.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("a math-verify worker failed to start (is math-verify installed? see its error above)")
+        worker.ready = True
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        fresh = _Worker()
+        self._workers[self._workers.index(worker)] = fresh
+        return fresh
 
     def __call__(self, responses: list[str], golds: list[str]) -> tuple[list[float], int]:
-        """-> (rewards, number of timeouts). A worker stuck past its budget is killed with its pool, and
-        the answers queued behind it are resubmitted to a fresh pool (they keep their full budget)."""
-        tasks = [(g, r, self.timeout_s) for r, g in zip(responses, golds)]
-        verdicts: list[str] = []
-        while len(verdicts) < len(tasks):
-            pool = self._get_pool()
-            pending = [pool.apply_async(_math_verify_worker, (t,)) for t in tasks[len(verdicts):]]
-            for job in pending:
-                try:
-                    verdicts.append(job.get(timeout=2 * self.timeout_s + 5))
-                except mp.TimeoutError:
-                    verdicts.append("timeout")
-                    self.close()  # kills the stuck worker; the rest are resubmitted
-                    break
+        """-> (rewards, number of timeouts). Each worker checks one answer at a time; a dead or stuck worker is
+        replaced, and the replacement is warm before it gets the next answer (and its deadline)."""
+        if not self._workers:
+            raise RuntimeError("MathVerifier was closed")
+        for worker in list(self._workers):
+            if worker.process.poll() is not None:  # died between calls
+                worker = self._replace(worker)
+            if not worker.ready:
+                self._wait_until_ready(worker)
+        queue, verdicts = list(range(len(responses)))[::-1], [""] * len(responses)
+        while queue or any(w.task is not None for w in self._workers):
+            for worker in self._workers:
+                if worker.ready and worker.task is None and queue:
+                    worker.task = queue.pop()
+                    task = [golds[worker.task], responses[worker.task], self.timeout_s]
+                    worker.process.stdin.write(json.dumps(task) + "\n")
+                    worker.process.stdin.flush()
+                    worker.deadline = time.monotonic() + 2 * self.timeout_s + 1
+            busy = [w for w in self._workers if w.task is not None]
+            waiting = [w for w in self._workers if not w.ready]  # replacements warming up: no deadline
+            wait_s = min((w.deadline for w in busy), default=time.monotonic() + 1) - time.monotonic()
+            readable = select.select([w.process.stdout for w in busy + waiting], [], [], max(wait_s, 0))[0]
+            for worker in busy + waiting:
+                if worker.process.stdout in readable:
+                    line = worker.process.stdout.readline().strip()
+                    if not worker.ready:
+                        if line != "ready":
+                            raise RuntimeError("a math-verify worker failed to start (see its error above)")
+                        worker.ready = True
+                    elif line:
+                        verdicts[worker.task], worker.task = line, None
+                    else:  # the worker died on this answer (killed, out of memory): scored 0, counted
+                        verdicts[worker.task] = "timeout"
+                        self._replace(worker)
+                elif worker.task is not None and time.monotonic() > worker.deadline:  # stuck in C code
+                    verdicts[worker.task] = "timeout"
+                    self._replace(worker)
         return [float(v == "correct") for v in verdicts], sum(v == "timeout" for v in verdicts)
 
 

@@ -152,8 +152,13 @@ def load_jsonl(path: str, problem_key: str = "problem", answer_key: str = "answe
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -587,17 +592,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(engine, tokenizer, problems: list[Problem], k: int, max_new_tokens: int, verifier=None,
              temperature: float = 0.6, top_p: float = 0.95, seed: int = 0) -> dict:
-    """k samples per problem in one engine call -> sums that can be all-reduced over ranks, plus means."""
+    """k samples per problem in one engine call -> sums that can be all-reduced over ranks, plus means.
+
+    `timeouts`: answers whose math-verify check ran past its budget; each counts as a wrong sample in avg@k."""
     if not problems:
-        return {"correct_sum": 0.0, "samples": 0, "pass_at_k_sum": 0.0, "problems": 0, "generated_tokens": 0, "avg_at_k": float("nan"), "pass_at_k": float("nan")}
+        return {"correct_sum": 0.0, "samples": 0, "pass_at_k_sum": 0.0, "problems": 0, "generated_tokens": 0,
+                "timeouts": 0, "avg_at_k": float("nan"), "pass_at_k": float("nan")}
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     samples = engine.generate(prompt_ids, k, max_new_tokens, temperature, top_p, seed)
     texts = [s.text for group in samples for s in group]
-    rewards, _ = score_responses(texts, [p for p, group in zip(problems, samples) for _ in group], verifier)
+    rewards, stats = score_responses(texts, [p for p, group in zip(problems, samples) for _ in group], verifier)
     correct_per_problem = [sum(rewards[i * k:(i + 1) * k]) for i in range(len(problems))]
     pass_sum = sum(pass_at_k(k, int(c), k) for c in correct_per_problem)
     out = {"correct_sum": float(sum(rewards)), "samples": len(rewards), "pass_at_k_sum": pass_sum, "problems": len(problems),
-           "generated_tokens": sum(len(s.token_ids) for group in samples for s in group)}
+           "generated_tokens": sum(len(s.token_ids) for group in samples for s in group), "timeouts": stats.timeouts}
     out["avg_at_k"] = out["correct_sum"] / out["samples"]
     out["pass_at_k"] = pass_sum / len(problems)
     return out

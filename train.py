@@ -61,15 +61,21 @@ import sys
 import time
 from pathlib import Path
 
+from flags import ALGORITHM_NAMES, add_run_arguments, check_run_arguments_early, run_argument_error
+
+if __name__ == "__main__":  # a bad shared flag stops here in < 2 s, before the heavy imports below (5-10 s)
+    check_run_arguments_early(sys.argv[1:], prog="train.py")
+
+# (the imports below come after that check on purpose)
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: C++ warnings off, errors still shown
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from advantage import GRPO, RLOO
-from actor import adamw, add_update_arguments, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
+from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from critic import PPO, VCPPO
 from genac import GenAC
@@ -82,53 +88,19 @@ from runrecord import mark_done, write_start
 
 
 ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO, "vcppo": VCPPO, "genac": GenAC, "v05": V05, "poise": POISE}
+assert tuple(ALGORITHMS) == ALGORITHM_NAMES, "flags.ALGORITHM_NAMES lists the algorithms of this table"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Shared flags, then the chosen algorithm's own (`--algo X --help` lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    a = p.add_argument
-    a("--algo", default="grpo", help=f"one of {', '.join(ALGORITHMS)}")
-    a("--model", default=None, help="HF causal LM folder or name (default: offline SmolLM2-135M-Instruct)")
-    a("--data", default="arithmetic", help="'arithmetic[:levels]', a JSONL file, or a HF dataset name")
-    a("--eval-data", default=None, help="held-out set (default: the held-out split of the arithmetic task)")
-    a("--problem-key", default="problem", help="JSONL field holding the question")
-    a("--answer-key", default="answer", help="JSONL field holding the reference answer")
-    a("--out", default="runs/default", help="run folder: metrics.jsonl, checkpoints, plots")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    a("--seed", type=int, default=0)
-    a("--steps", type=int, default=30, help="RL iterations")
-    a("--prompts-per-step", type=int, default=4, help="prompts per iteration (over all ranks)")
-    a("--rollouts-per-prompt", type=int, default=8, help="G (poise: 2; v05 samples --v05-n0 first, then OSLA)")
-    a("--max-new-tokens", type=int, default=128)
-    a("--max-prompt-tokens", type=int, default=512, help="longer prompts are an error")
-    a("--temperature", type=float, default=1.0)
-    a("--top-p", type=float, default=1.0)
-    add_update_arguments(p)
-    a("--engine", default=None, choices=("vllm", "hf"), help="generation engine (default: vllm if it imports)")
-    a("--engine-dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    a("--gpu-memory-utilization", type=float, default=0.3)
-    a("--verifier-timeout", type=float, default=5.0, help="seconds per math answer (timeouts score 0)")
-    a("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after training)")
-    a("--eval-n", type=int, default=200, help="held-out problems per evaluation")
-    a("--eval-k", type=int, default=4, help="samples per problem (avg@k, pass@k)")
-    a("--no-eval", action="store_true", help="skip the evaluations before and after training")
-    a("--token-budget", type=int, default=0, help="stop after this many generated tokens (0: none): equal-cost comparisons")
-    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    a("--keep-checkpoints", type=int, default=2)
-    algo = p.parse_known_args(argv)[0].algo
-    if algo not in ALGORITHMS:
-        p.error(f"unknown --algo {algo!r}; choose one of {', '.join(ALGORITHMS)}")
+    add_run_arguments(p)  # flags.py: the shared flags with their types and ranges
+    algo = p.parse_known_args(argv)[0].algo  # one of ALGORITHMS (flags.algorithm_name)
     ALGORITHMS[algo].add_arguments(p.add_argument_group(f"--algo {algo}"))
-    a("-h", "--help", action="help", help="show this help (with --algo X: that algorithm's flags too) and exit")
+    p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
     args = p.parse_args(argv)
-    for flag, ok in (("--max-new-tokens must be >= 1", args.max_new_tokens >= 1), ("--temperature must be > 0", args.temperature > 0),
-                     ("--top-p must be in (0, 1]", 0 < args.top_p <= 1), ("--steps must be >= 0", args.steps >= 0),
-                     ("--prompts-per-step must be >= 1", args.prompts_per_step >= 1), ("--eval-k must be >= 1", args.eval_k >= 1),
-                     ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",
-                      min(args.micro_batch_size, args.mini_batches, args.ppo_epochs) >= 1)):
-        if not ok:
-            p.error(flag)
+    if (message := run_argument_error(args)) is not None:
+        p.error(message)
     try:
         ALGORITHMS[algo].check_arguments(args)
     except ValueError as e:
@@ -386,13 +358,16 @@ def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, 
     t = time.time()
     result = evaluate(engine, tokenizer, eval_problems[rank::world], args.eval_k, args.max_new_tokens, verifier, seed=args.seed + 17)
     totals = all_reduce(torch.tensor([result["correct_sum"], result["samples"], result["pass_at_k_sum"], result["problems"],
-                                      result["generated_tokens"]], dtype=torch.float64))
+                                      result["generated_tokens"], result["timeouts"]], dtype=torch.float64))
     record = {"step": step, "eval/avg_at_k": float(totals[0] / totals[1]), "eval/pass_at_k": float(totals[2] / totals[3]),
-              "eval/k": args.eval_k, "eval/problems": int(totals[3]), "eval/generated_tokens": int(totals[4]), "time/eval": time.time() - t}
+              "eval/k": args.eval_k, "eval/problems": int(totals[3]), "eval/generated_tokens": int(totals[4]),
+              "eval/timeouts": int(totals[5]), "time/eval": time.time() - t}
     log(record)
     if rank == 0:
-        print(f"[eval] step {step}: avg@{args.eval_k} {record['eval/avg_at_k']:.4f}  pass@{args.eval_k} "
-              f"{record['eval/pass_at_k']:.4f} on {record['eval/problems']} held-out problems ({record['time/eval']:.0f}s)", flush=True)
+        print(f"[eval] step {step}: avg@{args.eval_k} {record['eval/avg_at_k']:.4f} "
+              f"({record['eval/timeouts']} timeouts, scored 0)  "
+              f"pass@{args.eval_k} {record['eval/pass_at_k']:.4f} on {record['eval/problems']} held-out problems "
+              f"({record['time/eval']:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

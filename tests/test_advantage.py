@@ -279,3 +279,14 @@ def test_update_takes_old_logprobs_from_its_first_step_with_the_same_result(tiny
     first_step = len(actor.rollout_micro_batches(make_batch().select(actor.mini_batch_indices(
         make_batch(), mini_batches, torch.Generator().manual_seed(0))[0]), 4, share))
     assert calls_a - calls_b == first_step  # the no-grad forwards the first step's own forward replaced
+
+
+def test_seq_mean_modes_leave_empty_responses_out_of_the_mean():
+    """verl's agg_loss averages over non-empty responses only; an empty one used to dilute the loss."""
+    losses = torch.tensor([[1.0, 3.0, 0.0], [5.0, 0.0, 0.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # row 2: an empty response
+    assert A.loss_normaliser(mask, "token-mean") == 3.0
+    assert A.loss_normaliser(mask, "seq-mean-token-mean") == 2.0 == A.loss_normaliser(mask, "seq-mean-token-sum")
+    mean = A.aggregate_loss(losses, mask, "seq-mean-token-mean", A.loss_normaliser(mask, "seq-mean-token-mean"))
+    total = A.aggregate_loss(losses, mask, "seq-mean-token-sum", A.loss_normaliser(mask, "seq-mean-token-sum"))
+    assert float(mean) == pytest.approx((2.0 + 5.0) / 2) and float(total) == pytest.approx((4.0 + 5.0) / 2)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from _helpers import masked_whiten
-from critic import PPO, discriminative_value_fn, gae_advantages, value_forward
+from critic import PPO, discriminative_value_fn, gae_advantages, value_clip_active, value_forward
 from rollout import Sample, build_rollout_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +129,20 @@ def test_critic_update_is_the_same_with_shared_prompt_packing(tiny_model):
     assert grad_a.abs().max() > 1e-3 and torch.allclose(grad_a, grad_b, atol=1e-6)
     for name in ("critic/value_loss", "critic/mse_to_returns", "critic/grad_norm"):
         assert m_a[name] == pytest.approx(m_b[name], rel=1e-5), name
+
+
+def test_value_clip_fraction_counts_where_the_clipped_term_wins_as_verl():
+    """verl's vf_clipfrac: the clipped squared error strictly larger. Old 0, clip 0.5, return 1."""
+    values = torch.tensor([[2.0, 0.8, -1.0, 0.3, 0.5]])
+    active = value_clip_active(values, torch.zeros(1, 5), torch.ones(1, 5), clip=0.5)
+    # 2.0 moved past the range toward and beyond the return: unclipped error 1 > clipped 0.25 -> not counted;
+    # 0.8: clipped 0.25 > 0.04 -> counted; -1.0: moved away, unclipped 4 > 2.25 -> not counted; 0.3, 0.5: in range
+    assert active.tolist() == [[False, True, False, False, False]]
+
+
+def test_vcppo_decouples_gae_lambdas_as_its_paper():
+    """arXiv:2503.01491: critic lambda 1.0, actor lambda 0.95 (PPO keeps 1.0 for both)."""
+    import train
+    vc, ppo = train.parse_args(["--algo", "vcppo"]), train.parse_args(["--algo", "ppo"])
+    assert (vc.lam, vc.critic_lam, ppo.lam, ppo.critic_lam) == (0.95, 1.0, 1.0, None)
+    assert train.parse_args(["--algo", "vcppo", "--lam", "0.9"]).lam == 0.9

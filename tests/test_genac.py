@@ -432,3 +432,18 @@ def test_sft_states_are_held_out_and_disjoint_from_pretraining_validation():
     assert len(sft) == sft_args.n == 64 and len(val) == pre_args.val_n == 32 and not sft & val
     assert sft_args.skip == pre_args.val_n
     assert not (sft | val) & {p.id for p in load_problems("arithmetic", "train", 0)}
+
+
+def test_sft_validation_states_come_from_prompts_sft_never_trains_on():
+    """The SFT held-out split is by prompt: no prompt has states on both sides (by state it would)."""
+    import genac_stages as S
+    states = [{"problem": f"What is {p} + 1?", "prefix_ids": list(range(k))}
+              for p in range(8) for k in range(1 + p % 3)]
+    val, train = S.split_states_by_prompt(states, 0.25, seed=0)
+    val_prompts, train_prompts = {s["problem"] for s in val}, {s["problem"] for s in train}
+    assert not val_prompts & train_prompts and len(val_prompts) == 2 and len(train_prompts) == 6
+    assert len(val) + len(train) == len(states) and sorted(map(id, val + train)) == sorted(map(id, states))
+    assert S.split_states_by_prompt(states, 0.25, seed=0) == (val, train)  # seeded
+    assert {s["problem"] for s in S.split_states_by_prompt(states, 0.25, seed=1)[0]} != val_prompts  # the seed matters
+    one, rest = S.split_states_by_prompt(states[:3], 0.9, seed=0)  # states[:3]: 2 prompts -> one on each side
+    assert len({s["problem"] for s in one}) == 1 and len({s["problem"] for s in rest}) == 1

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from probe import (POISE, FeatureBuffer, PoiseBaseline, RidgeProbe, cross_rollout_baselines,  # noqa: E402
                    cross_rollout_targets, pairwise_sign_accuracy, poise_advantages, probe_layer_index,
-                   probe_quality, reasoning_end, rollout_features)
+                   probe_quality, rollout_features, think_spans)
 
 
 def leave_one_out_reference(values, group_index):
@@ -57,14 +57,15 @@ def test_rollout_features_hand_made():
     prompt_lens = torch.tensor([12, 4, 5, 6])
     response_lens = torch.tensor([15, 20, 30, 0])
     reasoning_end = torch.tensor([15, 8, 14, 0])  # row 0: no marker; rows 1-2: marker; row 3: empty
+    spans = torch.tensor([[0, 0, 15], [0, 6, 8], [3, 12, 14], [0, 0, 0]])  # (s, e, a): reasoning [s, e), answer [a, R)
     for i in range(4):  # padding past the response must never be read
         hidden[i, prompt_lens[i] + response_lens[i]:] = pad
     entropy = torch.full((4, 32), 999.0)  # garbage past each response
     entropy[0, :15] = torch.arange(15.0)
     entropy[1, :20] = torch.cat([torch.full((8,), 1.0), torch.full((12,), 3.0)])
-    entropy[2, :30] = torch.cat([torch.full((14,), 2.0), torch.full((16,), 4.0)])
+    entropy[2, :30] = torch.cat([torch.full((3,), 5.0), torch.full((11,), 2.0), torch.full((16,), 4.0)])
 
-    z = rollout_features(hidden.bfloat16(), prompt_lens, response_lens, entropy, reasoning_end)
+    z = rollout_features(hidden.bfloat16(), prompt_lens, response_lens, entropy, reasoning_end, spans)
     assert z.shape == (4, 2 * H + 3) and z.dtype == torch.float32
     # prompt: last 10 prompt tokens (fewer when the prompt is shorter)
     torch.testing.assert_close(z[:, 0], torch.tensor([6.5, 1.5, 2.0, 2.5]))  # (2..11), (0..3), (0..4), (0..5)
@@ -72,10 +73,10 @@ def test_rollout_features_hand_made():
     # response: last 10 tokens ending at reasoning_end (positions prompt_len + [E−10, E))
     torch.testing.assert_close(z[:, 2], torch.tensor([21.5, 7.5, 13.5, 0.0]))  # (17..26), (4..11), (9..18), ∅
     torch.testing.assert_close(z[3, 3], torch.tensor(0.0))  # zero-length response: zeros, not NaN
-    # entropies: whole response, reasoning span [0, E), answer span [E, R)
-    torch.testing.assert_close(z[0, 4:], torch.tensor([7.0, 7.0, 7.0]))  # no marker: both spans = whole
+    # entropies: whole response, reasoning span [s, e), answer span [a, R); a missing span is 0.0
+    torch.testing.assert_close(z[0, 4:], torch.tensor([7.0, 0.0, 0.0]))  # no marker
     torch.testing.assert_close(z[1, 4:], torch.tensor([(8 + 36) / 20, 1.0, 3.0]))
-    torch.testing.assert_close(z[2, 4:], torch.tensor([(28 + 64) / 30, 2.0, 4.0]))
+    torch.testing.assert_close(z[2, 4:], torch.tensor([(15 + 22 + 64) / 30, 2.0, 4.0]))  # tags (3, 2 tokens) excluded
     torch.testing.assert_close(z[3, 4:], torch.zeros(3))
     assert torch.isfinite(z).all()
 
@@ -83,7 +84,11 @@ def test_rollout_features_hand_made():
 def test_rollout_features_rejects_bad_marker():
     hidden = torch.zeros(1, 10, 2)
     with pytest.raises(ValueError):
-        rollout_features(hidden, torch.tensor([3]), torch.tensor([4]), torch.zeros(1, 4), torch.tensor([5]))
+        rollout_features(hidden, torch.tensor([3]), torch.tensor([4]), torch.zeros(1, 4), torch.tensor([5]),
+                         torch.tensor([[0, 0, 4]]))
+    with pytest.raises(ValueError):  # an answer span starting before the reasoning span ends
+        rollout_features(hidden, torch.tensor([3]), torch.tensor([4]), torch.zeros(1, 4), torch.tensor([4]),
+                         torch.tensor([[0, 3, 2]]))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +120,34 @@ def test_think_marker_searched_as_token_sequence(smollm2_tokenizer):
     R = max(len(with_marker), len(without))
     mb = SimpleNamespace(response_ids=torch.tensor([with_marker, without + [0] * (R - len(without))]),
                          response_lens=torch.tensor([len(with_marker), len(without)]))
-    assert reasoning_end(mb, poise.marker).tolist() == [cut + len(marker), len(without)]
+    ends, spans = think_spans(mb, poise.open_marker, poise.marker)
+    assert ends.tolist() == [cut + len(marker), len(without)]
+    assert spans.tolist() == [[0, cut, cut + len(marker)], [0, 0, len(without)]]
+
+
+OPEN, CLOSE = [7, 8], [9, 8]  # multi-token markers, like SmolLM2's '<', 'think', '>'
+
+
+@pytest.mark.parametrize("response,reasoning,answer", [
+    # 0 markers: no reasoning and no answer span -> 0.0 each (not the whole response)
+    ([1, 2, 3, 4], 0.0, 0.0),
+    # 1 marker pair: reasoning = tokens 2, 3 (entropies 3, 4); answer = tokens 6, 7, 8 (7, 8, 9); tags excluded
+    (OPEN + [1, 2] + CLOSE + [3, 4, 5], (3 + 4) / 2, (7 + 8 + 9) / 3),
+    # 2 `</think>`: the FIRST one splits; reasoning = token 2 (3); answer = tokens 5..8 incl. the 2nd marker (6..9)
+    (OPEN + [1] + CLOSE + [2] + CLOSE + [3], 3.0, (6 + 7 + 8 + 9) / 4),
+    # a `</think>` without `<think>` (opened by the chat template): reasoning from token 0 (1, 2); answer token 4 (5)
+    ([1, 2] + CLOSE + [3], (1 + 2) / 2, 5.0),
+    # `</think>` as the very last tokens: the answer span is missing -> 0.0
+    (OPEN + [1, 2, 3] + CLOSE, (3 + 4 + 5) / 3, 0.0),
+])
+def test_entropy_spans_follow_the_authors_split(response, reasoning, answer):
+    R = len(response)
+    mb = SimpleNamespace(response_ids=torch.tensor([response + [0] * 3]), response_lens=torch.tensor([R]))
+    ends, spans = think_spans(mb, OPEN, CLOSE)
+    entropy = torch.arange(1.0, R + 4).unsqueeze(0)  # token t has entropy t + 1 (3 padding values never read)
+    hidden = torch.zeros(1, 2 + R, 2)
+    z = rollout_features(hidden, torch.tensor([2]), torch.tensor([R]), entropy, ends, spans)
+    torch.testing.assert_close(z[0, 4:], torch.tensor([(R + 1) / 2, reasoning, answer]))
 
 
 def test_poise_flags_clip_higher_and_standardize_hidden(smollm2_tokenizer):
@@ -125,6 +157,8 @@ def test_poise_flags_clip_higher_and_standardize_hidden(smollm2_tokenizer):
     assert train.parse_args(["--algo", "poise"]).clip_high == 0.28
     assert train.parse_args(["--algo", "grpo"]).clip_high == 0.2
     assert train.parse_args(["--algo", "poise", "--clip-high", "0.2"]).clip_high == 0.2
+    poise, grpo = train.parse_args(["--algo", "poise"]), train.parse_args(["--algo", "grpo"])
+    assert (poise.clip_ratio_c, poise.mini_batches) == (10.0, 8) and (grpo.clip_ratio_c, grpo.mini_batches) == (3.0, 2)
     assert poise_algorithm(smollm2_tokenizer).baseline.probe.standardize_hidden is False
     assert poise_algorithm(smollm2_tokenizer, "--probe-standardize-hidden").baseline.probe.standardize_hidden is True
 

@@ -88,8 +88,8 @@ def test_jsonl_key_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("so \\boxed{12}", 12), ("The answer is 12.", 12), ("\\boxed{x = 3}", 3), ("\\boxed{1,000}", 1000),
-    ("\\boxed{12.0}", 12), ("\\boxed{} the answer is 7", 7), ("\\boxed{3} then \\boxed{-4}", -4),
+    ("so \\boxed{12}", 12), ("The answer is 12.", None), ("\\boxed{x = 3}", 3), ("\\boxed{1,000}", 1000),
+    ("\\boxed{12.0}", 12), ("\\boxed{} the answer is 7", None), ("\\boxed{3} then \\boxed{-4}", -4),
     ("\\boxed{\\$5}", 5), ("no digits here", None), ("", None),
     ("\\boxed{12.5}", None), ("\\boxed{-1,000.00}", -1000), ("\\boxed{3} \\boxed{}", 3),
 ])
@@ -99,11 +99,11 @@ def test_extract_integer_answer(text, expected):
 
 def test_integers_are_exact_at_any_length_and_never_raise():
     """`int(float(x))` overflowed from 309 digits on and killed the training step."""
-    assert extract_integer_answer("1" * 400) == int("1" * 400)
+    assert extract_integer_answer("\\boxed{" + "1" * 400 + "}") == int("1" * 400)
     assert extract_integer_answer("\\boxed{" + "9" * 309 + ".0}") == 10 ** 309 - 1
-    assert extract_integer_answer("9" * 5000) is None  # past Python's 4300-digit int(str) limit: no reference is that long
-    assert reward_for("the answer is " + "1" * 400, Problem("q", "1" * 400, "int")) == 1.0  # exact, no float round trip
-    assert reward_for("the answer is " + "1" * 400, Problem("q", "12", "int")) == 0.0
+    assert extract_integer_answer("\\boxed{" + "9" * 5000 + "}") is None  # past Python's 4300-digit int(str) limit
+    assert reward_for("\\boxed{" + "1" * 400 + "}", Problem("q", "1" * 400, "int")) == 1.0  # exact, no float round trip
+    assert reward_for("\\boxed{" + "1" * 400 + "}", Problem("q", "12", "int")) == 0.0
     assert reward_for("\\boxed{" + "9" * 5000 + "}", Problem("q", "12", "int")) == 0.0
 
 
@@ -190,8 +190,8 @@ def test_score_responses_counts_a_real_timeout():
 
 def test_score_responses_counts_empty_and_truncated():
     probs = [Problem("q", "4", "int")] * 3
-    rewards, stats = score_responses(["", "\\boxed{4}", "4 4 4"], probs, None, ["stop", "stop", "length"])
-    assert rewards == [0.0, 1.0, 1.0] and stats.empty_responses == 1 and stats.truncated == 1
+    rewards, stats = score_responses(["", "\\boxed{4}", "\\boxed{4"], probs, None, ["stop", "stop", "length"])
+    assert rewards == [0.0, 1.0, 0.0] and stats.empty_responses == 1 and stats.truncated == 1
 
 
 def test_rollout_batch_layout():
