@@ -77,7 +77,8 @@ from probe import POISE
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
                      load_problems, make_engine, resolve_model_path)
-from runrecord import mark_done, write_start
+from runrecord import load as load_run_record, mark_done, write_start
+from trackers import TRACKERS, Trackers, install_line, missing_packages
 
 
 ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO, "vcppo": VCPPO, "genac": GenAC, "v05": V05, "poise": POISE}
@@ -115,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--token-budget", type=int, default=0, help="stop after this many generated tokens (0: none): equal-cost comparisons")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep-checkpoints", type=int, default=2)
+    a("--report-to", nargs="+", default=["none"], choices=("none", *TRACKERS),
+      help="also log every metrics.jsonl record to these trackers (offline by default; docs/trackers.md)")
     algo = p.parse_known_args(argv)[0].algo
     if algo not in ALGORITHMS:
         p.error(f"unknown --algo {algo!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -128,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       min(args.micro_batch_size, args.mini_batches, args.ppo_epochs) >= 1)):
         if not ok:
             p.error(flag)
+    if missing := missing_packages(t for t in args.report_to if t != "none"):
+        p.error(f"--report-to {' '.join(missing)} needs its package: {install_line(missing)}")
     try:
         ALGORITHMS[algo].check_arguments(args)
     except ValueError as e:
@@ -282,7 +287,9 @@ def main(argv=None) -> None:
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
         metrics_path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(metrics_path.with_suffix(".tmp"), metrics_path)
-    log = functools.partial(append_jsonl, metrics_path) if master else lambda record: None
+    # --report-to: the same records to TensorBoard / wandb / trackio too, with run.json as their run config
+    trackers = Trackers(args.report_to, out, load_run_record(out), start_step, bool(resume_from)) if master else None
+    log = functools.partial(append_jsonl, metrics_path, trackers=trackers) if master else lambda record: None
     run_eval = functools.partial(evaluate_heldout, engine, tokenizer, eval_problems, verifier, args, rank, world, log)
     if start_step == 0:
         run_eval(0)
@@ -364,7 +371,7 @@ def main(argv=None) -> None:
             print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
     if master:  # the completion marker, after the final evaluation and checkpoint (sweep.py skips such runs)
         mark_done(out, total_steps, generated_total)
-    for closable in (verifier, engine, algo):
+    for closable in (verifier, engine, algo, trackers):
         if closable is not None:
             closable.close()
     if dist.is_initialized():
@@ -372,9 +379,12 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
 
 
-def append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict, trackers: Trackers | None = None) -> None:
+    """One line of metrics.jsonl (the source of truth), then the same record to each --report-to tracker."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if trackers is not None:
+        trackers.log(record)
 
 
 def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, args, rank: int, world: int, log, step: int) -> None:
