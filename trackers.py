@@ -4,8 +4,9 @@ plot/summary/compare read it); a tracker is an output. Rank 0 only; run.json bec
 
 Offline by default, and nothing waits on a network:
     tensorboard   event files in RUN/tensorboard; a --resume purges the events after the checkpoint's step
-    wandb         offline mode unless WANDB_MODE says otherwise or an API key is set (WANDB_API_KEY, ~/.netrc);
-                  files in RUN/wandb, `wandb sync` command printed; no system metrics, git or machine probes
+    wandb         offline mode unless WANDB_MODE says otherwise or an API key is set (WANDB_API_KEY, ~/.netrc) and
+                  its server answers within 5 s; files in RUN/wandb, the `wandb sync` command printed; no system
+                  metrics, git or machine probes, no crash reports
     trackio       its local SQLite database (TRACKIO_DIR, default ~/.cache/huggingface/trackio); no dashboard
                   server, no system monitors; TRACKIO_SPACE_ID / TRACKIO_SERVER_URL send it elsewhere
 
@@ -20,6 +21,8 @@ import importlib.util
 import json
 import netrc
 import os
+import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -94,6 +97,16 @@ def wandb_api_key_present() -> bool:
         return False
 
 
+def unreachable(url: str, timeout_s: float = 5.0) -> str | None:
+    """Why a TCP connection to the server of `url` fails within timeout_s, or None when it connects."""
+    parts = urlparse(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s).close()
+    except OSError as e:
+        return f"{parts.hostname}: {e}"
+    return None
+
+
 class WandB:
     """wandb.init in offline mode unless asked otherwise; the run id from run.json, so --resume continues it.
 
@@ -101,15 +114,31 @@ class WandB:
     offline file with the same run id, and `wandb sync` uploads a run's files in order of start time."""
 
     def __init__(self, out: Path, config: dict, start_step: int, resumed: bool):
-        import wandb
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_present() else "offline")
-        if mode in ("offline", "dryrun", "disabled"):
+        if mode == "online" and (why := unreachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))):
+            print(f"[wandb] cannot reach the server ({why}): logging offline instead", file=sys.stderr, flush=True)
+            mode = "offline"  # wandb itself would retry for init_timeout (90 s), then stop the run
+        try:
+            self.run = self._init(out, config, resumed, mode)
+        except Exception as e:  # noqa: BLE001 - online: a refused key, a server that answers wrongly
+            if mode != "online":
+                raise
+            print(f"[wandb] online start failed ({type(e).__name__}: {e}): logging offline instead", file=sys.stderr,
+                  flush=True)
+            import wandb
+            wandb.teardown()  # the failed start keeps the run id registered in wandb's service process
+            mode, self.run = "offline", self._init(out, config, resumed, "offline")
+        self.offline, self.out = mode != "online", out
+
+    @staticmethod
+    def _init(out: Path, config: dict, resumed: bool, mode: str):
+        import wandb
+        if mode != "online":
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # no crash reports to sentry either
         settings = wandb.Settings(mode=mode, x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True,
-                                  disable_git=True, save_code=False, console="off", init_timeout=60)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=out.name, id=run_id(out, config),
-                              dir=str(out), config=config, resume="allow" if resumed else None, settings=settings)
-        self.offline, self.out = mode != "online", out
+                                  disable_git=True, save_code=False, console="off", init_timeout=30)
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=out.name, id=run_id(out, config),
+                          dir=str(out), config=config, resume="allow" if resumed else None, settings=settings)
 
     def log(self, record: dict) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])

@@ -214,3 +214,23 @@ def test_a_missing_tracker_package_stops_at_parse_time(tmp_path):
     assert "--report-to wandb trackio" in last and "pip install 'wandb==" in last and "'trackio==" in last
     assert "tensorboard==" not in last
     assert not (tmp_path / "run").exists()  # stopped before the run folder was made
+
+
+def test_wandb_with_a_key_but_no_reachable_server_logs_offline(tmp_path):
+    """An API key and a server that refuses connections: offline after one refused connect, not wandb's 90 s of
+    retries and a stopped run."""
+    pytest.importorskip("wandb")
+    import socket
+    with socket.socket() as sock:  # a free port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**tracker_env(tmp_path), "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}"}
+    start = ("import sys; from pathlib import Path; sys.path.insert(0, '.'); from trackers import WandB; "
+             f"w = WandB(Path({str(tmp_path / 'run')!r}), {{'host': 'h', 'started': 't'}}, 0, False); "
+             "w.log({'step': 1, 'reward': 0.5}); w.close(); print('offline' if w.offline else 'online')")
+    (tmp_path / "run").mkdir()
+    proc = subprocess.run([sys.executable, "-c", start], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cannot reach the server" in proc.stderr and proc.stdout.splitlines()[-1] == "offline"
+    files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1 and wandb_history(files[0])[0] == {1: {"reward": 0.5}}
