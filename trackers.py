@@ -8,7 +8,8 @@ Offline by default, and nothing waits on a network:
                   its server answers within 5 s; files in RUN/wandb, the `wandb sync` command printed; no system
                   metrics, git or machine probes, no crash reports
     trackio       its local SQLite database (TRACKIO_DIR, default ~/.cache/huggingface/trackio); no dashboard
-                  server, no system monitors; TRACKIO_SPACE_ID / TRACKIO_SERVER_URL send it elsewhere
+                  server, no system monitors; TRACKIO_SPACE_ID / TRACKIO_SERVER_URL send it elsewhere (with a stored
+                  Hugging Face token it asks the Hub's whoami for a username unless HF_HUB_OFFLINE=1)
 
 A resumed run continues the same tracker run: the run id comes from run.json (folder, host, start time), which a
 --resume keeps. The packages are optional (requirements-trackers.txt); train.py asks `missing_packages` at parse time.

@@ -18,9 +18,10 @@ TRACKERS = [t for t in ("tensorboard", "wandb", "trackio") if importlib.util.fin
 
 
 def tracker_env(tmp: Path) -> dict:
-    """No W&B key or mode, tracker state under tmp: what a machine with no account sees."""
+    """No W&B key or mode, tracker state under tmp: what a machine with no account sees (HF_HUB_OFFLINE: trackio
+    asks the Hub who owns a stored token otherwise)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TRACKIO_"))}
-    env.update(OMP_NUM_THREADS="1", NETRC=str(tmp / "no-netrc"), TRACKIO_DIR=str(tmp / "trackio"),
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", NETRC=str(tmp / "no-netrc"), TRACKIO_DIR=str(tmp / "trackio"),
                WANDB_CONFIG_DIR=str(tmp / "wandb-config"), WANDB_CACHE_DIR=str(tmp / "wandb-cache"),
                WANDB_DATA_DIR=str(tmp / "wandb-data"))
     return env
