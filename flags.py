@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from trackers import TRACKERS
+
 ALGORITHM_NAMES = ("grpo", "rloo", "ppo", "vcppo", "genac", "v05", "poise")  # train.ALGORITHMS holds their classes
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # verl's names (advantage.aggregate_loss)
 SYNC_BUCKET_MB = 64  # per all-gather of the weight sync: bandwidth-bound on NVLink, < 0.1% of an 80 GB GPU
@@ -78,6 +80,8 @@ def add_run_arguments(parser) -> None:
       help="stop after this many generated tokens (0: none): equal-cost comparisons")
     a("--save-every", type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep-checkpoints", type=number(int, 1), default=2)
+    a("--report-to", nargs="+", default=["none"], choices=("none", *TRACKERS),
+      help="also log every metrics.jsonl record to these trackers (offline by default; docs/trackers.md)")
 
 
 def add_update_arguments(parser) -> None:

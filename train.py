@@ -84,7 +84,8 @@ from probe import POISE
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
                      load_problems, make_engine, quiet_third_party_output, resolve_model_path)
-from runrecord import mark_done, write_start
+from runrecord import load as load_run_record, mark_done, write_start
+from trackers import Trackers, install_line, missing_packages
 
 
 ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO, "vcppo": VCPPO, "genac": GenAC, "v05": V05, "poise": POISE}
@@ -101,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (message := run_argument_error(args)) is not None:
         p.error(message)
+    if missing := missing_packages(t for t in args.report_to if t != "none"):
+        p.error(f"--report-to {' '.join(missing)} needs its package: {install_line(missing)}")
     try:
         ALGORITHMS[algo].check_arguments(args)
     except ValueError as e:
@@ -256,7 +259,9 @@ def main(argv=None) -> None:
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
         metrics_path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(metrics_path.with_suffix(".tmp"), metrics_path)
-    log = functools.partial(append_jsonl, metrics_path) if master else lambda record: None
+    # --report-to: the same records to TensorBoard / wandb / trackio too, with run.json as their run config
+    trackers = Trackers(args.report_to, out, load_run_record(out), start_step, bool(resume_from)) if master else None
+    log = functools.partial(append_jsonl, metrics_path, trackers=trackers) if master else lambda record: None
     run_eval = functools.partial(evaluate_heldout, engine, tokenizer, eval_problems, verifier, args, rank, world, log)
     if start_step == 0:
         run_eval(0)
@@ -338,7 +343,7 @@ def main(argv=None) -> None:
             print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
     if master:  # the completion marker, after the final evaluation and checkpoint (sweep.py skips such runs)
         mark_done(out, total_steps, generated_total)
-    for closable in (verifier, engine, algo):
+    for closable in (verifier, engine, algo, trackers):
         if closable is not None:
             closable.close()
     if dist.is_initialized():
@@ -346,9 +351,12 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
 
 
-def append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict, trackers: Trackers | None = None) -> None:
+    """One line of metrics.jsonl (the source of truth), then the same record to each --report-to tracker."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if trackers is not None:
+        trackers.log(record)
 
 
 def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, args, rank: int, world: int, log, step: int) -> None:
