@@ -361,7 +361,7 @@ def pack_shared_prefixes(mb: RolloutBatch) -> tuple[dict, torch.Tensor, torch.Te
             packed_row[i] = r
             tail = p - s  # token 0 is predicted by the prompt's last token: the tail's, or trunk column s - 1
             column[i, 0] = offset + tail - 1 if tail > 0 else s - 1
-            column[i, 1:L] = torch.arange(offset + tail, offset + tail + L - 1)  # token t >= 1: token t - 1's column
+            column[i, 1:L] = torch.arange(offset + tail, offset + tail + max(L, 1) - 1)  # token t >= 1: column of t - 1
             offset += width
     query, key = segment[:, :, None], segment[:, None, :]  # [g, W, 1], [g, 1, W]
     key_column = torch.arange(W)[None, None, :]  # [1, 1, W]
