@@ -383,8 +383,8 @@ class GenAC:
     def prompt_parts(self, problem: str) -> tuple[list[int], list[int]]:
         """The chat-formatted ICC prompt cut where the partial solution goes -> (head ids, closing ids), each tokenized
         alone: the prompt of state k is head + y_<k + closing, token-exact, so all states of a response (and all
-        responses to one problem) share the prefix head + y_<k. Text tokenization would differ at the seams: byte-level
-        BPE merges '.</' or '></' across them, and a decoded prefix need not re-encode to the actor's tokens."""
+        responses to one problem) share the prefix head + y_<k. Tokenizing each state's text differs: SmolLM2's BPE reads
+        the empty partial solution's '></' as one token, and a decoded prefix need not re-encode to the actor's tokens."""
         slot = "\x00partial-solution\x00"
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": self.icc_text(problem, slot)}],
                                                   add_generation_prompt=True, tokenize=False)
