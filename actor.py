@@ -161,17 +161,20 @@ MICRO_BATCH_OVERHEAD_TOKENS = 40
 
 
 def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, with_entropy: bool = False,
-                   share_prompts: bool = False, temperature: float = 1.0):
+                   share_prompts: bool = False, temperature: float = 1.0, share_prefixes: bool = False):
     """Log-probs of the response tokens under `model`, of the distribution that was sampled: softmax(logits / T)
     (verl and TRL do the same), so the PPO ratio and the entropies are those of the sampling policy.
 
     mb: [b, T] with prompts left-padded to column P and responses from column P on.
     share_prompts: run each prompt once for all its rollouts in `mb` (pack_shared_prompts); same values.
-    A micro-batch with one rollout per prompt has nothing to share and takes the plain path.
+    share_prefixes: run the prefix that the prompts of a group (mb.group_index) share once (pack_shared_prefixes;
+    GenAC's critic states); same values. A micro-batch with one rollout per group takes the plain path.
     -> logprobs [b, R], entropy [b, R] or None, hidden [b, T, H] (output of decoder layer `hidden_layer`) or None.
     """
-    if share_prompts and hidden_layer is not None:
+    if (share_prompts or share_prefixes) and hidden_layer is not None:
         raise ValueError("policy_forward: hidden states are per rollout row; share_prompts packs rows (use one or the other)")
+    if share_prefixes and mb.group_index.unique().numel() < len(mb):
+        return _prefix_packed_policy_forward(model, mb, with_entropy, temperature)
     if share_prompts and mb.group_index.unique().numel() < len(mb):  # some prompt has several rollouts here
         return _packed_policy_forward(model, mb, with_entropy, temperature)
     R = mb.response_mask.shape[1]
@@ -266,6 +269,112 @@ def _packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool, temperat
     return logprobs, entropy, None
 
 
+# ---------------------------------------------------------------------------------------------
+# Shared-prefix packing: prompts of a group that share a prefix (GenAC's critic states s_k = x ∘ y_<k) run it once
+
+
+def shared_prefix_layout(mb: RolloutBatch, rows: list[int]) -> tuple[int, list[int]]:
+    """rows: rollouts of one group in `mb`. -> (trunk, shared): the trunk is the row with the group's longest prompt
+    (the first of equals); shared[j] = length of the longest common prefix of rows[j]'s prompt and the trunk's."""
+    P = mb.prompt_width
+    prompt_lens = [int(mb.prompt_lens[i]) for i in rows]
+    trunk = rows[max(range(len(rows)), key=lambda j: (prompt_lens[j], -j))]
+    trunk_prompt = mb.input_ids[trunk, P - int(mb.prompt_lens[trunk]):P]  # [S]
+    shared = []
+    for i, p in zip(rows, prompt_lens):
+        same = (mb.input_ids[i, P - p:P] == trunk_prompt[:p]).long()  # [p]
+        shared.append(int(same.cumprod(0).sum()))
+    return trunk, shared
+
+
+def pack_shared_prefixes(mb: RolloutBatch) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The rollouts of one group become one row [trunk | tail_1 response_1 | ... | tail_k response_k | pad].
+
+    pack_shared_prompts with a prefix length per branch: the trunk is the group's longest prompt
+    (shared_prefix_layout); rollout j shares the first s_j tokens of its prompt with it, and its branch
+    (the rest of its prompt, tail_j, then its response) attends to trunk[:s_j] and to itself only, at the
+    positions s_j, s_j + 1, ... it has in its own row. So its log-probs and gradients are those of the
+    unpacked row. GenAC's critic states of one response (template head + problem + y_<b_k + closing part,
+    then the answer z_k) cost the head and the response once instead of once per state.
+
+    mb: [n, P + R] rows. -> model inputs for g packed rows [g, W] (a 4D attention mask [g, 1, W, W], a 1-D
+    `logits_to_keep` [K] of the columns whose logits are read), packed_row [n] and where [n, R]: the index,
+    among the K kept columns, of the logit predicting each response token.
+    """
+    P, R, n = mb.prompt_width, mb.response_mask.shape[1], len(mb)
+    group_rows: dict[int, list[int]] = {}  # group -> its rollouts in mb, in order
+    for i, group in enumerate(mb.group_index.tolist()):
+        group_rows.setdefault(group, []).append(i)
+    layouts = [shared_prefix_layout(mb, rows) for rows in group_rows.values()]
+    lens, prompt_lens = mb.response_lens.tolist(), mb.prompt_lens.tolist()
+    widths = [int(prompt_lens[trunk]) + sum(prompt_lens[i] - s + lens[i] for i, s in zip(rows, shared))
+              for rows, (trunk, shared) in zip(group_rows.values(), layouts)]
+    g, W = len(group_rows), max(widths)
+    input_ids = torch.zeros(g, W, dtype=torch.long)
+    position_ids = torch.zeros(g, W, dtype=torch.long)
+    segment = torch.full((g, W), -1)  # -1 padding, 0 trunk, j + 1 the row's j-th branch
+    visible_trunk = torch.zeros(g, W, dtype=torch.long)  # a branch column sees trunk columns < this
+    packed_row, column = torch.zeros(n, dtype=torch.long), torch.zeros(n, R, dtype=torch.long)  # column: of the logit
+    for r, (rows, (trunk, shared)) in enumerate(zip(group_rows.values(), layouts)):
+        S = int(prompt_lens[trunk])
+        input_ids[r, :S] = mb.input_ids[trunk, P - S:P]
+        segment[r, :S], position_ids[r, :S] = 0, torch.arange(S)
+        offset = S
+        for j, (i, s) in enumerate(zip(rows, shared)):
+            p, L = int(prompt_lens[i]), lens[i]
+            branch = torch.cat([mb.input_ids[i, P - p + s:P], mb.input_ids[i, P:P + L]])  # [tail + L]
+            width = len(branch)
+            input_ids[r, offset:offset + width] = branch
+            segment[r, offset:offset + width], visible_trunk[r, offset:offset + width] = j + 1, s
+            position_ids[r, offset:offset + width] = torch.arange(s, s + width)
+            packed_row[i] = r
+            tail = p - s  # token 0 is predicted by the prompt's last token: the tail's, or trunk column s - 1
+            column[i, 0] = offset + tail - 1 if tail > 0 else s - 1
+            column[i, 1:L] = torch.arange(offset + tail, offset + tail + max(L, 1) - 1)  # token t >= 1: column of t - 1
+            offset += width
+    query, key = segment[:, :, None], segment[:, None, :]  # [g, W, 1], [g, 1, W]
+    key_column = torch.arange(W)[None, None, :]  # [1, 1, W]
+    own = (key == query) & (key >= 0)  # the trunk sees itself; a branch sees itself
+    prefix = (key == 0) & (query > 0) & (key_column < visible_trunk[:, :, None])  # a branch sees trunk[:s_j]
+    visible = torch.ones(W, W, dtype=torch.bool).tril() & (own | prefix)  # [g, W, W]
+    visible |= torch.eye(W, dtype=torch.bool)  # a padding column sees itself: no all-masked softmax row (NaN grads)
+    real = mb.response_mask.bool().cpu()  # [n, R]
+    needed = torch.zeros(g, W, dtype=torch.bool)
+    needed[packed_row[:, None].expand_as(column)[real], column[real]] = True
+    keep = needed.any(0).nonzero().flatten()  # [K] columns whose logits are read (shared by the g rows)
+    keep = keep if len(keep) else torch.tensor([W - 1])
+    index_of = torch.zeros(W, dtype=torch.long)
+    index_of[keep] = torch.arange(len(keep))
+    where = index_of[column] * real  # [n, R]; padding reads logit 0, masked out later
+    device = mb.input_ids.device
+    inputs = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                  attention_mask=visible[:, None].to(device), logits_to_keep=keep.to(device))
+    return inputs, packed_row.to(device), where.to(device)
+
+
+def _prefix_packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool, temperature: float = 1.0):
+    """policy_forward on shared-prefix packed rows -> logprobs [n, R], entropy [n, R] or None, None."""
+    inputs, packed_row, where = pack_shared_prefixes(mb)
+    out = model(**inputs, use_cache=False)
+    logits = out.logits.float() / temperature  # [g, K, V]
+    log_normaliser = logits.logsumexp(-1)  # [g, K]
+    rows = packed_row[:, None].expand_as(where)  # [n, R]
+    logprobs = logits[rows, where, mb.response_ids] - log_normaliser[rows, where]  # [n, R]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = (log_normaliser - (logits.softmax(-1) * logits).sum(-1))[rows, where]  # [n, R]
+    return logprobs, entropy, None
+
+
+def shared_prefix_tokens(batch: RolloutBatch, rows: torch.Tensor) -> int:
+    """Tokens of the packed row of `rows` (one group): its trunk once + every branch (prompt tail + response)."""
+    rows = rows.tolist()
+    trunk, shared = shared_prefix_layout(batch, rows)
+    tails = sum(int(batch.prompt_lens[i] + batch.response_lens[i]) - s for i, s in zip(rows, shared))
+    return int(batch.prompt_lens[trunk]) + tails
+
+
 def micro_batches(lengths: torch.Tensor, size: int, overhead_tokens: int = MICRO_BATCH_OVERHEAD_TOKENS,
                   counts: list[int] | None = None) -> list[torch.Tensor]:
     """Row indices of each micro-batch: rows sorted by length, cut into runs of at most `size` rollouts so
@@ -301,22 +410,25 @@ def micro_batches(lengths: torch.Tensor, size: int, overhead_tokens: int = MICRO
     return groups + [order[:0]] * (count - len(groups))
 
 
-def rollout_micro_batches(batch: RolloutBatch, size: int, share_prompts: bool, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+def rollout_micro_batches(batch: RolloutBatch, size: int, share_prompts: bool, rows: torch.Tensor | None = None,
+                          share_prefixes: bool = False) -> list[torch.Tensor]:
     """Rollout indices of each micro-batch (at most `size` rollouts) covering `rows` (default: all; may be empty on
-    a rank, which then gets only empty micro-batches). With shared prompts, a prompt's rollouts stay together
-    (in chunks of at most `size`), each chunk one packed row of P + sum of lengths."""
+    a rank, which then gets only empty micro-batches). With shared prompts (prefixes), a group's rollouts stay together
+    (in chunks of at most `size`), each chunk one packed row of P + sum of lengths (shared_prefix_tokens)."""
     rows = torch.arange(len(batch)) if rows is None else rows
-    if not share_prompts:
+    if not (share_prompts or share_prefixes):
         return [rows[part] for part in micro_batches((batch.prompt_lens + batch.response_lens)[rows], size)]
     group = batch.group_index[rows]
     chunks = [c for p in group.unique() for c in rows[group == p].split(size)]  # rollouts of one packed row
-    lengths = torch.tensor([int(batch.prompt_lens[c[0]] + batch.response_lens[c].sum()) for c in chunks], dtype=torch.long)
+    lengths = torch.tensor([shared_prefix_tokens(batch, c) if share_prefixes
+                            else int(batch.prompt_lens[c[0]] + batch.response_lens[c].sum()) for c in chunks])
     parts = micro_batches(lengths, size, counts=[len(c) for c in chunks])
     return [torch.cat([chunks[k] for k in part.tolist()]) if len(part) else part for part in parts]
 
 
 @torch.no_grad()
-def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_features=None, rows: torch.Tensor | None = None) -> dict:
+def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_features=None,
+                         rows: torch.Tensor | None = None, share_prefixes: bool = False) -> dict:
     """Fills batch.old_logprobs [N, R], batch.entropies [N, R] and, when `hidden_features` is given,
     batch.features [N, F]. -> metrics (seconds spent pooling features).
 
@@ -333,12 +445,13 @@ def compute_old_logprobs(model, batch: RolloutBatch, args, device, hidden_featur
     layer, pool = hidden_features if hidden_features is not None else (None, None)
     feats, pool_seconds = None, 0.0
     share = args.share_prompts and layer is None  # hidden states are per rollout row
-    for idx in rollout_micro_batches(batch, args.micro_batch_size, share, rows):
+    for idx in rollout_micro_batches(batch, args.micro_batch_size, share, rows, share_prefixes):
         real = len(idx) > 0
         mb = batch.select(idx if real else torch.tensor([0]))  # an idle rank still joins the FSDP collectives
         with autocast_context(args, device):
             logp, entropy, hidden = policy_forward(model, to_device(mb, device), layer, with_entropy=True,
-                                                   share_prompts=share, temperature=args.temperature)
+                                                   share_prompts=share, temperature=args.temperature,
+                                                   share_prefixes=share_prefixes)
         if not real:
             continue
         width = logp.shape[1]
@@ -388,7 +501,8 @@ def mini_batch_indices(batch: RolloutBatch, count: int, generator: torch.Generat
 
 
 def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Tensor], micro_loss, args, device,
-                    world: int, loss_agg: str = "token-mean", share_prompts: bool = False) -> dict:
+                    world: int, loss_agg: str = "token-mean", share_prompts: bool = False,
+                    share_prefixes: bool = False) -> dict:
     """The one update skeleton (actor PPO, value critic, generative critic, SFT): one optimizer step per entry
     of `steps` (rollout indices of its mini-batch), each accumulated over micro-batches.
 
@@ -407,7 +521,8 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
         normaliser = torch.tensor([adv_math.loss_normaliser(mini_batch.response_mask, loss_agg)])
         normaliser = max(float(all_reduce(normaliser)), 1.0)
         optimizer.zero_grad(set_to_none=True)
-        for idx in rollout_micro_batches(mini_batch, args.micro_batch_size, share_prompts):
+        for idx in rollout_micro_batches(mini_batch, args.micro_batch_size, share_prompts,
+                                         share_prefixes=share_prefixes):
             weight = 1.0 if len(idx) else 0.0  # a rank with fewer rollouts still joins the collectives
             mb = to_device(mini_batch.select(idx if len(idx) else torch.tensor([0])), device)
             mb.extras.update(rows=mini[idx], optimizer_step=k)
@@ -432,7 +547,8 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
     return out
 
 
-def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, ref_model=None) -> dict:
+def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, ref_model=None,
+               share_prefixes: bool = False) -> dict:
     """PPO-clip on `batch.advantages` [N, R] (arXiv:1707.06347 Eq. 7): epochs x mini-batches of optimizer steps,
     the k3 KL to `ref_model` added per token when --kl-coef > 0.
 
@@ -440,6 +556,7 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
     log-probs of its rollouts from its own forward pass, detached (no parameter has moved yet: ratio 1, as in
     TRL's GRPOTrainer), and fills batch.old_logprobs / batch.entropies from it; only the rollouts of later
     mini-batches get a no-grad pass (compute_old_logprobs) before the first step. Same gradients (tested).
+    share_prefixes: the prompts of a group share prefixes, run once per micro-batch (pack_shared_prefixes; GenAC).
     """
     g = torch.Generator().manual_seed(args.seed + 7919 * int(batch.extras.get("step", 0)))
     steps = [mini for _ in range(args.ppo_epochs) for mini in mini_batch_indices(batch, args.mini_batches, g)]
@@ -452,14 +569,15 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
         later[steps[0]] = False  # [N] rollouts that no forward of step 0 sees
         if all_reduce(torch.tensor([float(later.any())]), dist.ReduceOp.MAX).item() > 0:  # FSDP2: every rank or none
             model.eval()
-            compute_old_logprobs(model, batch, args, device, rows=torch.nonzero(later).flatten())
+            compute_old_logprobs(model, batch, args, device, rows=torch.nonzero(later).flatten(),
+                                 share_prefixes=share_prefixes)
             model.train()
     seconds_old = time.time() - t
 
     def micro_loss(model, mb):
         on_policy = own_forward and mb.extras["optimizer_step"] == 0
         logp, entropy, _ = policy_forward(model, mb, with_entropy=on_policy, share_prompts=args.share_prompts,
-                                          temperature=temperature)  # [b, R]
+                                          temperature=temperature, share_prefixes=share_prefixes)  # [b, R]
         mask = mb.response_mask
         if on_policy:  # pi_theta_old = pi_theta before this step: keep it for later steps and the metrics
             mb.old_logprobs, rows = logp.detach() * mask, mb.extras["rows"]
@@ -471,7 +589,8 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
         sums = {}
         if args.kl_coef > 0:
             with torch.no_grad():
-                ref_logp, _, _ = policy_forward(ref_model, mb, share_prompts=args.share_prompts, temperature=temperature)
+                ref_logp, _, _ = policy_forward(ref_model, mb, share_prompts=args.share_prompts,
+                                                temperature=temperature, share_prefixes=share_prefixes)
             kl = adv_math.kl_k3(logp, ref_logp)
             token_loss = token_loss + args.kl_coef * kl
             sums["kl_ref"] = (kl * mask).sum()
@@ -480,7 +599,8 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
             sums["approx_kl"] = (0.5 * (logp - mb.old_logprobs) ** 2 * mask).sum()
         return token_loss, sums
 
-    s = optimizer_steps(model, optimizer, batch, steps, micro_loss, args, device, world, args.loss_agg, args.share_prompts)
+    s = optimizer_steps(model, optimizer, batch, steps, micro_loss, args, device, world, args.loss_agg,
+                        args.share_prompts, share_prefixes)
     tokens = max(s["tokens"], 1.0)
     return {"policy_loss": s["loss"], "clip_frac": s["clip_frac"] / tokens, "approx_kl": s["approx_kl"] / tokens,
             "kl_ref": s.get("kl_ref", 0.0) / tokens, "grad_norm": s["grad_norm"], "optimizer_steps": s["optimizer_steps"],

@@ -10,12 +10,15 @@ a state — the problem and the actor's partial solution — and reasons before 
     2. each response is cut into segments y_1 .. y_T (~ --segment-tokens each, token-exact); the
        critic states are s_k = x ∘ y_<k (s_1 = the bare prompt)                     (l. 12)  `segment_boundaries`
     3. ONE engine call: the critic answers the ICC prompt (Fig. 3) of every state -> v_k = n / 10
-       (unparsable -> tau, counted)                                                 (l. 14-16) `GenAC.judge`
+       (unparsable -> tau, counted); prompts built from tokens, so the states of one response share
+       the exact prefix template head + problem + y_<k (the engine's prefix cache reuses it)
+                                                                                    (l. 14-16) `GenAC.judge_prompts`
     4. v_k on every token of segment k, token-level GAE (lambda = 1: A_t = r - v_k), whitened; the actor
        takes the shared PPO update                                                  (l. 19-22) `GenAC.advantages`
     5. the critic's reward is R_v = 1 - (r - v_k)^2 (0 when unparsable); it takes ONE REINFORCE step
-       -(R_v - b) log pi_phi(z_t | s_k, z_<t) (--critic-mini-batches 1), b = batch mean of R_v; its engine
-       gets the new weights                                                         (l. 17, 23) `GenAC.after_update`
+       -(R_v - b) log pi_phi(z_t | s_k, z_<t) (--critic-mini-batches 1), b = batch mean of R_v, all states of one
+       response in one packed row (the response once, not once per state); its engine gets the new weights
+                                                                                    (l. 17, 23) `GenAC.after_update`
 Defaults: `GenAC.check_arguments` picks the paper's (L1 ~ 120, no segment cap, 1024 critic tokens) for any --model,
 CPU-sized ones (32, 8, 128) for the offline default model; tau starts at 0 (Alg. 1 l. 1) unless --icc-carry-over.
 
@@ -29,6 +32,7 @@ commands of genac_stages.py; joint training is this file through the loop:
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import sys
@@ -38,7 +42,8 @@ from types import SimpleNamespace
 
 import torch
 
-from actor import adamw, all_gather_objects, all_reduce, load_actor, ppo_update, stream_full_parameters
+from actor import (adamw, all_gather_objects, all_reduce, load_actor, ppo_update, shared_prefix_tokens,
+                   stream_full_parameters)
 from checkpoint import load_sharded, save_model_folder
 from rollout import build_rollout_batch, make_engine, resolve_model_path
 
@@ -176,6 +181,18 @@ def segment_boundaries(texts: list[str], segment_tokens: int = 120, max_segments
     return ends
 
 
+def retokenized_prefixes(actor_tokenizer, critic_tokenizer, response_ids: list[int],
+                         starts: list[int]) -> list[list[int]]:
+    """A critic with its own tokenizer: the response's text up to the last state is tokenized ONCE by the critic, and
+    state k's prefix is the critic tokens that end at or before the text of y_<starts[k] (a critic token across the cut
+    is left out), so the states still share exact token prefixes. -> one critic-token list per start."""
+    decode = lambda ids: actor_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    text = decode(response_ids[:max(starts, default=0)])
+    encoded = critic_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    token_ends = [end for _, end in encoded["offset_mapping"]]
+    return [encoded["input_ids"][:bisect.bisect_right(token_ends, len(decode(response_ids[:s])))] for s in starts]
+
+
 def critic_state_prefixes(response_ids: list[int], ends: list[int]) -> list[list[int]]:
     """The response prefixes y_<k of the critic states s_k = x ∘ y_<k, one per segment (the first is empty)."""
     return [list(response_ids[:s]) for s in [0] + ends[:-1]]
@@ -246,11 +263,15 @@ def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
 # 4. The algorithm: the critic (its own model, optimizer, engine and tau), its values, its update
 
 
-def flops_vs_ppo(actor_tokens: float, critic_tokens: float) -> float:
+def flops_vs_ppo(actor_tokens: float, critic_tokens: float, critic_trained_tokens: float | None = None) -> float:
     """Training FLOPs over PPO's, same-size critic (App. C): PPO = 10 P T + 8 P T (its critic's forward + update on the
-    actor's T tokens), GenAC = 10 P T + 8 P T_c -> (10 T + 8 T_c) / (18 T). We log T_c = the critic's prompt + generated
-    tokens (measured) and the paper's T_c = T + (T / L1) L2 = T + generated tokens (estimate). (100, 250) -> 1.667."""
-    return (10 * actor_tokens + 8 * critic_tokens) / (18 * max(actor_tokens, 1.0))
+    actor's T tokens), GenAC = 10 P T + 8 P T_c -> (10 T + 8 T_c) / (18 T), where the critic's 8 P per token is 2 P to
+    judge (prefill or generate) and 6 P to train. With the critic's judged tokens J and trained tokens U counted apart:
+    (10 T + 2 J + 6 U) / (18 T) (U = J when not given). We log J = the prompt tokens the engine computed + the generated
+    ones, U = the tokens the critic's update runs (measured), and the paper's T_c = T + (T / L1) L2 = T + generated
+    tokens (estimate). (100, 250) -> 1.667; (100, 250, 100) -> 1.167."""
+    trained = critic_tokens if critic_trained_tokens is None else critic_trained_tokens
+    return (10 * actor_tokens + 2 * critic_tokens + 6 * trained) / (18 * max(actor_tokens, 1.0))
 
 
 class GenAC:
@@ -276,6 +297,9 @@ class GenAC:
           "resuming a train.py checkpoint always restores it)")
         a("--no-icc", action="store_true", help="drop the ICC hints (actor size, success rate): the paper's Table 2 ablation")
         a("--critic-baseline", default="mean", choices=("mean", "none"), help="REINFORCE baseline of the critic update")
+        a("--no-pack-critic-states", dest="pack_critic_states", action="store_false", help="train the critic on one "
+          "row per state (default: the states of one response in one row, their shared prefix once; the same "
+          "log-probs and gradients)")
         a("--critic-guided", action="store_true", help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with "
           "the engine's guided decoding (vLLM); the update still uses the model's unconstrained log-probs")
 
@@ -303,6 +327,7 @@ class GenAC:
         path = resolve_model_path(args.critic_model or args.model)  # a resumed run's shards are read over it below
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.reads_actor_tokens = self.tokenizer.get_vocab() == tokenizer.get_vocab()  # else: retokenized_prefixes
         actor_parameters = sum(p.numel() for p in actor.parameters())
         self.actor_size = None if args.no_icc or not actor_parameters else format_actor_size(actor_parameters)
         template = len(self.chat_ids(icc_prompt("", "", self.actor_size, None if args.no_icc else 0.0)))
@@ -340,18 +365,56 @@ class GenAC:
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if not isinstance(ids, list) else ids)
 
-    def prompt_ids(self, problem: str, partial_solution: str) -> list[int]:
-        """The chat-formatted ICC prompt of one state (no hints under --no-icc); one longer than self.max_prompt_tokens
-        (only with a small --critic-max-prompt-tokens) keeps its last tokens and is counted in self.prompts_cut."""
+    def icc_text(self, problem: str, partial_solution: str) -> str:
+        """The ICC prompt of one state (no hints under --no-icc), tau as it is now."""
         rate = None if self.args.no_icc else (self.success_rate.value if self.success_rate.value is not None else 0.0)
-        ids = self.chat_ids(icc_prompt(problem, partial_solution, None if self.args.no_icc else self.actor_size, rate))
+        return icc_prompt(problem, partial_solution, None if self.args.no_icc else self.actor_size, rate)
+
+    def fit_prompt(self, ids: list[int]) -> list[int]:
+        """A prompt longer than self.max_prompt_tokens (only with a small --critic-max-prompt-tokens) keeps its last
+        tokens and is counted in self.prompts_cut."""
         self.prompts_cut += len(ids) > self.max_prompt_tokens
         return ids[-self.max_prompt_tokens:]
 
+    def prompt_ids(self, problem: str, partial_solution: str) -> list[int]:
+        """The chat-formatted ICC prompt of one state, tokenized from its text (the stages' states, values.py)."""
+        return self.fit_prompt(self.chat_ids(self.icc_text(problem, partial_solution)))
+
+    def prompt_parts(self, problem: str) -> tuple[list[int], list[int]]:
+        """The chat-formatted ICC prompt cut where the partial solution goes -> (head ids, closing ids), each tokenized
+        alone: the prompt of state k is head + y_<k + closing, token-exact, so all states of a response (and all
+        responses to one problem) share the prefix head + y_<k. Tokenizing each state's text differs: SmolLM2's BPE reads
+        the empty partial solution's '></' as one token, and a decoded prefix need not re-encode to the actor's tokens."""
+        slot = "\x00partial-solution\x00"
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": self.icc_text(problem, slot)}],
+                                                  add_generation_prompt=True, tokenize=False)
+        head, closing = text.split(slot)
+        return [self.tokenizer.encode(part, add_special_tokens=False) for part in (head, closing)]
+
+    def response_prefixes(self, response_ids: list[int], starts: list[int]) -> list[list[int]]:
+        """y_<s for each start s, in the critic's tokens: the actor's own when they share a tokenizer, else the response
+        tokenized once by the critic (retokenized_prefixes)."""
+        if self.reads_actor_tokens:
+            return [list(response_ids[:s]) for s in starts]
+        return retokenized_prefixes(self.actor_tokenizer, self.tokenizer, response_ids, starts)
+
     def judge(self, problems: list[str], partials: list[str], seed: int, temperature: float | None = None, guided: bool | None = None):
-        """Step 3: ONE engine call for all states -> (critic prompt ids, samples, values in [0, 1] or None when
-        unparsable). guided (default --critic-guided): answers constrained to `answer_regex` by the engine."""
+        """Step 3 on states given as text -> judge_prompts of their tokenized ICC prompts."""
         prompts = [self.prompt_ids(q, y) for q, y in zip(problems, partials)]
+        return self.judge_prompts(prompts, seed, temperature, guided)
+
+    def judge_prompts(self, prompts: list[list[int]], seed: int, temperature: float | None = None,
+                      guided: bool | None = None):
+        """Step 3: ONE engine call for all states -> (critic prompt ids, samples, values in [0, 1] or None when
+        unparsable). guided (default --critic-guided): answers constrained to `answer_regex` by the engine.
+
+        Prefix reuse: the vLLM engine runs with enable_prefix_caching, so a state's prompt computes only what is not
+        in the cache in whole KV blocks (16 tokens on GPU; 128 tokens in vLLM 0.32's CPU backend):
+        the template head, the problem and y_<k are shared by the states of a response, and the head + problem by
+        the responses to one problem. Effective on GPU and on CPU alike (vLLM 0.32's CPU platform turns prefix caching
+        off only for MLA models; its attention kernel reads the cached blocks), within this call: a weight sync
+        empties the cache (rollout.VLLMEngine.load_weights). The engine reports the prompt tokens it found cached
+        (RequestOutput.num_cached_tokens, engine.cached_prompt_tokens); --engine hf has no cache and reports none."""
         guided = self.args.critic_guided if guided is None else guided
         regex = answer_regex(self.args.critic_max_new_tokens) if guided else None
         temperature = self.args.critic_temperature if temperature is None else temperature
@@ -368,35 +431,40 @@ class GenAC:
         args, tokenizer, rewards = self.args, self.actor_tokenizer, batch.rewards.tolist()
         for rs in all_gather_objects(rewards):  # every rank's tau sees every rollout, in rank order
             self.success_rate.update(rs)
-        owners, state_problems, partials, all_ends = [], [], [], []
+        owners, prompts, all_ends, parts, cut = [], [], [], {}, self.prompts_cut  # parts: problem -> (head, closing)
         for i in range(len(batch)):
             ids = batch.response_ids[i, : int(batch.response_lens[i])].tolist()
             ends = segment_boundaries(token_texts(tokenizer, ids), args.segment_tokens, args.max_segments) or [0]
             all_ends.append(ends)
-            for prefix in critic_state_prefixes(ids, ends):
+            problem = int(batch.group_index[i])
+            head, closing = parts.setdefault(problem, self.prompt_parts(problems[problem].problem))
+            for prefix in self.response_prefixes(ids, [0] + ends[:-1]):  # s_k = x ∘ y_<k, the first: the bare prompt
                 owners.append(i)
-                state_problems.append(problems[int(batch.group_index[i])].problem)
-                partials.append(tokenizer.decode(prefix, skip_special_tokens=True))
-        t, cut = time.time(), self.prompts_cut
-        prompts, samples, parsed = self.judge(state_problems, partials, seed)
-        t_judge, cut = time.time() - t, self.prompts_cut - cut
+                prompts.append(self.fit_prompt(head + prefix + closing))
+        t = time.time()
+        prompts, samples, parsed = self.judge_prompts(prompts, seed)
+        t_judge, cut, cached = time.time() - t, self.prompts_cut - cut, getattr(self.engine, "cached_prompt_tokens", 0)
         values = [v if v is not None else self.fallback_value() for v in parsed]
         critic_rewards = [critic_reward(rewards[i], v) for i, v in zip(owners, parsed)]
-        self.answers = {"prompts": prompts, "samples": samples, "critic_rewards": critic_rewards}
+        self.answers = {"prompts": prompts, "samples": samples, "critic_rewards": critic_rewards, "owners": owners}
         token_values, k = torch.zeros_like(batch.response_mask), 0  # [N, R]
         for i, ends in enumerate(all_ends):
             length = int(batch.response_lens[i])
             token_values[i, :length] = segment_values_to_tokens(values[k:k + len(ends)], ends, length)
             k += len(ends)
         totals = all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards), int(batch.attention_mask.sum()),
-                                          sum(map(len, prompts)), sum(len(s.token_ids) for s in samples), cut], dtype=torch.float64))
-        states, failures, reward_sum, actor_tokens, critic_prompt_tokens, critic_generated_tokens, cut = totals.tolist()
+                                          sum(map(len, prompts)), sum(len(s.token_ids) for s in samples), cut, cached],
+                                         dtype=torch.float64))
+        states, failures, reward_sum, actor_tokens, critic_prompt_tokens, critic_generated_tokens, cut, cached = (
+            totals.tolist())
+        self.answers["judged_tokens"] = critic_prompt_tokens - cached + critic_generated_tokens  # all ranks'
+        self.answers["actor_tokens"] = actor_tokens
         return token_values, {
             "genac/states": int(states), "genac/parse_failures": int(failures), "genac/parse_rate": 1.0 - failures / max(states, 1),
             "genac/critic_reward": reward_sum / max(states, 1), "genac/icc_success_rate": self.fallback_value(),
             "genac/critic_prompts_cut": int(cut), "time/critic_generate": t_judge, "cost/actor_tokens": actor_tokens,
-            "cost/critic_prompt_tokens": int(critic_prompt_tokens), "cost/critic_generated_tokens": int(critic_generated_tokens),
-            "cost/flops_vs_ppo": flops_vs_ppo(actor_tokens, critic_prompt_tokens + critic_generated_tokens),
+            "cost/critic_prompt_tokens": int(critic_prompt_tokens), "cost/critic_prompt_tokens_cached": int(cached),
+            "cost/critic_generated_tokens": int(critic_generated_tokens),
             "cost/flops_vs_ppo_paper_estimate": flops_vs_ppo(actor_tokens, actor_tokens + critic_generated_tokens)}
 
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
@@ -410,24 +478,43 @@ class GenAC:
         """Step 5 (Alg. 1 l. 23) on the answers judged this iteration: token loss -(R_v - b) log pi_phi(z_t | s, z_<t)
         via actor.ppo_update in --critic-mini-batches optimizer steps (default 1: ratio 1, plain REINFORCE, and no
         old-log-prob pass: the step's own forward is pi_old), then the new weights go into the critic's engine.
-        b = batch mean of R_v over all ranks (--critic-baseline)."""
+        b = batch mean of R_v over all ranks (--critic-baseline). The states of one response are one group (one
+        mini-batch); packed (default; off: --no-pack-critic-states) they are one row that holds the template head,
+        the problem and the response once and a branch (closing part + answer z_k) per state
+        (actor.pack_shared_prefixes):
+        the same log-probs and gradients for 1 + (template + problem + response) / (closing + answer) times fewer tokens
+        per state at the paper's profile (App. C: the critic reads the response once)."""
         t = time.time()
         rewards = torch.tensor(self.answers["critic_rewards"], dtype=torch.float32)  # [M]
-        totals = all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards))], dtype=torch.float64))
-        batch_mean = float(totals[0]) / max(float(totals[1]), 1.0)
         critic_batch = build_rollout_batch(self.answers["prompts"], [[s] for s in self.answers["samples"]], rewards.tolist(), self.pad_id)
+        critic_batch.group_index = torch.tensor(self.answers["owners"], dtype=torch.long)  # [M] each state's response
         critic_batch.extras["step"] = batch.extras.get("step", 0)
+        trained = self.trained_tokens(critic_batch)
+        totals = all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards)), trained], dtype=torch.float64))
+        batch_mean, trained = float(totals[0]) / max(float(totals[1]), 1.0), float(totals[2])
         critic_batch.advantages = critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None] * critic_batch.response_mask
         update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1, "mini_batches": self.args.critic_mini_batches,
                                          "temperature": self.args.critic_temperature, "share_prompts": False})  # one answer per prompt
-        stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world)
+        stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world,
+                           share_prefixes=self.args.pack_critic_states)
         t_update, t = time.time() - t, time.time()
         self.engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, self.engine.dtype))
-        self.answers = None
+        judged, actor_tokens, self.answers = self.answers["judged_tokens"], self.answers["actor_tokens"], None
         return {"genac/critic_loss": stats["policy_loss"], "genac/critic_grad_norm": stats["grad_norm"],
                 "genac/critic_optimizer_steps": stats["optimizer_steps"], "genac/critic_reward_mean": batch_mean,
-                "cost/critic_trained_tokens": int(critic_batch.attention_mask.sum()), "time/critic_update": t_update,
-                "time/critic_sync": time.time() - t}
+                "cost/critic_trained_tokens": int(trained),
+                "cost/flops_vs_ppo": flops_vs_ppo(actor_tokens, judged, trained),
+                "time/critic_update": t_update, "time/critic_sync": time.time() - t}
+
+    def trained_tokens(self, critic_batch) -> int:
+        """Tokens the critic's update runs on this rank (one forward and backward each): packed, each micro-batch
+        chunk of a response's states its trunk once + its branches (as actor.rollout_micro_batches cuts them), else
+        every row."""
+        if not self.args.pack_critic_states:
+            return int(critic_batch.attention_mask.sum())
+        rows, group = torch.arange(len(critic_batch)), critic_batch.group_index
+        return sum(shared_prefix_tokens(critic_batch, chunk) for g in group.unique()
+                   for chunk in rows[group == g].split(self.args.micro_batch_size))
 
     def state_dict(self) -> dict: return {}  # weights, optimizer and tau are in the checkpoint's critic/ (`save`)
 

