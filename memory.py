@@ -155,7 +155,7 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     budget = args.gpu_memory_utilization * gpu
     peak = {p: engine_profile_peak(actor, args.engine_max_num_seqs, args.engine_max_num_batched_tokens) for p in served}
     weights = {p: 2 * m.parameters for p, m in served.items()}
-    rows.append(("engine: bf16 weights (actor's; judge: the critic's swapped in)", {**weights, "sync": 2 * actor.parameters}))
+    rows.append(("engine: bf16 weights" + (" (judge: the critic's, swapped in)" if genac else ""), {**weights, "sync": 2 * actor.parameters}))
     rows.append(("engine: profiling peak (batched-token forward + sampler)", peak))
     rows.append(("engine: KV cache (the rest of --gpu-memory-utilization)", {p: budget - weights[p] - peak[p] for p in served}))
     rows.append(("engine: CUDA graphs (beyond its budget)", {p: CUDA_GRAPHS_GB * GB for p in served}))
@@ -178,7 +178,7 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     max_model_len = max(seq, critic_seq)
     facts = {"actor": actor, "critic": critic, "phases": phases, "gpu": gpu, "kv_gb": kv / GB, "max_model_len": max_model_len,
              "kv_sequences": kv / (kv_bytes_per_token(actor) * max_model_len),
-             "host_gb_per_rank": 2 * actor.parameters / GB}
+             "host_gb_rank0": 4 * actor.parameters / GB}
     return rows, facts
 
 
@@ -250,13 +250,13 @@ def render(rows, facts, args) -> str:
     a, c = facts["actor"], facts["critic"]
     notes = [f"actor: {a.parameters / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})"
              + (f"; critic: {c.parameters / 1e9:.2f}B" if c else ""),
-             f"settings: --micro-batch-size {args.micro_batch_size} --{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
+             (f"settings: --micro-batch-size {args.micro_batch_size} --{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
              f"--gpu-memory-utilization {args.gpu_memory_utilization:g} --engine-max-num-seqs {args.engine_max_num_seqs} "
-             f"--engine-max-num-batched-tokens {args.engine_max_num_batched_tokens}",
-             f"engine: {args.gpu_memory_utilization:g} x {args.gpu_gb:g} GB; KV cache {facts['kv_gb']:.1f} GB = "
-             f"{facts['kv_sequences']:.0f} sequences of {facts['max_model_len']} tokens at once",
-             f"host RAM per rank: ~{facts['host_gb_per_rank']:.0f} GB on rank 0 while it reads the bf16/fp32 checkpoint "
-             "(the others build on the meta device and receive their shards)"]
+             f"--engine-max-num-batched-tokens {args.engine_max_num_batched_tokens}"),
+             (f"engine: {args.gpu_memory_utilization:g} x {args.gpu_gb:g} GB; KV cache {facts['kv_gb']:.1f} GB = "
+              f"{facts['kv_sequences']:.0f} sequences of {facts['max_model_len']} tokens at once"),
+             (f"host RAM: ~{facts['host_gb_rank0']:.0f} GB on rank 0 while it reads the checkpoint in fp32; the other ranks "
+              "build on the meta device and receive their shards (actor.load_actor)")]
     return "\n".join(out + [""] + notes + [verdict(rows, facts)[1]])
 
 

@@ -71,8 +71,8 @@ from advantage import GRPO, RLOO
 from actor import adamw, add_update_arguments, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from critic import PPO, VCPPO
-from memory import add_plan_arguments, run_plan
 from genac import GenAC
+from memory import add_plan_arguments, run_plan
 from prior import V05
 from probe import POISE
 from reward import MathVerifier, score_responses
@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ALGORITHMS[algo].add_arguments(p.add_argument_group(f"--algo {algo}"))
     a("-h", "--help", action="help", help="show this help (with --algo X: that algorithm's flags too) and exit")
     args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     for flag, ok in (("--max-new-tokens must be >= 1", args.max_new_tokens >= 1), ("--temperature must be > 0", args.temperature > 0),
                      ("--top-p must be in (0, 1]", 0 < args.top_p <= 1), ("--steps must be >= 0", args.steps >= 0),
                      ("--prompts-per-step must be >= 1", args.prompts_per_step >= 1), ("--eval-k must be >= 1", args.eval_k >= 1),
