@@ -55,10 +55,44 @@ def all_gather_objects(obj) -> list:
 
 def load_actor(model_path: str, device: torch.device, world: int, args=None):
     """fp32 master weights; FSDP2 `fully_shard` per decoder layer, then the root, when world > 1 (shard_with_fsdp2;
-    args: --dtype and --gradient-checkpointing, None: neither)."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    return shard_with_fsdp2(model, world, args)
+    args: --dtype and --gradient-checkpointing, None: neither).
+
+    Sharded (world > 1), as verl loads: rank 0 alone reads the checkpoint (on the CPU); every rank builds the model on
+    the meta device, shards it, allocates only its shards on `device`, and receives them from rank 0
+    (set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)). So a rank > 0 holds its shard, not
+    the whole fp32 model (8B: ~33 GB of host RAM per rank otherwise). Buffers no checkpoint holds (rotary inv_freq)
+    are computed on the CPU at build time and copied back after the shards are allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if world == 1:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+        return shard_with_fsdp2(model, world, args)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).state_dict() if dist.get_rank() == 0 else {}
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    buffers = {name: _real_buffer(model, name, config) for name, _ in model.named_buffers()}
+    shard_with_fsdp2(model, world, args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return model
+
+
+def _real_buffer(model, name: str, config) -> torch.Tensor:
+    """A buffer of a meta-device model, computed for real on the CPU: its module rebuilt there (rotary embeddings
+    take the config)."""
+    module_name, _, buffer_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    with torch.device("cpu"):
+        try:
+            fresh = type(module)(config=config)
+        except TypeError:
+            fresh = type(module)(config)
+    return getattr(fresh, buffer_name).detach().clone()
 
 
 def shard_with_fsdp2(model, world: int, args=None):
@@ -539,6 +573,7 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
             grad_norm = grad_norm.full_tensor()
         grad_norm_sum += float(grad_norm)
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the fp32 gradients are freed until the next update (memory.py: not held in generation)
     names = list(stats)
     totals = all_reduce(torch.tensor([stats[k] for k in names] + [loss_sum], dtype=torch.float64)).tolist()
     out = dict(zip(names, totals[:-1]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from trackers import TRACKERS
 
@@ -69,7 +70,6 @@ def add_run_arguments(parser) -> None:
     add_update_arguments(parser)
     a("--engine", default=None, choices=("vllm", "hf"), help="generation engine (default: vllm if it imports)")
     a("--engine-dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    a("--gpu-memory-utilization", type=number(float, 0, 1, low_open=True), default=0.3)
     a("--verifier-timeout", type=number(float, 0, low_open=True), default=5.0,
       help="seconds per math answer (timeouts score 0)")
     a("--eval-every", type=number(int, 0), default=0, help="evaluate every N steps (0: only before and after training)")
@@ -115,12 +115,15 @@ def add_update_arguments(parser) -> None:
 
 def run_argument_error(args) -> str | None:
     """The first shared flag (or combination) that cannot work, as a one-line message; None when all can."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the prompts are split evenly over the ranks
     for message, ok in (("--max-new-tokens must be >= 1", args.max_new_tokens >= 1),
                         ("--temperature must be > 0", math.isfinite(args.temperature) and args.temperature > 0),
                         ("--top-p must be in (0, 1]", 0 < args.top_p <= 1),
                         ("--eval-k must be >= 1", args.eval_k >= 1),
                         ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",
-                         min(args.micro_batch_size, args.mini_batches, args.ppo_epochs) >= 1)):
+                         min(args.micro_batch_size or 1, args.mini_batches, args.ppo_epochs) >= 1),
+                        (f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks (WORLD_SIZE)",
+                         args.prompts_per_step % world == 0)):
         if not ok:
             return message
     return None

@@ -45,7 +45,7 @@ import torch
 from actor import (adamw, all_gather_objects, all_reduce, load_actor, ppo_update, shared_prefix_tokens,
                    stream_full_parameters)
 from checkpoint import load_sharded, save_model_folder
-from rollout import build_rollout_batch, make_engine, resolve_model_path
+from rollout import build_rollout_batch, make_engine, resolve_model_path, same_architecture, trainer_engine
 
 # ---------------------------------------------------------------------------------------------
 # 1. The critic's prompt, its answer, its reward, and the ICC hint tau
@@ -342,11 +342,17 @@ class GenAC:
         self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
         if checkpoint:
             load_sharded(checkpoint / "critic" / "sharded", self.model, self.optimizer)
-        # always awake (sleep_mode=False): on a GPU the actor's engine sleeps while this one judges (rollout.VLLMEngine)
-        self.engine = make_engine(args.engine or "vllm", path, dtype=args.engine_dtype, seed=args.seed + 1, sleep_mode=False,
-                                  max_model_len=self.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
-        if checkpoint:
-            self.engine.load_weights(stream_full_parameters(self.model, args.sync_bucket_mb, self.engine.dtype))
+        # The critic's engine [design: one sleep-capable vLLM engine per process, rollout.VLLMEngine]. A critic of the actor's
+        # architecture (the default: it starts from the actor's base model) judges on the training loop's engine with its
+        # weights swapped in (`judge`): no second KV cache, nothing of the critic's on the GPU in the actor's update. That
+        # engine must hold the critic's prompts too: args.engine_max_model_len tells train.py (it builds the engine after
+        # this). Tools without a loop engine (genac_stages.py, values.py), or a critic of another architecture on the CPU,
+        # get an engine of their own, built at first use (`engine`); on a GPU the latter is refused there.
+        self.path, self._engine, self.shares_engine = path, None, False
+        self.same_architecture = same_architecture(path, resolve_model_path(args.model))
+        if self.same_architecture:
+            args.engine_max_model_len = max(getattr(args, "engine_max_model_len", 0) or 0, self.max_model_len)
+        self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         icc_state = Path(checkpoint / "critic" if checkpoint else path) / "genac_state.json"  # tau: resumed; a stage's: --icc-carry-over
         self.success_rate = RunningSuccessRate(args.icc_momentum)
         carry = icc_state.is_file() and (checkpoint is not None or args.icc_carry_over)
@@ -357,6 +363,31 @@ class GenAC:
             print(f"[genac] {args.genac_profile} profile: segment_tokens={args.segment_tokens} max_segments={args.max_segments} "
                   f"critic_max_new_tokens={args.critic_max_new_tokens} critic_max_prompt_tokens={self.max_prompt_tokens} (ICC template "
                   f"{template}); tau {'from ' + str(icc_state) if carry else 'starts at 0'}", file=sys.stderr, flush=True)
+
+    @property
+    def engine(self):
+        """The engine the critic judges on: the loop's (weights swapped, `judge`) when the architectures match, else
+        its own (sleep mode off), built on first use. A loop engine with sleep mode (GPU) and a critic of another
+        architecture: refused (vLLM allows one sleep-capable engine per process)."""
+        if self._engine is None:
+            shared = trainer_engine()
+            if shared is not None and self.same_architecture:
+                self._engine, self.shares_engine = shared, True
+            elif shared is not None and getattr(shared, "sleeps", False):
+                raise RuntimeError(f"the critic {self.path} has another architecture than the actor {self.args.model}: it would need "
+                                   "a second vLLM engine, which cannot sleep beside the actor's (one sleep-capable engine per "
+                                   "process) and would hold its memory through the actor's update. Start the critic from the "
+                                   "actor's base model (genac_stages.py sft/pretrain with --model set to the actor), or use --engine hf")
+            else:
+                self._engine = make_engine(self.args.engine or "vllm", self.path, dtype=self.args.engine_dtype, seed=self.args.seed + 1,
+                                           sleep_mode=False, max_model_len=self.max_model_len,
+                                           gpu_memory_utilization=self.args.gpu_memory_utilization, world_size=self.world)
+                self._engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, self._engine.dtype), "critic")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine) -> None:  # genac_stages.py lends the critic a teacher's engine for a while
+        self._engine = engine
 
     def sample(self, problems, prompt_ids, generate, seed: int):
         return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})
@@ -418,7 +449,14 @@ class GenAC:
         guided = self.args.critic_guided if guided is None else guided
         regex = answer_regex(self.args.critic_max_new_tokens) if guided else None
         temperature = self.args.critic_temperature if temperature is None else temperature
-        samples = [g[0] for g in self.engine.generate(prompts, 1, self.args.critic_max_new_tokens, temperature, 1.0, seed, regex=regex)]
+        engine = self.engine
+        if self.shares_engine:  # the loop's engine slept (level 2) after generating: the critic's weights in, then its KV cache
+            engine.wake(["weights"])
+            engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, engine.dtype), holder="critic")
+            engine.wake(["kv_cache"])
+        samples = [g[0] for g in engine.generate(prompts, 1, self.args.critic_max_new_tokens, temperature, 1.0, seed, regex=regex)]
+        if self.shares_engine:  # nothing of the critic's stays on the GPU through the updates; the sync loads the actor back
+            engine.sleep(level=2)
         return prompts, samples, [parse_critic_value(s.text) for s in samples]
 
     def fallback_value(self) -> float:
@@ -470,7 +508,7 @@ class GenAC:
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
         """Step 4: segment values -> whitened token-level GAE. -> (token advantages [N, R], metrics)."""
         args = self.args
-        token_values, metrics = self.segment_values(batch, problems, seed=batch.extras["step"] * 31 + 5)  # [N, R]
+        token_values, metrics = self.segment_values(batch, problems, seed=batch.extras["step"] * 31 + 5 + 1_000_003 * self._rank)  # [N, R]
         advantages, _, gae = whitened_gae(token_values, batch.rewards, batch.response_mask, args.gamma, args.lam, args.lam, all_reduce)
         return advantages, {**metrics, **gae}
 
@@ -498,7 +536,9 @@ class GenAC:
         stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world,
                            share_prefixes=self.args.pack_critic_states)
         t_update, t = time.time() - t, time.time()
-        self.engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, self.engine.dtype))
+        if not self.shares_engine:  # an engine of its own gets the new weights now; a shared one at the next `judge`
+            self.engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, self.engine.dtype),
+                                     holder="critic")
         judged, actor_tokens, self.answers = self.answers["judged_tokens"], self.answers["actor_tokens"], None
         return {"genac/critic_loss": stats["policy_loss"], "genac/critic_grad_norm": stats["grad_norm"],
                 "genac/critic_optimizer_steps": stats["optimizer_steps"], "genac/critic_reward_mean": batch_mean,
@@ -527,4 +567,5 @@ class GenAC:
         save_model_folder(Path(folder) / name, self.model, self.tokenizer, self.optimizer if optimizer else None, {"genac_state.json": tau})
 
     def close(self) -> None:
-        self.engine.close()
+        if self._engine is not None and not self.shares_engine:  # the loop closes its own engine
+            self._engine.close()

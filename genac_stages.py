@@ -90,7 +90,7 @@ def _frozen_actor_and_critic(args, split: str):
         sys.exit(f"error: {e}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     engine = make_engine(args.engine, args.model, dtype=args.engine_dtype, seed=args.seed, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
-                         gpu_memory_utilization=args.gpu_memory_utilization)
+                         gpu_memory_utilization=args.gpu_memory_utilization, sleep_mode=False)  # stages never sleep it
     with torch.device("meta"):  # the actor's parameter count for the ICC hint, without loading its weights
         actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -192,7 +192,7 @@ def sft_main(argv: list[str]) -> None:
         own_engine = critic.engine
         if teacher != resolve_model_path(args.critic_model or args.model):  # the teacher answers through its own engine
             critic.engine = make_engine(args.engine, teacher, dtype=args.engine_dtype, seed=args.seed + 3,
-                                        max_model_len=critic.max_model_len)
+                                        max_model_len=critic.max_model_len, sleep_mode=False)
         rows, asked = [], 0
         for j in range(args.teacher_samples):
             prompts, samples, parsed = critic.judge([s["problem"] for s in train_states], [s["partial_response"] for s in train_states],

@@ -335,7 +335,19 @@ class Sample:
 
 
 class VLLMEngine:
-    """An in-process vLLM engine per training rank (TRL's colocate mode), with weight sync.
+    """An in-process vLLM engine per training rank (TRL's colocate mode), with weight sync and sleep mode.
+
+    ONE sleep-capable engine per process: vLLM's CuMemAllocator (sleep mode) asserts a single instance and its
+    workspace manager is process-global, so a second sleep-capable engine is refused (`_claim_sleep_mode`). A second
+    model of the same architecture (GenAC's critic) is served by THIS engine with its weights swapped in
+    (`load_weights(..., holder="critic")`); `holder` says whose weights it holds now. verl and OpenRLHF run a second
+    model's engine in its own process instead (weights over IPC): one engine means no second KV cache, no second
+    CUDA context, and a critic that holds no GPU memory while the actor trains.
+
+    Sleep (GPU): level 2 drops weights and KV cache (weights about to be replaced: the sync, the critic's swap);
+    level 1 keeps the weights in pinned host memory (a warm-up step, where the actor does not change). Wake in
+    order, as TRL and verl do: wake(["weights"]) -> load_weights -> wake(["kv_cache"]). On the CPU vLLM has no sleep
+    mode: sleep/wake only keep the record (`asleep`), so the same calls run everywhere.
 
     CPU facts (measured on a 2-core host): in-process engine (V1 multiprocessing off), KV cache 2 GiB, eager mode.
     Per-request seeds are broken in the CPU sampler, so determinism comes from seeding torch's
@@ -343,12 +355,16 @@ class VLLMEngine:
     """
 
     supports_regex = True  # generate(..., regex=) constrains samples (vLLM structured outputs)
+    TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode tags (LLM.wake_up(tags=...))
+    _sleep_capable_in_process = None  # the process's one sleep-capable engine (vLLM's CuMemAllocator is a singleton)
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 1024,
-                 gpu_memory_utilization: float = 0.3, world_size: int = 1, sleep_mode: bool = True):
-        """sleep_mode (GPU): sleep() frees the engine's GPU memory. vLLM's sleep mode is one allocator per process
-        (CuMemAllocator), so a second engine in the process (GenAC's critic) runs without it: it would otherwise be
-        put to sleep with the first."""
+                 gpu_memory_utilization: float = 0.3, world_size: int = 1, sleep_mode: bool = True,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
+        """sleep_mode (GPU): sleep() frees the engine's GPU memory; a second sleep-capable engine in the process is
+        refused (RuntimeError). max_num_seqs / max_num_batched_tokens: None keeps vLLM's defaults (GPU >= 70 GB: 1024 /
+        16384, whose sampler peak vLLM's profiler reserves out of the KV cache; CPU: 256 / 4096); train.py passes the
+        plan's (memory.py)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -356,9 +372,15 @@ class VLLMEngine:
         from vllm import LLM
         self.on_gpu = torch.cuda.is_available()
         self.sleeps = self.on_gpu and sleep_mode
+        if self.sleeps:
+            _claim_sleep_mode(VLLMEngine._sleep_capable_in_process, model_path)
         self.dtype = getattr(torch, dtype)
+        self.model_path, self.holder, self.asleep, self.closed = model_path, "actor", set(), False
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
-                      enforce_eager=not self.on_gpu, logprobs_mode="processed_logprobs", use_tqdm_on_load=False)  # log-probs after temperature, as sampled
+                      enforce_eager=not self.on_gpu, logprobs_mode="processed_logprobs",  # log-probs after temperature
+                      use_tqdm_on_load=False)
+        kwargs.update({k: v for k, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens))
+                       if v is not None})
         if world_size > 1:  # each torchrun rank owns one engine over its own shard of prompts
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if self.on_gpu:
@@ -369,6 +391,8 @@ class VLLMEngine:
             lambda record: not ("Attempted to load weight" in record.getMessage()
                                 and f"torch.float32 into parameter with dtype {self.dtype}" in record.getMessage()))
         self.llm = LLM(**kwargs)
+        if self.sleeps:
+            VLLMEngine._sleep_capable_in_process = self
         # Every weight reload warns "RotaryEmbedding: Failed to load weights": its cos/sin table is a buffer that no
         # checkpoint holds, and vLLM keeps its own. Drop that one line; other layers' failures still show.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
@@ -381,6 +405,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
+        if self.asleep:
+            raise RuntimeError(f"generate on an engine whose {sorted(self.asleep)} sleep: wake() it first")
         counts = [n] * len(prompt_ids) if isinstance(n, int) else list(n)
         limits = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else list(max_tokens)
         keep = [i for i, c in enumerate(counts) if c > 0]
@@ -397,31 +423,54 @@ class VLLMEngine:
                 result[i].append(Sample(list(c.token_ids), logprobs, c.text, c.finish_reason or "stop"))
         return result
 
-    def load_weights(self, named_tensors) -> None:
-        """Push trainer weights in (cast to the engine dtype), then drop prefix-cache KV of the old weights.
-        named_tensors: any iterable of (name, tensor), pulled one at a time (actor.stream_full_parameters gathers
-        them a bucket at a time): vLLM's layerwise reload keeps a tensor only until its layer is complete."""
+    def load_weights(self, named_tensors, holder: str = "actor") -> None:
+        """Push trainer weights in (cast to the engine dtype), then drop prefix-cache KV of the old weights (every swap:
+        cached prompt KV of one model must never serve the other). holder: whose weights these are ("actor",
+        "critic"). named_tensors: any iterable of (name, tensor), pulled one at a time (actor.stream_full_parameters
+        gathers them a bucket at a time): vLLM's layerwise reload keeps a tensor only until its layer is complete."""
+        if "weights" in self.asleep:
+            raise RuntimeError("load_weights into sleeping weights: wake(['weights']) first")
         cast = ((k, v.to(self.dtype) if v.is_floating_point() else v) for k, v in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=cast, is_checkpoint_format=True))
         self.llm.reset_prefix_cache()
+        self.holder = holder
 
     def close(self) -> None:
-        """Shut the in-process engine down now (its exit-time finalizer trips over torch.distributed)."""
+        """Shut the in-process engine down now (its exit-time finalizer trips over torch.distributed); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if VLLMEngine._sleep_capable_in_process is self:
+            VLLMEngine._sleep_capable_in_process = None
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
 
-    def sleep(self) -> None:
-        """GPU: sleep level 1 while the trainer updates: the KV cache is dropped, the weights go to host RAM (level 2
-        would drop them too; they are overwritten by the next sync anyway, but a warm-up step has none)."""
-        if self.sleeps:
-            self.llm.sleep(level=1)
+    def sleep(self, level: int = 2) -> None:
+        """Free the engine's GPU memory: level 2 (weights about to be replaced) drops weights and KV cache; level 1
+        (weights stay: a warm-up step) drops the KV cache and keeps the weights in pinned host memory."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=level)
+        self.asleep, self.level = set(self.TAGS), level
 
-    def wake(self) -> None:
-        if self.sleeps:
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Map `tags` (None: all) back; TRL/verl order after level 2: ["weights"], load_weights, ["kv_cache"]."""
+        tags = [t for t in (tags or self.TAGS) if t in self.asleep]
+        if self.sleeps and tags:
             torch.cuda.empty_cache()  # the trainer's cached activation blocks back to the driver, for vLLM to map
-            self.llm.wake_up()
+            self.llm.wake_up(tags=tags)
+        self.asleep -= set(tags)
+
+
+def _claim_sleep_mode(existing, model_path: str) -> None:
+    """Refuse a second sleep-capable vLLM engine in one process (vLLM's CuMemAllocator is one per process)."""
+    if existing is not None and not existing.closed:
+        raise RuntimeError(f"a second sleep-capable vLLM engine ({model_path}) in a process that has one ({existing.model_path}): "
+                           "vLLM allows one per process. Serve a model of the same architecture from that engine "
+                           "(load_weights(..., holder=...)), or build the second with sleep_mode=False and plan its memory")
 
 
 class HFEngine:
@@ -436,6 +485,7 @@ class HFEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.holder, self.asleep = "actor", set()
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int], temperature: float,
@@ -465,9 +515,9 @@ class HFEngine:
         return result
 
     @torch.no_grad()
-    def load_weights(self, named_tensors) -> None:
+    def load_weights(self, named_tensors, holder: str = "actor") -> None:
         """Copies each (name, tensor) into its weight as it arrives (a tied lm_head follows its embedding)."""
-        own = self.model.state_dict()
+        own, self.holder = self.model.state_dict(), holder
         for name, tensor in named_tensors:
             if name not in own:
                 raise KeyError(f"HFEngine.load_weights: the engine's model has no weight {name!r}")
@@ -476,23 +526,49 @@ class HFEngine:
     def close(self) -> None:
         pass
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 2) -> None:
+        pass  # its own copy of the weights stays (no sleep mode)
+
+    def wake(self, tags: list[str] | None = None) -> None:
         pass
 
-    def wake(self) -> None:
-        pass
+
+_TRAINER_ENGINE: list = []  # [the engine train.py generates with in this process]: GenAC judges on it (weights swapped)
 
 
-def make_engine(kind: str, model_path: str, **kwargs):
+def make_engine(kind: str, model_path: str, trainer: bool = False, **kwargs):
+    """trainer=True: the loop's engine, which `trainer_engine()` hands to a model of the same architecture (GenAC's
+    critic) so that one process runs one engine (see VLLMEngine)."""
     if kind == "vllm":
         try:
             import vllm  # noqa: F401
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"--engine vllm: vLLM does not import here ({e}); install it or use --engine hf") from None
-        return VLLMEngine(model_path, **kwargs)
-    if kind == "hf":
-        return HFEngine(model_path, **kwargs)
-    raise ValueError(f"unknown --engine {kind!r}; choose vllm or hf")
+        engine = VLLMEngine(model_path, **kwargs)
+    elif kind == "hf":
+        engine = HFEngine(model_path, **kwargs)
+    else:
+        raise ValueError(f"unknown --engine {kind!r}; choose vllm or hf")
+    if trainer:
+        _TRAINER_ENGINE[:] = [engine]
+    return engine
+
+
+def trainer_engine():
+    """The engine the training loop generates with in this process (None before train.py builds it, or in tools)."""
+    return _TRAINER_ENGINE[0] if _TRAINER_ENGINE else None
+
+
+def same_architecture(path_a: str, path_b: str) -> bool:
+    """Do two model folders have the same architecture and tokenizer vocabulary (one engine can serve both by
+    swapping weights)? Compares the config fields that shape the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+    keys = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta", "max_position_embeddings")
+    a, b = (AutoConfig.from_pretrained(p).to_dict() for p in (path_a, path_b))
+    if any(a.get(k) != b.get(k) for k in keys):
+        return False
+    return path_a == path_b or AutoTokenizer.from_pretrained(path_a).get_vocab() == AutoTokenizer.from_pretrained(path_b).get_vocab()
 
 
 def default_engine() -> str:

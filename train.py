@@ -61,7 +61,7 @@ import sys
 import time
 from pathlib import Path
 
-from flags import ALGORITHM_NAMES, add_run_arguments, check_run_arguments_early, run_argument_error
+from flags import ALGORITHM_NAMES, add_run_arguments, check_run_arguments_early, number, run_argument_error
 
 if __name__ == "__main__":  # a bad shared flag stops here in < 2 s, before the heavy imports below (5-10 s)
     check_run_arguments_early(sys.argv[1:], prog="train.py")
@@ -79,6 +79,7 @@ from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_updat
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from critic import PPO, VCPPO
 from genac import GenAC
+from memory import add_plan_arguments, run_plan
 from prior import V05
 from probe import POISE
 from reward import MathVerifier, score_responses
@@ -96,6 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Shared flags, then the chosen algorithm's own (`--algo X --help` lists them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     add_run_arguments(p)  # flags.py: the shared flags with their types and ranges
+    add_plan_arguments(p, model_flags=False)  # --gpu-memory-utilization, --engine-max-num-*, --margin-gb (memory.py)
+    p.add_argument("--gpu-gb", type=number(float, 0, low_open=True), default=None,
+                   help="each GPU's capacity for the memory plan (default: the device's, torch.cuda.mem_get_info; on the "
+                        "CPU unset: the plan is printed, not checked)")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="default: from the plan on a GPU")
+    p.add_argument("--dist-timeout", type=number(float, 0, low_open=True), default=3600.0,
+                   help="seconds a collective may wait (uneven judge phases, rank 0's export)")
+    p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)  # None: chosen from the memory plan (memory.run_plan)
     algo = p.parse_known_args(argv)[0].algo  # one of ALGORITHMS (flags.algorithm_name)
     ALGORITHMS[algo].add_arguments(p.add_argument_group(f"--algo {algo}"))
     p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
@@ -111,15 +121,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def setup_distributed():
-    """-> (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1."""
+def setup_distributed(timeout_s: float = 3600.0):
+    """-> (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1.
+    timeout_s: how long a collective waits (NCCL's default, 10 min, is shorter than a long judge phase or rank 0's
+    final export); device_id binds the NCCL communicator to this rank's GPU at once."""
+    from datetime import timedelta
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     return rank, world, device
+
+
+def check_shared_out(out: Path, rank: int, world: int) -> None:
+    """Every rank must see the same --out (one filesystem shared by all nodes: rank 0 writes the checkpoints' metadata
+    and the others their shards into it). Rank 0 writes a nonce there; a rank that cannot read it stops."""
+    if world == 1:
+        return
+    nonce_path = out / f".shared-check-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    nonce = [f"{os.getpid()}-{time.time_ns()}-{random.SystemRandom().random()}" if rank == 0 else None]
+    if rank == 0:
+        nonce_path.write_text(nonce[0])
+    dist.broadcast_object_list(nonce, src=0)
+    seen = nonce_path.read_text() if nonce_path.is_file() else None
+    ok = all_reduce(torch.tensor([float(seen == nonce[0])]), dist.ReduceOp.MIN).item() > 0
+    if rank == 0:
+        nonce_path.unlink(missing_ok=True)
+    if not ok:
+        sys.exit(f"error: rank {rank}: --out {out} is not the same folder on every rank (rank 0's marker "
+                 f"{'is not there' if seen is None else 'differs'}); a multi-node run needs one shared filesystem for --out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +239,11 @@ class PromptStream:
 def main(argv=None) -> None:
     args = parse_args(argv)
     quiet_third_party_output()
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.dist_timeout)
     master, out, local_prompts = rank == 0, Path(args.out), args.prompts_per_step // world
-    if local_prompts < 1:
-        sys.exit(f"error: --prompts-per-step {args.prompts_per_step} is smaller than the number of ranks {world}")
     if master:
         out.mkdir(parents=True, exist_ok=True)
+    check_shared_out(out, rank, world)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     try:
         train_problems = load_problems(args.data, "train", args.seed, args.problem_key, args.answer_key)
@@ -220,6 +252,16 @@ def main(argv=None) -> None:
         base_model = resolve_model_path(args.model)
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    # The memory plan, before anything loads (memory.py): fills the flags left unset and, on a GPU (or with --gpu-gb),
+    # stops a run that would not fit, naming the phase, the bytes over and the flag to change
+    gpu_gb = args.gpu_gb or (torch.cuda.mem_get_info(device)[1] / 1e9 if device.type == "cuda" else None)
+    critic_path = getattr(args, "critic_model", None)
+    plan_args = argparse.Namespace(**{**vars(args), "model": base_model})
+    line = run_plan(plan_args, world, gpu_gb, resolve_model_path(critic_path) if critic_path else None, device.type == "cuda")
+    for key in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization", "engine_max_num_seqs", "engine_max_num_batched_tokens"):
+        setattr(args, key, getattr(plan_args, key))
+    if master:
+        print(line, file=sys.stderr, flush=True)
     if master:  # run.json (args, versions, git commit, model and data hashes; a --resume appends); which rows are held out
         write_start(out, args, sys.argv[1:] if argv is None else argv, base_model, train_problems, eval_problems, device, world)
         print(f"[data] train: {len(train_problems)} problems of {args.data}; held-out: " + (
@@ -246,11 +288,14 @@ def main(argv=None) -> None:
     if args.resume and master:
         print(f"[resume] from {resume_from} at step {start_step}" if resume_from else f"[resume] no checkpoint in {out}; "
               "starting from scratch", file=sys.stderr)
-    engine = make_engine(args.engine or default_engine(), base_model, dtype=args.engine_dtype, seed=args.seed,
-                         max_model_len=args.max_prompt_tokens + args.max_new_tokens,
-                         gpu_memory_utilization=args.gpu_memory_utilization, world_size=world)
+    # ONE engine per process (rollout.VLLMEngine): the actor generates on it, GenAC's critic judges on it with its weights
+    # swapped in, so it holds the longer of their contexts (args.engine_max_model_len: set by an algorithm that shares it)
+    engine = make_engine(args.engine or default_engine(), base_model, trainer=True, dtype=args.engine_dtype, seed=args.seed + 1000 * rank,
+                         max_model_len=max(args.max_prompt_tokens + args.max_new_tokens, getattr(args, "engine_max_model_len", 0) or 0),
+                         gpu_memory_utilization=args.gpu_memory_utilization, world_size=world, max_num_seqs=args.engine_max_num_seqs,
+                         max_num_batched_tokens=args.engine_max_num_batched_tokens)
     if resume_from:  # the engine starts from the base weights: give it the resumed ones
-        engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype))
+        engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")
     verifier = MathVerifier(timeout_s=args.verifier_timeout) if any(p.kind == "math" for p in train_problems + eval_problems) else None
     metrics_path = out / "metrics.jsonl"
     if master and not args.resume:
@@ -277,11 +322,13 @@ def main(argv=None) -> None:
 
         # 1. generate + score: the algorithm decides how many rollouts each prompt gets
         t = time.time()
-        engine.wake()
+        engine.wake()  # awake since the last sync (no-op); after an evaluation too
         stats = {"score_timeouts": 0, "empty_responses": 0, "truncated": 0, "time/score": 0.0}
         generate = functools.partial(generate_and_score, engine, problems, prompt_ids, args, verifier, stats)
         samples, rewards, m_sample = algo.sample(problems, prompt_ids, generate, seed=args.seed * 1_000_003 + step * 7 + rank)
-        engine.sleep()
+        # GPU memory to the trainer until the sync: level 2 drops the weights the sync replaces; a warm-up step (the actor
+        # does not change) keeps them in host RAM (level 1). GenAC's judge wakes it for the critic and sleeps it again.
+        engine.sleep(level=2 if actor_trains else 1)
         times["time/generate"], times["time/score"] = time.time() - t - stats["time/score"], stats["time/score"]
         batch = build_rollout_batch(prompt_ids, samples, rewards, pad_id)
         batch.extras["step"] = step
@@ -312,9 +359,10 @@ def main(argv=None) -> None:
 
         # 5. sync the new weights into the engine
         t = time.time()
-        if actor_trains:
-            engine.wake()
-            engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype))  # a bucket at a time
+        if actor_trains or engine.holder != "actor":  # new actor weights, or the critic's were swapped in (GenAC)
+            engine.wake(["weights"])  # TRL/verl order: weights, load, then the KV cache (not mapped during the load)
+            engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")  # a bucket at a time
+        engine.wake()  # the KV cache (level 1: the weights too) for the evaluation and the next generation
         times["time/sync"], times["time/step"] = time.time() - t, time.time() - t_step
 
         # 6. log, evaluate, checkpoint

@@ -4,9 +4,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
@@ -40,24 +40,89 @@ def test_shape_counts_the_parameters_without_weights(tiny_model, qwen3_8b):
 def test_rules_per_gpu(qwen3_8b):
     import memory
     s = memory.model_shape(str(qwen3_8b))
-    assert memory.trainer_state(s, 8) == 16 * s.parameters / 8  # fp32 weights + AdamW + fp32 grads, sharded
+    assert memory.trainer_state(s, 8) == 12 * s.parameters / 8  # fp32 weights + AdamW, sharded: every phase
+    assert memory.gradients(s, 8) == 4 * s.parameters / 8  # fp32 gradients: only in the update (freed after it)
+    assert s.largest == 151936 * 4096  # the embedding (= the untied LM head): the sync gathers it alone
     full = memory.update_peak(s, 4 * 2560, 4 * 2048, checkpointing=False)
     ckpt = memory.update_peak(s, 4 * 2560, 4 * 2048, checkpointing=True)
     assert ckpt["activations kept for backward"] < full["activations kept for backward"] / 10
     assert full["logits (response tokens x vocab)"] == 4 * 2048 * 151936 * memory.LOGIT_BYTES
+    # vLLM's profiling peak: the sampler's [max_num_seqs, vocab] fp32 copies dominate at its GPU default of 1024 rows
+    assert memory.engine_profile_peak(s, 1024, 16384) > 5 * memory.GB > 2 * memory.GB > memory.engine_profile_peak(s, 256, 8192)
+
+
+def plan_for(config, algo: str, gpu_gb: float, **flags):
+    import memory
+    args = SimpleNamespace(model=str(config), critic=None, algo=algo, world=8, gpu_gb=gpu_gb, prompt_tokens=512,
+                           response_tokens=2048, critic_new_tokens=1024, sync_bucket_mb=64.0, micro_batch_size=None,
+                           gradient_checkpointing=None, gpu_memory_utilization=None, engine_max_num_seqs=None,
+                           engine_max_num_batched_tokens=None)
+    vars(args).update(flags)
+    memory.choose_defaults(args)
+    rows, facts = memory.plan(args)
+    return args, rows, facts, memory.totals(rows, facts["phases"])
+
+
+@pytest.mark.parametrize("gpu_gb", [80.0, 141.0])
+@pytest.mark.parametrize("algo", ["genac", "ppo", "poise"])
+def test_qwen3_8b_fits_every_phase_at_the_defaults(qwen3_8b, algo, gpu_gb):
+    """The paper profile on 8 GPUs: the defaults chosen from the plan leave >= 8 GB in every phase, with a KV cache
+    that holds many full-length sequences."""
+    import memory
+    args, rows, facts, total = plan_for(qwen3_8b, algo, gpu_gb)
+    for phase in facts["phases"]:
+        assert gpu_gb * memory.GB - total[phase] >= memory.MARGIN_GB * memory.GB, (phase, total[phase] / memory.GB)
+    assert facts["kv_sequences"] >= 32 and 0.05 <= args.gpu_memory_utilization <= 0.85
+    assert memory.verdict(rows, facts)[0]
+    if algo == "genac":  # one engine: the judge holds the critic's weights, nothing of the engine is on the GPU in the updates
+        engine_rows = [cells for name, cells in rows if name.startswith("engine:")]
+        assert all(not cells.get(p) for cells in engine_rows for p in ("actor update", "critic update"))
+        assert "judge" in facts["phases"]
+
+
+def test_a_plan_that_does_not_fit_names_the_phase_the_bytes_and_the_flag(qwen3_8b):
+    import memory
+    _, rows, facts, total = plan_for(qwen3_8b, "grpo", 80.0, micro_batch_size=8, gradient_checkpointing=False,
+                                        gpu_memory_utilization=0.5)
+    fits, line = memory.verdict(rows, facts)
+    over = (total["actor update"] - 80 * memory.GB) / memory.GB
+    assert not fits and "actor update" in line and "--micro-batch-size" in line and f"{over:.1f} GB over" in line
+    _, rows, facts, total = plan_for(qwen3_8b, "grpo", 80.0, gpu_memory_utilization=0.95)
+    fits, line = memory.verdict(rows, facts)
+    assert not fits and line.startswith("DOES NOT FIT: generate") and "--gpu-memory-utilization" in line
 
 
 def test_eval_memory_prints_the_table(qwen3_8b):
     run = lambda *flags: subprocess.run([sys.executable, str(ROOT / "eval.py"), "memory", "--model", str(qwen3_8b), *flags],  # noqa: E731
                                         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    grpo = run("--world", "8")
+    grpo = run("--world", "8", "--micro-batch-size", "4", "--no-gradient-checkpointing")
     assert grpo.returncode == 0, grpo.stderr[-2000:]
     assert "| generate | actor update | sync |" in grpo.stdout and "judge" not in grpo.stdout
-    assert "| actor: fp32 weights + AdamW + fp32 grads (shard) | 16.4 | 16.4 | 16.4 |" in grpo.stdout
+    assert "| actor: fp32 weights + AdamW (shard) | 12.3 | 12.3 | 12.3 |" in grpo.stdout
+    assert "| actor: fp32 gradients (shard; freed after its update) | - | 4.1 | - |" in grpo.stdout
+    assert "| sync: largest single tensor, bf16 (gathered alone) | - | - | 1.2 |" in grpo.stdout
     assert "DOES NOT FIT: actor update" in grpo.stdout  # micro-batches of 4 x 2560 tokens without checkpointing
-    genac = run("--algo", "genac", "--world", "8", "--gradient-checkpointing", "--micro-batch-size", "1", "--gpu-memory-utilization", "0.25")
+    genac = run("--algo", "genac", "--world", "8")
     assert genac.returncode == 0, genac.stderr[-2000:]
-    assert "| judge |" in genac.stdout and "critic engine (vLLM): always awake | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |" in genac.stdout
-    assert "\nfits: " in genac.stdout
+    assert "| judge |" in genac.stdout and "engine: profiling peak" in genac.stdout and "\nfits: " in genac.stdout
+    assert "chosen from the plan: micro_batch_size, gradient_checkpointing, gpu_memory_utilization" in genac.stdout
     missing = run("--model", "/nonexistent/config.json")
     assert missing.returncode != 0 and "error:" in missing.stderr
+
+
+def test_train_stops_before_loading_a_model_when_the_plan_does_not_fit(tiny_model, tmp_path):
+    """A model folder with its config and tokenizer but NO weights: the plan reads only the config, so a run whose plan
+    does not fit stops with the plan's message (not a missing-weights error), rc != 0, nothing written."""
+    import shutil
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(folder), "--out", str(tmp_path / "run"), "--gpu-gb", "5",
+           "--gpu-memory-utilization", "0.2", "--micro-batch-size", "512", "--max-new-tokens", "1024", "--no-eval"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "DOES NOT FIT: actor update" in proc.stderr and "--micro-batch-size" in proc.stderr and "GB over" in proc.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
+    fits = subprocess.run(cmd[:-7] + ["--gpu-gb", "80", "--steps", "0", "--no-eval"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "[plan] 1 x 80 GB: fits" in fits.stderr  # the same folder passes the plan, then fails where the weights are read
+    assert fits.returncode != 0 and "DOES NOT FIT" not in fits.stderr
