@@ -12,12 +12,30 @@ An algorithm's own flags are added and checked after its module is imported (tra
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 
 from trackers import TRACKERS
 
-ALGORITHM_NAMES = ("grpo", "rloo", "ppo", "vcppo", "genac", "v05", "poise")  # train.ALGORITHMS holds their classes
+# Every algorithm, by its --algo name: the class that implements train.py's algorithm interface, as "module.Class".
+# The ONE list (train.py, sweep.py, the memory planner and the tests read it); adding an algorithm is a file + a line
+# here. Names rather than classes, so that argument errors are reported before torch is imported (< 2 s).
+ALGORITHMS = {
+    "grpo": "advantage.GRPO",  # (r - mean) / (std + 1e-6) per prompt group; --no-std: Dr.GRPO
+    "rloo": "advantage.RLOO",  # r_i - mean_{j != i} r_j
+    "ppo": "critic.PPO",  # discriminative critic V_t, token-level GAE, batch-whitened
+    "vcppo": "critic.VCPPO",  # PPO after value pretraining on the frozen actor
+    "genac": "genac.GenAC",  # generative critic judges each segment's state in text, ICC hints
+    "v05": "prior.V05",  # generalist value prior fused with sparse rollouts, OSLA extra rollouts
+    "poise": "probe.POISE",  # hidden-state probe, cross-rollout baselines, 2 rollouts per prompt
+}
+
+
+def algorithm_class(name: str) -> type:
+    """The class registered under `name` in ALGORITHMS (its module is imported now)."""
+    module, cls = ALGORITHMS[name].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # verl's names (advantage.aggregate_loss)
 SYNC_BUCKET_MB = 64  # per all-gather of the weight sync: bandwidth-bound on NVLink, < 0.1% of an 80 GB GPU
 
@@ -41,16 +59,16 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
 
 
 def algorithm_name(text: str) -> str:
-    """An argparse `type` for --algo: one of ALGORITHM_NAMES, or a one-line error listing them."""
-    if text not in ALGORITHM_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown --algo {text!r}; choose one of {', '.join(ALGORITHM_NAMES)}")
+    """An argparse `type` for --algo: one of ALGORITHMS, or a one-line error listing them."""
+    if text not in ALGORITHMS:
+        raise argparse.ArgumentTypeError(f"unknown --algo {text!r}; choose one of {', '.join(ALGORITHMS)}")
     return text
 
 
 def add_run_arguments(parser) -> None:
     """train.py's flags shared by every algorithm."""
     a = parser.add_argument
-    a("--algo", type=algorithm_name, default="grpo", help=f"one of {', '.join(ALGORITHM_NAMES)}")
+    a("--algo", type=algorithm_name, default="grpo", help=f"one of {', '.join(ALGORITHMS)}")
     a("--model", default=None, help="HF causal LM folder or name (default: offline SmolLM2-135M-Instruct)")
     a("--data", default="arithmetic", help="'arithmetic[:levels]', a JSONL file, or a HF dataset name")
     a("--eval-data", default=None, help="held-out set (default: the held-out split of the arithmetic task)")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import runrecord
 from compare import read_run
-from flags import ALGORITHM_NAMES
+from flags import ALGORITHMS
 
 ROOT = Path(__file__).resolve().parent
 OWNED = ("--algo", "--seed", "--out", "--resume", "--token-budget")  # the sweep sets these itself
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algos", nargs="+", required=True, choices=ALGORITHM_NAMES, help="train.py --algo values")
+    ap.add_argument("--algos", nargs="+", required=True, choices=tuple(ALGORITHMS), help="train.py --algo values")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--token-budget", type=int, required=True, help="generated tokens per run (train.py --token-budget)")
     ap.add_argument("--out", required=True, help="the sweep's folder: one run folder per grid point")

@@ -1,7 +1,8 @@
 """The one training loop: generate (vLLM) -> score -> old log-probs -> advantages -> update -> sync.
 
 Every algorithm is "PPO with a different advantage" (verl's framing; --clip-high 0.28 on any is DAPO's
-clip-higher); `--algo` picks one entry of ALGORITHMS below, and the loop never asks which one it got:
+clip-higher); `--algo` picks one entry of ALGORITHMS (flags.py: the one list of algorithms, name -> "module.Class"),
+and the loop never asks which one it got:
 
     grpo   (r - mean) / (std + 1e-6) per prompt group; --no-std gives Dr.GRPO        advantage.py
     rloo   r_i - mean_{j != i} r_j                                                     advantage.py
@@ -61,7 +62,7 @@ import sys
 import time
 from pathlib import Path
 
-from flags import ALGORITHM_NAMES, add_run_arguments, check_run_arguments_early, number, run_argument_error
+from flags import ALGORITHMS, add_run_arguments, algorithm_class, check_run_arguments_early, number, run_argument_error
 
 if __name__ == "__main__":  # a bad shared flag stops here in < 2 s, before the heavy imports below (5-10 s)
     check_run_arguments_early(sys.argv[1:], prog="train.py")
@@ -74,23 +75,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from advantage import GRPO, RLOO
 from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from critic import PPO, VCPPO
-from genac import GenAC
 from memory import add_plan_arguments, run_plan
-from prior import V05
-from probe import POISE
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
                      load_problems, make_engine, quiet_third_party_output, resolve_model_path)
 from runrecord import load as load_run_record, mark_done, write_start
 from trackers import Trackers, install_line, missing_packages
-
-
-ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO, "vcppo": VCPPO, "genac": GenAC, "v05": V05, "poise": POISE}
-assert tuple(ALGORITHMS) == ALGORITHM_NAMES, "flags.ALGORITHM_NAMES lists the algorithms of this table"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist-timeout", type=number(float, 0, low_open=True), default=3600.0,
                    help="seconds a collective may wait (uneven judge phases, rank 0's export)")
     p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)  # None: chosen from the memory plan (memory.run_plan)
-    algo = p.parse_known_args(argv)[0].algo  # one of ALGORITHMS (flags.algorithm_name)
-    ALGORITHMS[algo].add_arguments(p.add_argument_group(f"--algo {algo}"))
+    algo = p.parse_known_args(argv)[0].algo  # a key of ALGORITHMS (checked by flags.algorithm_name)
+    algorithm_class(algo).add_arguments(p.add_argument_group(f"--algo {algo}"))
     p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
     args = p.parse_args(argv)
     if (message := run_argument_error(args)) is not None:
@@ -115,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if missing := missing_packages(t for t in args.report_to if t != "none"):
         p.error(f"--report-to {' '.join(missing)} needs its package: {install_line(missing)}")
     try:
-        ALGORITHMS[algo].check_arguments(args)
+        algorithm_class(algo).check_arguments(args)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -280,7 +272,7 @@ def main(argv=None) -> None:
     optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     args.model = base_model
     try:
-        algo = ALGORITHMS[args.algo](args, model, tokenizer, device, world, resume_from)
+        algo = algorithm_class(args.algo)(args, model, tokenizer, device, world, resume_from)
     except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. a missing --prior-embedder
         sys.exit(f"error: {e}")
     stream = PromptStream(train_problems, args.seed)

@@ -64,7 +64,8 @@ def test_algorithm_flags_belong_to_their_algorithm():
     assert train.parse_args(["--algo", "ppo"]).critic_warmup_steps == 0
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "grpo", "--critic-warmup-steps", "3"])
-    for name, cls in train.ALGORITHMS.items():
+    for name in train.ALGORITHMS:
+        cls = train.algorithm_class(name)
         for method in ("add_arguments", "check_arguments", "sample", "advantages", "after_update", "state_dict", "load_state_dict", "save", "close"):
             assert callable(getattr(cls, method, None)), (name, method)
 
