@@ -67,7 +67,9 @@ def load_actor(model_path: str, device: torch.device, world: int, args=None):
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
         return shard_with_fsdp2(model, world, args)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    full = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).state_dict() if dist.get_rank() == 0 else {}
+    full = {}  # the full fp32 state dict: rank 0 only
+    if dist.get_rank() == 0:
+        full = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).state_dict()
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -573,7 +575,7 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
             grad_norm = grad_norm.full_tensor()
         grad_norm_sum += float(grad_norm)
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # the fp32 gradients are freed until the next update (memory.py: not held in generation)
+    optimizer.zero_grad(set_to_none=True)  # fp32 gradients freed until the next update (not held in generation)
     names = list(stats)
     totals = all_reduce(torch.tensor([stats[k] for k in names] + [loss_sum], dtype=torch.float64)).tolist()
     out = dict(zip(names, totals[:-1]))

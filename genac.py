@@ -342,12 +342,13 @@ class GenAC:
         self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
         if checkpoint:
             load_sharded(checkpoint / "critic" / "sharded", self.model, self.optimizer)
-        # The critic's engine [design: one sleep-capable vLLM engine per process, rollout.VLLMEngine]. A critic of the actor's
-        # architecture (the default: it starts from the actor's base model) judges on the training loop's engine with its
-        # weights swapped in (`judge`): no second KV cache, nothing of the critic's on the GPU in the actor's update. That
-        # engine must hold the critic's prompts too: args.engine_max_model_len tells train.py (it builds the engine after
-        # this). Tools without a loop engine (genac_stages.py, values.py), or a critic of another architecture on the CPU,
-        # get an engine of their own, built at first use (`engine`); on a GPU the latter is refused there.
+        # The critic's engine [design: one sleep-capable vLLM engine per process, rollout.VLLMEngine]. A critic of
+        # the actor's architecture (the default: it starts from the actor's base model) judges on the training loop's
+        # engine with its weights swapped in (`judge`): no second KV cache, nothing of the critic's on the GPU in the
+        # actor's update. That engine must hold the critic's prompts too: args.engine_max_model_len tells train.py
+        # (it builds the engine after this). Tools without a loop engine (genac_stages.py, values.py), or a critic of
+        # another architecture on the CPU, get an engine of their own, built at first use (`engine`); on a GPU the
+        # latter is refused there.
         self.path, self._engine, self.shares_engine = path, None, False
         self.same_architecture = same_architecture(path, resolve_model_path(args.model))
         if self.same_architecture:
@@ -374,15 +375,18 @@ class GenAC:
             if shared is not None and self.same_architecture:
                 self._engine, self.shares_engine = shared, True
             elif shared is not None and getattr(shared, "sleeps", False):
-                raise RuntimeError(f"the critic {self.path} has another architecture than the actor {self.args.model}: it would need "
-                                   "a second vLLM engine, which cannot sleep beside the actor's (one sleep-capable engine per "
-                                   "process) and would hold its memory through the actor's update. Start the critic from the "
-                                   "actor's base model (genac_stages.py sft/pretrain with --model set to the actor), or use --engine hf")
+                raise RuntimeError(f"the critic {self.path} has another architecture than the actor {self.args.model}: "
+                                   "it would need a second vLLM engine, which cannot sleep beside the actor's (one "
+                                   "sleep-capable engine per process) and would hold its memory through the actor's "
+                                   "update. Start the critic from the actor's base model (genac_stages.py sft/pretrain "
+                                   "with --model set to the actor), or use --engine hf")
             else:
-                self._engine = make_engine(self.args.engine or "vllm", self.path, dtype=self.args.engine_dtype, seed=self.args.seed + 1,
-                                           sleep_mode=False, max_model_len=self.max_model_len,
-                                           gpu_memory_utilization=self.args.gpu_memory_utilization, world_size=self.world)
-                self._engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, self._engine.dtype), "critic")
+                args = self.args
+                self._engine = make_engine(args.engine or "vllm", self.path, dtype=args.engine_dtype,
+                                           seed=args.seed + 1, sleep_mode=False, max_model_len=self.max_model_len,
+                                           gpu_memory_utilization=args.gpu_memory_utilization, world_size=self.world)
+                weights = stream_full_parameters(self.model, args.sync_bucket_mb, self._engine.dtype)
+                self._engine.load_weights(weights, holder="critic")
         return self._engine
 
     @engine.setter
@@ -450,12 +454,14 @@ class GenAC:
         regex = answer_regex(self.args.critic_max_new_tokens) if guided else None
         temperature = self.args.critic_temperature if temperature is None else temperature
         engine = self.engine
-        if self.shares_engine:  # the loop's engine slept (level 2) after generating: the critic's weights in, then its KV cache
+        if self.shares_engine:  # the loop's engine slept (level 2) after generating: critic weights in, then KV cache
             engine.wake(["weights"])
-            engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, engine.dtype), holder="critic")
+            weights = stream_full_parameters(self.model, self.args.sync_bucket_mb, engine.dtype)
+            engine.load_weights(weights, holder="critic")
             engine.wake(["kv_cache"])
-        samples = [g[0] for g in engine.generate(prompts, 1, self.args.critic_max_new_tokens, temperature, 1.0, seed, regex=regex)]
-        if self.shares_engine:  # nothing of the critic's stays on the GPU through the updates; the sync loads the actor back
+        outputs = engine.generate(prompts, 1, self.args.critic_max_new_tokens, temperature, 1.0, seed, regex=regex)
+        samples = [g[0] for g in outputs]
+        if self.shares_engine:  # nothing of the critic's stays on the GPU through the updates; the sync loads the actor
             engine.sleep(level=2)
         return prompts, samples, [parse_critic_value(s.text) for s in samples]
 
@@ -508,7 +514,8 @@ class GenAC:
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
         """Step 4: segment values -> whitened token-level GAE. -> (token advantages [N, R], metrics)."""
         args = self.args
-        token_values, metrics = self.segment_values(batch, problems, seed=batch.extras["step"] * 31 + 5 + 1_000_003 * self._rank)  # [N, R]
+        seed = batch.extras["step"] * 31 + 5 + 1_000_003 * self._rank  # per rank: ranks judge different states
+        token_values, metrics = self.segment_values(batch, problems, seed=seed)  # [N, R]
         advantages, _, gae = whitened_gae(token_values, batch.rewards, batch.response_mask, args.gamma, args.lam, args.lam, all_reduce)
         return advantages, {**metrics, **gae}
 
@@ -537,8 +544,8 @@ class GenAC:
                            share_prefixes=self.args.pack_critic_states)
         t_update, t = time.time() - t, time.time()
         if not self.shares_engine:  # an engine of its own gets the new weights now; a shared one at the next `judge`
-            self.engine.load_weights(stream_full_parameters(self.model, self.args.sync_bucket_mb, self.engine.dtype),
-                                     holder="critic")
+            weights = stream_full_parameters(self.model, self.args.sync_bucket_mb, self.engine.dtype)
+            self.engine.load_weights(weights, holder="critic")
         judged, actor_tokens, self.answers = self.answers["judged_tokens"], self.answers["actor_tokens"], None
         return {"genac/critic_loss": stats["policy_loss"], "genac/critic_grad_norm": stats["grad_norm"],
                 "genac/critic_optimizer_steps": stats["optimizer_steps"], "genac/critic_reward_mean": batch_mean,

@@ -21,11 +21,13 @@ the cheapest setting that leaves --margin-gb in every phase. Figures are estimat
     logits                                        response tokens x vocab x 12 bytes (bf16 logits, the fp32 logits / T
                                                   kept for backward, their softmax in backward)
     vLLM engine awake (generate, judge)           --gpu-memory-utilization x GPU (vLLM's budget): bf16 weights 2P + its
-                                                  profiling peak (a forward of max_num_batched_tokens tokens: one layer's
-                                                  bf16 activations; the sampler on max_num_seqs rows: fp32 logits and
-                                                  their sort, ~6 fp32 copies of [max_num_seqs, vocab]) + KV cache (the
-                                                  rest); CUDA graphs (~1 GB, captured after the KV cache) on top
-    engine asleep (updates)                       level 2: ~0 on the GPU (weights and KV dropped: the sync replaces them)
+                                                  profiling peak (a forward of max_num_batched_tokens tokens: one
+                                                  layer's bf16 activations; the sampler on max_num_seqs rows: fp32
+                                                  logits and their sort, ~6 fp32 copies of [max_num_seqs, vocab]) + KV
+                                                  cache (the rest); CUDA graphs (~1 GB, captured after the KV cache)
+                                                  on top
+    engine asleep (updates)                       level 2: ~0 on the GPU (weights and KV dropped: the sync replaces
+                                                  them)
     weight sync                                   engine weights awake, KV cache still asleep (wake weights -> load ->
                                                   wake KV) + 2 buckets (--sync-bucket-mb, gathered + unpacked) + the
                                                   largest single tensor in bf16 (a tensor over a bucket is gathered
@@ -50,8 +52,12 @@ from flags import SYNC_BUCKET_MB
 
 GB = 1e9
 CONTEXT_GB = 2.0  # CUDA context, NCCL buffers, allocator slack: a round figure
-CUDA_GRAPHS_GB = 1.0  # vLLM's captured decode graphs (it measures them at start; not taken out of its budget by default)
-SAMPLER_COPIES = 6  # fp32 [max_num_seqs, vocab] tensors alive in vLLM's profiled sampler run (logits, log-probs, sort...)
+CUDA_GRAPHS_GB = (
+    1.0  # vLLM's captured decode graphs (it measures them at start; not taken out of its budget by default)
+)
+SAMPLER_COPIES = (
+    6  # fp32 [max_num_seqs, vocab] tensors alive in vLLM's profiled sampler run (logits, log-probs, sort...)
+)
 LOGIT_BYTES = 12  # per (response token, vocab entry) in the update: bf16 logits + fp32 logits / T + softmax in backward
 EMBEDDER_PARAMETERS = 22_713_216  # V0.5's prior embedder, all-MiniLM-L6-v2
 PHASES = ("generate", "judge", "actor update", "critic update", "sync")
@@ -63,6 +69,7 @@ CPU_DEFAULTS = {"micro_batch_size": 16, "gradient_checkpointing": False, "gpu_me
 @dataclass
 class Shape:
     """What the plan needs of a model: parameter counts and the sizes the activations scale with."""
+
     parameters: int  # unique parameters (a tied LM head once)
     root: int  # embeddings + LM head + final norm: FSDP2's root unit, all-gathered for the whole pass
     layer: int  # one decoder layer
@@ -79,6 +86,7 @@ def model_shape(config_path: str, value_head: bool = False) -> Shape:
     the meta device (no weights read). value_head: a PPO critic (token classification, one label)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
     path = Path(config_path)  # a config.json, a folder, or a Hugging Face name (only its config is fetched)
     if not path.exists() and (path.suffix == ".json" or config_path.startswith((".", "/", "~"))):
         raise FileNotFoundError(f"{config_path}: no such config.json or model folder")
@@ -86,15 +94,24 @@ def model_shape(config_path: str, value_head: bool = False) -> Shape:
     with torch.device("meta"):
         model = (AutoModelForTokenClassification if value_head else AutoModelForCausalLM).from_config(config)
     parameters = sum(p.numel() for p in model.parameters())
-    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == config.num_hidden_layers)
+    layers = next(
+        m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == config.num_hidden_layers
+    )
     layer = sum(p.numel() for p in layers[0].parameters())
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return Shape(parameters=parameters, root=parameters - layer * len(layers), layer=layer, layers=len(layers), hidden=hidden,
-                 kv=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-                 intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
-                 vocab=0 if value_head else config.vocab_size, largest=max(p.numel() for p in model.parameters()))
+    return Shape(
+        parameters=parameters,
+        root=parameters - layer * len(layers),
+        layer=layer,
+        layers=len(layers),
+        hidden=hidden,
+        kv=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+        intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+        vocab=0 if value_head else config.vocab_size,
+        largest=max(p.numel() for p in model.parameters()),
+    )
 
 
 def trainer_state(s: Shape, world: int) -> float:
@@ -114,8 +131,11 @@ def update_peak(s: Shape, tokens: int, response_tokens: int, checkpointing: bool
         activations = tokens * (2 * s.hidden * s.layers + per_token_layer)
     else:
         activations = tokens * per_token_layer * s.layers
-    return {"FSDP2 all-gathered bf16 params + fp32 grads in flight": 2 * s.root + 2 * 2 * s.layer + 2 * 4 * s.layer,
-            "activations kept for backward": activations, "logits (response tokens x vocab)": response_tokens * s.vocab * LOGIT_BYTES}
+    return {
+        "FSDP2 all-gathered bf16 params + fp32 grads in flight": 2 * s.root + 2 * 2 * s.layer + 2 * 4 * s.layer,
+        "activations kept for backward": activations,
+        "logits (response tokens x vocab)": response_tokens * s.vocab * LOGIT_BYTES,
+    }
 
 
 def engine_profile_peak(s: Shape, max_num_seqs: int, max_num_batched_tokens: int) -> float:
@@ -131,8 +151,15 @@ def kv_bytes_per_token(s: Shape) -> int:
 
 
 # What each algorithm adds to the actor and its engine (one table: the planner names no algorithm in its logic)
-PARTS = {"grpo": set(), "rloo": set(), "ppo": {"value critic"}, "vcppo": {"value critic"},
-         "genac": {"generative critic"}, "v05": {"prior embedder"}, "poise": {"hidden states"}}
+PARTS = {
+    "grpo": set(),
+    "rloo": set(),
+    "ppo": {"value critic"},
+    "vcppo": {"value critic"},
+    "genac": {"generative critic"},
+    "v05": {"prior embedder"},
+    "poise": {"hidden states"},
+}
 
 
 def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
@@ -145,40 +172,74 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     seq = args.prompt_tokens + args.response_tokens
     phases = [p for p in PHASES if (p != "judge" or genac) and (p != "critic update" or critic)]
     everywhere = dict.fromkeys(phases)
-    rows = [("actor: fp32 weights + AdamW (shard)", {p: trainer_state(actor, W) for p in everywhere}),
-            ("actor: fp32 gradients (shard; freed after its update)", {"actor update": gradients(actor, W)})]
+    rows = [
+        ("actor: fp32 weights + AdamW (shard)", {p: trainer_state(actor, W) for p in everywhere}),
+        ("actor: fp32 gradients (shard; freed after its update)", {"actor update": gradients(actor, W)}),
+    ]
     if critic:
-        rows += [("critic: fp32 weights + AdamW (shard)", {p: trainer_state(critic, W) for p in everywhere}),
-                 ("critic: fp32 gradients (shard; freed after its update)", {"critic update": gradients(critic, W)})]
-    critic_seq = seq + args.critic_new_tokens + 200 if genac else seq  # GenAC: ICC prompt (state + ~200 template) + answer
-    served = {"generate": actor, "judge": critic} if genac else {"generate": actor}  # GenAC: one engine, weights swapped
+        rows += [
+            ("critic: fp32 weights + AdamW (shard)", {p: trainer_state(critic, W) for p in everywhere}),
+            ("critic: fp32 gradients (shard; freed after its update)", {"critic update": gradients(critic, W)}),
+        ]
+    critic_seq = (
+        seq + args.critic_new_tokens + 200 if genac else seq
+    )  # GenAC: ICC prompt (state + ~200 template) + answer
+    served = (
+        {"generate": actor, "judge": critic} if genac else {"generate": actor}
+    )  # GenAC: one engine, weights swapped
     budget = args.gpu_memory_utilization * gpu
     peak = {p: engine_profile_peak(actor, args.engine_max_num_seqs, args.engine_max_num_batched_tokens) for p in served}
     weights = {p: 2 * m.parameters for p, m in served.items()}
-    rows.append(("engine: bf16 weights" + (" (judge: the critic's, swapped in)" if genac else ""), {**weights, "sync": 2 * actor.parameters}))
+    rows.append(
+        (
+            "engine: bf16 weights" + (" (judge: the critic's, swapped in)" if genac else ""),
+            {**weights, "sync": 2 * actor.parameters},
+        )
+    )
     rows.append(("engine: profiling peak (batched-token forward + sampler)", peak))
-    rows.append(("engine: KV cache (the rest of --gpu-memory-utilization)", {p: budget - weights[p] - peak[p] for p in served}))
+    rows.append(
+        ("engine: KV cache (the rest of --gpu-memory-utilization)", {p: budget - weights[p] - peak[p] for p in served})
+    )
     rows.append(("engine: CUDA graphs (beyond its budget)", {p: CUDA_GRAPHS_GB * GB for p in served}))
     for name, value in update_peak(actor, mb * seq, mb * args.response_tokens, args.gradient_checkpointing).items():
         rows.append((f"actor update: {name}", {"actor update": value}))
     if critic:
         critic_response = args.critic_new_tokens if genac else 0
-        for name, value in update_peak(critic, mb * critic_seq, mb * critic_response, args.gradient_checkpointing).items():
+        for name, value in update_peak(
+            critic, mb * critic_seq, mb * critic_response, args.gradient_checkpointing
+        ).items():
             rows.append((f"critic update: {name}", {"critic update": value}))
-    bucket = args.sync_bucket_mb * 2 ** 20
+    bucket = args.sync_bucket_mb * 2**20
     rows.append(("sync: 2 buckets (gathered + unpacked)", {"sync": 2 * bucket}))
-    rows.append(("sync: largest single tensor, bf16 (gathered alone)", {"sync": 2 * actor.largest if 2 * actor.largest > bucket else 0}))
+    rows.append(
+        (
+            "sync: largest single tensor, bf16 (gathered alone)",
+            {"sync": 2 * actor.largest if 2 * actor.largest > bucket else 0},
+        )
+    )
     rows.append(("sync: one decoder layer, bf16 (vLLM buffers it)", {"sync": 2 * actor.layer}))
     if "prior embedder" in parts:
         rows.append(("V0.5 prior embedder (fp32)", {p: 4 * EMBEDDER_PARAMETERS for p in everywhere}))
     if "hidden states" in parts:
-        rows.append(("POISE: one layer's hidden states of a micro-batch (no-grad pass)", {"actor update": 2 * mb * seq * actor.hidden}))
+        rows.append(
+            (
+                "POISE: one layer's hidden states of a micro-batch (no-grad pass)",
+                {"actor update": 2 * mb * seq * actor.hidden},
+            )
+        )
     rows.append(("CUDA context, NCCL, allocator slack", {p: CONTEXT_GB * GB for p in everywhere}))
     kv = min(budget - weights[p] - peak[p] for p in served)
     max_model_len = max(seq, critic_seq)
-    facts = {"actor": actor, "critic": critic, "phases": phases, "gpu": gpu, "kv_gb": kv / GB, "max_model_len": max_model_len,
-             "kv_sequences": kv / (kv_bytes_per_token(actor) * max_model_len),
-             "host_gb_rank0": 4 * actor.parameters / GB}
+    facts = {
+        "actor": actor,
+        "critic": critic,
+        "phases": phases,
+        "gpu": gpu,
+        "kv_gb": kv / GB,
+        "max_model_len": max_model_len,
+        "kv_sequences": kv / (kv_bytes_per_token(actor) * max_model_len),
+        "host_gb_rank0": 4 * actor.parameters / GB,
+    }
     return rows, facts
 
 
@@ -186,9 +247,13 @@ def totals(rows, phases) -> dict[str, float]:
     return {p: sum(cells.get(p, 0.0) for _, cells in rows) for p in phases}
 
 
-LEVERS = {"generate": "--gpu-memory-utilization", "judge": "--gpu-memory-utilization",
-          "actor update": "--micro-batch-size or --gradient-checkpointing", "critic update": "--micro-batch-size or --gradient-checkpointing",
-          "sync": "--sync-bucket-mb or --gpu-memory-utilization"}
+LEVERS = {
+    "generate": "--gpu-memory-utilization",
+    "judge": "--gpu-memory-utilization",
+    "actor update": "--micro-batch-size or --gradient-checkpointing",
+    "critic update": "--micro-batch-size or --gradient-checkpointing",
+    "sync": "--sync-bucket-mb or --gpu-memory-utilization",
+}
 
 
 def verdict(rows, facts, margin_gb: float = 0.0) -> tuple[bool, str]:
@@ -196,13 +261,19 @@ def verdict(rows, facts, margin_gb: float = 0.0) -> tuple[bool, str]:
     phases, gpu, total = facts["phases"], facts["gpu"], totals(rows, facts["phases"])
     over = [p for p in phases if total[p] > gpu - margin_gb * GB]
     if facts["kv_gb"] <= 0 or facts["kv_sequences"] < 1:
-        return False, (f"DOES NOT FIT: the engine's KV cache ({facts['kv_gb']:.1f} GB) cannot hold one {facts['max_model_len']}-token "
-                       "sequence; raise --gpu-memory-utilization or lower --engine-max-num-seqs")
+        return False, (
+            f"DOES NOT FIT: the engine's KV cache ({facts['kv_gb']:.1f} GB) cannot hold one "
+            f"{facts['max_model_len']}-token "
+            "sequence; raise --gpu-memory-utilization or lower --engine-max-num-seqs"
+        )
     if over:
         p = over[0]
-        return False, (f"DOES NOT FIT: {p} needs {total[p] / GB:.1f} GB of {gpu / GB:.0f} GB"
-                       + (f" (with {margin_gb:g} GB left)" if margin_gb else "") + f", {(total[p] - gpu + margin_gb * GB) / GB:.1f} GB "
-                       f"over; change {LEVERS[p]}, or use more GPUs (--world / torchrun ranks)")
+        return False, (
+            f"DOES NOT FIT: {p} needs {total[p] / GB:.1f} GB of {gpu / GB:.0f} GB"
+            + (f" (with {margin_gb:g} GB left)" if margin_gb else "")
+            + f", {(total[p] - gpu + margin_gb * GB) / GB:.1f} GB "
+            f"over; change {LEVERS[p]}, or use more GPUs (--world / torchrun ranks)"
+        )
     worst = max(phases, key=lambda p: total[p])
     return True, f"fits: the fullest phase ({worst}) leaves {(gpu - total[worst]) / GB:.1f} GB"
 
@@ -211,8 +282,17 @@ def choose_defaults(args, margin_gb: float = MARGIN_GB) -> list[str]:
     """Fill the flags left None from the plan: the largest micro-batch without gradient checkpointing whose updates
     leave `margin_gb` (else with checkpointing), then the largest engine share (<= 0.85) whose generate/judge/sync
     leave it, and vLLM's batch limits (ENGINE_MAX_NUM_SEQS / _BATCHED_TOKENS). -> the names it chose."""
-    chosen = [k for k in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization", "engine_max_num_seqs",
-                          "engine_max_num_batched_tokens") if getattr(args, k) is None]
+    chosen = [
+        k
+        for k in (
+            "micro_batch_size",
+            "gradient_checkpointing",
+            "gpu_memory_utilization",
+            "engine_max_num_seqs",
+            "engine_max_num_batched_tokens",
+        )
+        if getattr(args, k) is None
+    ]
     if args.engine_max_num_seqs is None:
         args.engine_max_num_seqs = ENGINE_MAX_NUM_SEQS
     if args.engine_max_num_batched_tokens is None:
@@ -220,8 +300,13 @@ def choose_defaults(args, margin_gb: float = MARGIN_GB) -> list[str]:
     share = args.gpu_memory_utilization
     args.gpu_memory_utilization = 0.5 if share is None else share  # the updates do not depend on it
     candidates = [(c, m) for c in (False, True) for m in (16, 8, 4, 2, 1)]
-    candidates = [(c if args.gradient_checkpointing is None else args.gradient_checkpointing,
-                   m if args.micro_batch_size is None else args.micro_batch_size) for c, m in candidates]
+    candidates = [
+        (
+            c if args.gradient_checkpointing is None else args.gradient_checkpointing,
+            m if args.micro_batch_size is None else args.micro_batch_size,
+        )
+        for c, m in candidates
+    ]
     for checkpointing, micro in candidates:
         args.gradient_checkpointing, args.micro_batch_size = checkpointing, micro
         rows, facts = plan(args)
@@ -241,22 +326,35 @@ def choose_defaults(args, margin_gb: float = MARGIN_GB) -> list[str]:
 def render(rows, facts, args) -> str:
     phases, gpu = facts["phases"], facts["gpu"]
     fmt = lambda b: f"{b / GB:.1f}" if b else "-"  # noqa: E731
-    out = [f"| per GPU, GB ({args.world} x {args.gpu_gb:g} GB, --algo {args.algo}) | " + " | ".join(phases) + " |",
-           "|---|" + "---|" * len(phases)]
+    out = [
+        f"| per GPU, GB ({args.world} x {args.gpu_gb:g} GB, --algo {args.algo}) | " + " | ".join(phases) + " |",
+        "|---|" + "---|" * len(phases),
+    ]
     out += [f"| {name} | " + " | ".join(fmt(cells.get(p, 0.0)) for p in phases) + " |" for name, cells in rows]
     total = totals(rows, phases)
     out.append("| **total** | " + " | ".join(f"**{total[p] / GB:.1f}**" for p in phases) + " |")
     out.append("| free | " + " | ".join(f"{(gpu - total[p]) / GB:.1f}" for p in phases) + " |")
     a, c = facts["actor"], facts["critic"]
-    notes = [f"actor: {a.parameters / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})"
-             + (f"; critic: {c.parameters / 1e9:.2f}B" if c else ""),
-             (f"settings: --micro-batch-size {args.micro_batch_size} --{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
-             f"--gpu-memory-utilization {args.gpu_memory_utilization:g} --engine-max-num-seqs {args.engine_max_num_seqs} "
-             f"--engine-max-num-batched-tokens {args.engine_max_num_batched_tokens}"),
-             (f"engine: {args.gpu_memory_utilization:g} x {args.gpu_gb:g} GB; KV cache {facts['kv_gb']:.1f} GB = "
-              f"{facts['kv_sequences']:.0f} sequences of {facts['max_model_len']} tokens at once"),
-             (f"host RAM: ~{facts['host_gb_rank0']:.0f} GB on rank 0 while it reads the checkpoint in fp32; the other ranks "
-              "build on the meta device and receive their shards (actor.load_actor)")]
+    notes = [
+        f"actor: {a.parameters / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})"
+        + (f"; critic: {c.parameters / 1e9:.2f}B" if c else ""),
+        (
+            f"settings: --micro-batch-size {args.micro_batch_size} "
+            f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
+            f"--gpu-memory-utilization {args.gpu_memory_utilization:g} "
+            f"--engine-max-num-seqs {args.engine_max_num_seqs} "
+            f"--engine-max-num-batched-tokens {args.engine_max_num_batched_tokens}"
+        ),
+        (
+            f"engine: {args.gpu_memory_utilization:g} x {args.gpu_gb:g} GB; KV cache {facts['kv_gb']:.1f} GB = "
+            f"{facts['kv_sequences']:.0f} sequences of {facts['max_model_len']} tokens at once"
+        ),
+        (
+            f"host RAM: ~{facts['host_gb_rank0']:.0f} GB on rank 0 while it reads the checkpoint in fp32; "
+            "the other ranks "
+            "build on the meta device and receive their shards (actor.load_actor)"
+        ),
+    ]
     return "\n".join(out + [""] + notes + [verdict(rows, facts)[1]])
 
 
@@ -272,19 +370,45 @@ def add_plan_arguments(parser, model_flags: bool) -> None:
         a("--response-tokens", type=int, default=2048, help="train.py --max-new-tokens")
         a("--critic-new-tokens", type=int, default=1024, help="GenAC --critic-max-new-tokens")
         a("--micro-batch-size", type=int, default=None, help="rollouts per forward/backward (default: from the plan)")
-        a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: from the plan")
+        a(
+            "--gradient-checkpointing",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="default: from the plan",
+        )
         a("--sync-bucket-mb", type=float, default=SYNC_BUCKET_MB)
         a("--gpu-gb", type=float, default=80.0, help="each GPU's capacity")
-    a("--gpu-memory-utilization", type=float, default=None, help="the engine's share of the GPU (vLLM's budget; GenAC's critic "
-      "is served by the same engine). Default: from the plan on a GPU, 0.3 on the CPU")
-    a("--engine-max-num-seqs", type=int, default=None, help=f"vLLM max_num_seqs (default: {ENGINE_MAX_NUM_SEQS} on a GPU, vLLM's on the CPU)")
-    a("--engine-max-num-batched-tokens", type=int, default=None,
-      help=f"vLLM max_num_batched_tokens (default: {ENGINE_MAX_NUM_BATCHED_TOKENS} on a GPU, vLLM's on the CPU)")
-    a("--margin-gb", type=float, default=MARGIN_GB, help="GB the defaults chosen from the plan leave free in every phase")
+    a(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="the engine's share of the GPU (vLLM's budget; GenAC's critic "
+        "is served by the same engine). Default: from the plan on a GPU, 0.3 on the CPU",
+    )
+    a(
+        "--engine-max-num-seqs",
+        type=int,
+        default=None,
+        help=f"vLLM max_num_seqs (default: {ENGINE_MAX_NUM_SEQS} on a GPU, vLLM's on the CPU)",
+    )
+    a(
+        "--engine-max-num-batched-tokens",
+        type=int,
+        default=None,
+        help=f"vLLM max_num_batched_tokens (default: {ENGINE_MAX_NUM_BATCHED_TOKENS} on a GPU, vLLM's on the CPU)",
+    )
+    a(
+        "--margin-gb",
+        type=float,
+        default=MARGIN_GB,
+        help="GB the defaults chosen from the plan leave free in every phase",
+    )
 
 
 def memory_main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="eval.py memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="eval.py memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_plan_arguments(ap, model_flags=True)
     args = ap.parse_args(argv)
     try:
@@ -300,31 +424,57 @@ def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, on
     the CPU defaults, and one line. Else the defaults chosen from the plan, and SystemExit naming the phase, the bytes
     over and the flag when it does not fit. -> the line to print."""
     from types import SimpleNamespace
-    plan_args = SimpleNamespace(model=args.model, critic=critic_path, algo=args.algo, world=world, gpu_gb=gpu_gb or 80.0,
-                                prompt_tokens=args.max_prompt_tokens, response_tokens=args.max_new_tokens,
-                                critic_new_tokens=getattr(args, "critic_max_new_tokens", None) or 0,
-                                sync_bucket_mb=args.sync_bucket_mb, **{k: getattr(args, k) for k in (
-                                    "micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization", "engine_max_num_seqs",
-                                    "engine_max_num_batched_tokens")})
+
+    plan_args = SimpleNamespace(
+        model=args.model,
+        critic=critic_path,
+        algo=args.algo,
+        world=world,
+        gpu_gb=gpu_gb or 80.0,
+        prompt_tokens=args.max_prompt_tokens,
+        response_tokens=args.max_new_tokens,
+        critic_new_tokens=getattr(args, "critic_max_new_tokens", None) or 0,
+        sync_bucket_mb=args.sync_bucket_mb,
+        **{
+            k: getattr(args, k)
+            for k in (
+                "micro_batch_size",
+                "gradient_checkpointing",
+                "gpu_memory_utilization",
+                "engine_max_num_seqs",
+                "engine_max_num_batched_tokens",
+            )
+        },
+    )
     if gpu_gb is None:
         for key, value in CPU_DEFAULTS.items():
             setattr(plan_args, key, value if getattr(plan_args, key) is None else getattr(plan_args, key))
         chosen = []
         plan_args.engine_max_num_seqs = plan_args.engine_max_num_seqs or ENGINE_MAX_NUM_SEQS
-        plan_args.engine_max_num_batched_tokens = plan_args.engine_max_num_batched_tokens or ENGINE_MAX_NUM_BATCHED_TOKENS
+        plan_args.engine_max_num_batched_tokens = (
+            plan_args.engine_max_num_batched_tokens or ENGINE_MAX_NUM_BATCHED_TOKENS
+        )
     else:
         chosen = choose_defaults(plan_args, args.margin_gb)
     for key in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization") + (
-            ("engine_max_num_seqs", "engine_max_num_batched_tokens") if on_gpu else ()):
+        ("engine_max_num_seqs", "engine_max_num_batched_tokens") if on_gpu else ()
+    ):
         setattr(args, key, getattr(plan_args, key))  # on the CPU the engine keeps vLLM's batch limits
     rows, facts = plan(plan_args)
     fits, line = verdict(rows, facts)
-    settings = (f"--micro-batch-size {args.micro_batch_size} --{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
-                f"--gpu-memory-utilization {args.gpu_memory_utilization:g}" + (f" (chosen from the plan: {', '.join(chosen)})" if chosen else ""))
+    settings = (
+        f"--micro-batch-size {args.micro_batch_size} "
+        f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
+        f"--gpu-memory-utilization {args.gpu_memory_utilization:g}"
+        + (f" (chosen from the plan: {', '.join(chosen)})" if chosen else "")
+    )
     total = totals(rows, facts["phases"])
     phases = ", ".join(f"{p} {total[p] / GB:.1f}" for p in facts["phases"])
     if gpu_gb is not None and not fits:
-        raise SystemExit(f"error: the memory plan ({world} x {gpu_gb:g} GB) {line}. Per phase, GB: {phases}. "
-                         f"Full table: python eval.py memory --model {args.model} --algo {args.algo} --world {world} --gpu-gb {gpu_gb:g}")
+        raise SystemExit(
+            f"error: the memory plan ({world} x {gpu_gb:g} GB) {line}. Per phase, GB: {phases}. "
+            f"Full table: python eval.py memory --model {args.model} --algo {args.algo} --world {world} "
+            f"--gpu-gb {gpu_gb:g}"
+        )
     where = f"{world} x {gpu_gb:g} GB" if gpu_gb else f"{world} x 80 GB GPUs (this CPU run is not checked)"
     return f"[plan] {where}: {line}; per phase, GB: {phases}; {settings}"

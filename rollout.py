@@ -379,8 +379,8 @@ class VLLMEngine:
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
                       enforce_eager=not self.on_gpu, logprobs_mode="processed_logprobs",  # log-probs after temperature
                       use_tqdm_on_load=False)
-        kwargs.update({k: v for k, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens))
-                       if v is not None})
+        limits = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+        kwargs.update({k: v for k, v in limits.items() if v is not None})
         if world_size > 1:  # each torchrun rank owns one engine over its own shard of prompts
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if self.on_gpu:
@@ -468,9 +468,10 @@ class VLLMEngine:
 def _claim_sleep_mode(existing, model_path: str) -> None:
     """Refuse a second sleep-capable vLLM engine in one process (vLLM's CuMemAllocator is one per process)."""
     if existing is not None and not existing.closed:
-        raise RuntimeError(f"a second sleep-capable vLLM engine ({model_path}) in a process that has one ({existing.model_path}): "
-                           "vLLM allows one per process. Serve a model of the same architecture from that engine "
-                           "(load_weights(..., holder=...)), or build the second with sleep_mode=False and plan its memory")
+        raise RuntimeError(f"a second sleep-capable vLLM engine ({model_path}) in a process that has one "
+                           f"({existing.model_path}): vLLM allows one per process. Serve a model of the same "
+                           "architecture from that engine (load_weights(..., holder=...)), or build the second with "
+                           "sleep_mode=False and plan its memory")
 
 
 class HFEngine:
@@ -563,12 +564,16 @@ def same_architecture(path_a: str, path_b: str) -> bool:
     """Do two model folders have the same architecture and tokenizer vocabulary (one engine can serve both by
     swapping weights)? Compares the config fields that shape the weights."""
     from transformers import AutoConfig, AutoTokenizer
-    keys = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta", "max_position_embeddings")
+    keys = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta",
+            "max_position_embeddings")
+    if path_a == path_b:
+        return True
     a, b = (AutoConfig.from_pretrained(p).to_dict() for p in (path_a, path_b))
     if any(a.get(k) != b.get(k) for k in keys):
         return False
-    return path_a == path_b or AutoTokenizer.from_pretrained(path_a).get_vocab() == AutoTokenizer.from_pretrained(path_b).get_vocab()
+    vocab_a, vocab_b = (AutoTokenizer.from_pretrained(p).get_vocab() for p in (path_a, path_b))
+    return vocab_a == vocab_b
 
 
 def default_engine() -> str:

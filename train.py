@@ -144,7 +144,8 @@ def check_shared_out(out: Path, rank: int, world: int) -> None:
         nonce_path.unlink(missing_ok=True)
     if not ok:
         sys.exit(f"error: rank {rank}: --out {out} is not the same folder on every rank (rank 0's marker "
-                 f"{'is not there' if seen is None else 'differs'}); a multi-node run needs one shared filesystem for --out")
+                 f"{'is not there' if seen is None else 'differs'}); a multi-node run needs one shared filesystem "
+                 "for --out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +250,10 @@ def main(argv=None) -> None:
     gpu_gb = args.gpu_gb or (torch.cuda.mem_get_info(device)[1] / 1e9 if device.type == "cuda" else None)
     critic_path = getattr(args, "critic_model", None)
     plan_args = argparse.Namespace(**{**vars(args), "model": base_model})
-    line = run_plan(plan_args, world, gpu_gb, resolve_model_path(critic_path) if critic_path else None, device.type == "cuda")
-    for key in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization", "engine_max_num_seqs", "engine_max_num_batched_tokens"):
+    critic = resolve_model_path(critic_path) if critic_path else None
+    line = run_plan(plan_args, world, gpu_gb, critic, device.type == "cuda")
+    for key in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization", "engine_max_num_seqs",
+                "engine_max_num_batched_tokens"):
         setattr(args, key, getattr(plan_args, key))
     if master:
         print(line, file=sys.stderr, flush=True)
@@ -280,11 +283,14 @@ def main(argv=None) -> None:
     if args.resume and master:
         print(f"[resume] from {resume_from} at step {start_step}" if resume_from else f"[resume] no checkpoint in {out}; "
               "starting from scratch", file=sys.stderr)
-    # ONE engine per process (rollout.VLLMEngine): the actor generates on it, GenAC's critic judges on it with its weights
-    # swapped in, so it holds the longer of their contexts (args.engine_max_model_len: set by an algorithm that shares it)
-    engine = make_engine(args.engine or default_engine(), base_model, trainer=True, dtype=args.engine_dtype, seed=args.seed + 1000 * rank,
-                         max_model_len=max(args.max_prompt_tokens + args.max_new_tokens, getattr(args, "engine_max_model_len", 0) or 0),
-                         gpu_memory_utilization=args.gpu_memory_utilization, world_size=world, max_num_seqs=args.engine_max_num_seqs,
+    # ONE engine per process (rollout.VLLMEngine): the actor generates on it, GenAC's critic judges on it with its
+    # weights swapped in, so it holds the longer of their contexts (args.engine_max_model_len: set by an algorithm
+    # that shares it)
+    max_model_len = max(args.max_prompt_tokens + args.max_new_tokens, getattr(args, "engine_max_model_len", 0) or 0)
+    engine = make_engine(args.engine or default_engine(), base_model, trainer=True, dtype=args.engine_dtype,
+                         seed=args.seed + 1000 * rank, max_model_len=max_model_len,
+                         gpu_memory_utilization=args.gpu_memory_utilization, world_size=world,
+                         max_num_seqs=args.engine_max_num_seqs,
                          max_num_batched_tokens=args.engine_max_num_batched_tokens)
     if resume_from:  # the engine starts from the base weights: give it the resumed ones
         engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")
@@ -318,8 +324,8 @@ def main(argv=None) -> None:
         stats = {"score_timeouts": 0, "empty_responses": 0, "truncated": 0, "time/score": 0.0}
         generate = functools.partial(generate_and_score, engine, problems, prompt_ids, args, verifier, stats)
         samples, rewards, m_sample = algo.sample(problems, prompt_ids, generate, seed=args.seed * 1_000_003 + step * 7 + rank)
-        # GPU memory to the trainer until the sync: level 2 drops the weights the sync replaces; a warm-up step (the actor
-        # does not change) keeps them in host RAM (level 1). GenAC's judge wakes it for the critic and sleeps it again.
+        # GPU memory to the trainer until the sync: level 2 drops the weights the sync replaces; a warm-up step (the
+        # actor does not change) keeps them in host RAM (level 1). GenAC's judge wakes it for the critic.
         engine.sleep(level=2 if actor_trains else 1)
         times["time/generate"], times["time/score"] = time.time() - t - stats["time/score"], stats["time/score"]
         batch = build_rollout_batch(prompt_ids, samples, rewards, pad_id)
@@ -353,7 +359,8 @@ def main(argv=None) -> None:
         t = time.time()
         if actor_trains or engine.holder != "actor":  # new actor weights, or the critic's were swapped in (GenAC)
             engine.wake(["weights"])  # TRL/verl order: weights, load, then the KV cache (not mapped during the load)
-            engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")  # a bucket at a time
+            weights = stream_full_parameters(model, args.sync_bucket_mb, engine.dtype)  # a bucket at a time
+            engine.load_weights(weights, holder="actor")
         engine.wake()  # the KV cache (level 1: the weights too) for the evaluation and the next generation
         times["time/sync"], times["time/step"] = time.time() - t, time.time() - t_step
 

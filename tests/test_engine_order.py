@@ -3,12 +3,15 @@
 train.main runs on the tiny model with the REAL VLLMEngine methods (sleep, wake, load_weights, generate) in their GPU
 mode (sleep mode on) over a recording stand-in for vllm.LLM: no vLLM engine is built, the trainer, GenAC's critic and
 their updates are real. The rules checked (rollout.VLLMEngine):
-    GRPO    generate(actor) -> sleep(2) -> actor update (engine asleep) -> wake(weights) -> load(actor) -> wake(kv_cache)
-    GenAC   generate(actor) -> sleep(2) -> wake(weights) -> load(critic) -> wake(kv_cache) -> generate(critic) -> sleep(2)
+    GRPO    generate(actor) -> sleep(2) -> actor update (engine asleep) -> wake(weights) -> load(actor)
+            -> wake(kv_cache)
+    GenAC   generate(actor) -> sleep(2) -> wake(weights) -> load(critic) -> wake(kv_cache) -> generate(critic)
+            -> sleep(2)
             -> actor update -> critic update (engine asleep: no critic weights or KV on the GPU) -> wake(weights)
             -> load(actor) -> wake(kv_cache)
     VC-PPO  a warm-up step (the actor does not change) sleeps at level 1 and wakes everything without a load.
 """
+
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,8 +44,17 @@ class RecordingLLM:
     def generate(self, prompts, params, use_tqdm=False):
         self.events.append(("generate", self.engine.holder))
         logprobs = [{t: SimpleNamespace(logprob=-1.0)} for t in self.answer_ids]
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=self.answer_ids, logprobs=logprobs, text=self.answer_text,
-                                                         finish_reason="stop") for _ in range(p.n)]) for p in params]
+        return [
+            SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(
+                        token_ids=self.answer_ids, logprobs=logprobs, text=self.answer_text, finish_reason="stop"
+                    )
+                    for _ in range(p.n)
+                ]
+            )
+            for p in params
+        ]
 
 
 def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
@@ -54,6 +66,7 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
     import genac
     import rollout
     import train
+
     events = []
     tok = AutoTokenizer.from_pretrained(tiny_model)
     text = "I think it is \\boxed{5}"
@@ -74,14 +87,33 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
             engine = rollout.trainer_engine()
             events.append((name, tuple(sorted(engine.asleep)), engine.holder))
             return update(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(rollout, "VLLMEngine", RecordingEngine)
     monkeypatch.setattr(train, "ppo_update", recorded_update("actor update", train.ppo_update))
     monkeypatch.setattr(genac, "ppo_update", recorded_update("critic update", genac.ppo_update))
     monkeypatch.setattr(rollout, "_TRAINER_ENGINE", [])
-    train.main(["--model", tiny_model, "--out", str(tmp_path / "run"), "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
-                "--max-new-tokens", "16", "--engine", "vllm", "--no-eval", "--steps", "2", *flags])
+    train.main(
+        [
+            "--model",
+            tiny_model,
+            "--out",
+            str(tmp_path / "run"),
+            "--prompts-per-step",
+            "2",
+            "--rollouts-per-prompt",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--engine",
+            "vllm",
+            "--no-eval",
+            "--steps",
+            "2",
+            *flags,
+        ]
+    )
     return events
 
 
@@ -96,12 +128,22 @@ def test_grpo_sleeps_at_level_2_and_wakes_weights_before_the_kv_cache(monkeypatc
 
 
 def test_genac_judges_on_the_actor_engine_and_holds_nothing_in_the_updates(monkeypatch, tiny_model, tmp_path):
-    events = run_recorded(monkeypatch, tiny_model, tmp_path, "--algo", "genac", "--segment-tokens", "4",
-                          "--critic-max-new-tokens", "8")
-    step = [("generate", "actor"), ("sleep", 2),
-            ("wake", ("weights",)), ("reset_prefix_cache",), ("load", "critic"), ("wake", ("kv_cache",)),
-            ("generate", "critic"), ("sleep", 2),
-            ("actor update", ASLEEP, "critic"), ("critic update", ASLEEP, "critic"), *SYNC]
+    events = run_recorded(
+        monkeypatch, tiny_model, tmp_path, "--algo", "genac", "--segment-tokens", "4", "--critic-max-new-tokens", "8"
+    )
+    step = [
+        ("generate", "actor"),
+        ("sleep", 2),
+        ("wake", ("weights",)),
+        ("reset_prefix_cache",),
+        ("load", "critic"),
+        ("wake", ("kv_cache",)),
+        ("generate", "critic"),
+        ("sleep", 2),
+        ("actor update", ASLEEP, "critic"),
+        ("critic update", ASLEEP, "critic"),
+        *SYNC,
+    ]
     assert events == step + step
 
 
@@ -114,8 +156,11 @@ def test_a_warmup_step_sleeps_at_level_1_and_loads_nothing(monkeypatch, tiny_mod
 
 def test_a_second_sleep_capable_engine_in_one_process_is_refused():
     import rollout
+
     first = SimpleNamespace(closed=False, model_path="/models/actor")
     with pytest.raises(RuntimeError, match="one per process"):
         rollout._claim_sleep_mode(first, "/models/other-critic")
-    rollout._claim_sleep_mode(SimpleNamespace(closed=True, model_path="/models/actor"), "/models/critic")  # closed: fine
+    rollout._claim_sleep_mode(
+        SimpleNamespace(closed=True, model_path="/models/actor"), "/models/critic"
+    )  # closed: fine
     rollout._claim_sleep_mode(None, "/models/actor")

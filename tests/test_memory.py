@@ -1,4 +1,5 @@
 """The memory plan (eval.py memory): parameter counts from a config alone, the per-GPU rules, the printed table."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,19 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
-            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-            "tie_word_embeddings": False, "max_position_embeddings": 40960}  # Qwen3-8B's published config
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 40960,
+}  # Qwen3-8B's published config
 
 
 @pytest.fixture()
@@ -24,6 +35,7 @@ def test_shape_counts_the_parameters_without_weights(tiny_model, qwen3_8b):
     from transformers import AutoModelForCausalLM
 
     import memory
+
     tiny = memory.model_shape(tiny_model)
     real = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert tiny.parameters == sum(p.numel() for p in real.parameters())  # the tied LM head once
@@ -31,7 +43,9 @@ def test_shape_counts_the_parameters_without_weights(tiny_model, qwen3_8b):
     big = memory.model_shape(str(qwen3_8b))  # a config.json path; the folder works too
     H, I, V, kv = 4096, 12288, 151936, 8 * 128
     layer = H * H * 2 + 2 * H * kv + 3 * H * I + 2 * H + 2 * 128  # q, o, k, v, MLP, 2 norms, q/k norms
-    assert big.layer == layer and big.parameters == 36 * layer + 2 * V * H + H  # untied embedding and LM head, final norm
+    assert (
+        big.layer == layer and big.parameters == 36 * layer + 2 * V * H + H
+    )  # untied embedding and LM head, final norm
     assert round(big.parameters / 1e9, 2) == 8.19
     value = memory.model_shape(str(qwen3_8b.parent), value_head=True)  # PPO's critic: the body and one output
     assert value.parameters == big.parameters - V * H + H + 1 and value.vocab == 0
@@ -39,6 +53,7 @@ def test_shape_counts_the_parameters_without_weights(tiny_model, qwen3_8b):
 
 def test_rules_per_gpu(qwen3_8b):
     import memory
+
     s = memory.model_shape(str(qwen3_8b))
     assert memory.trainer_state(s, 8) == 12 * s.parameters / 8  # fp32 weights + AdamW, sharded: every phase
     assert memory.gradients(s, 8) == 4 * s.parameters / 8  # fp32 gradients: only in the update (freed after it)
@@ -48,15 +63,33 @@ def test_rules_per_gpu(qwen3_8b):
     assert ckpt["activations kept for backward"] < full["activations kept for backward"] / 10
     assert full["logits (response tokens x vocab)"] == 4 * 2048 * 151936 * memory.LOGIT_BYTES
     # vLLM's profiling peak: the sampler's [max_num_seqs, vocab] fp32 copies dominate at its GPU default of 1024 rows
-    assert memory.engine_profile_peak(s, 1024, 16384) > 5 * memory.GB > 2 * memory.GB > memory.engine_profile_peak(s, 256, 8192)
+    assert (
+        memory.engine_profile_peak(s, 1024, 16384)
+        > 5 * memory.GB
+        > 2 * memory.GB
+        > memory.engine_profile_peak(s, 256, 8192)
+    )
 
 
 def plan_for(config, algo: str, gpu_gb: float, **flags):
     import memory
-    args = SimpleNamespace(model=str(config), critic=None, algo=algo, world=8, gpu_gb=gpu_gb, prompt_tokens=512,
-                           response_tokens=2048, critic_new_tokens=1024, sync_bucket_mb=64.0, micro_batch_size=None,
-                           gradient_checkpointing=None, gpu_memory_utilization=None, engine_max_num_seqs=None,
-                           engine_max_num_batched_tokens=None)
+
+    args = SimpleNamespace(
+        model=str(config),
+        critic=None,
+        algo=algo,
+        world=8,
+        gpu_gb=gpu_gb,
+        prompt_tokens=512,
+        response_tokens=2048,
+        critic_new_tokens=1024,
+        sync_bucket_mb=64.0,
+        micro_batch_size=None,
+        gradient_checkpointing=None,
+        gpu_memory_utilization=None,
+        engine_max_num_seqs=None,
+        engine_max_num_batched_tokens=None,
+    )
     vars(args).update(flags)
     memory.choose_defaults(args)
     rows, facts = memory.plan(args)
@@ -69,12 +102,15 @@ def test_qwen3_8b_fits_every_phase_at_the_defaults(qwen3_8b, algo, gpu_gb):
     """The paper profile on 8 GPUs: the defaults chosen from the plan leave >= 8 GB in every phase, with a KV cache
     that holds many full-length sequences."""
     import memory
+
     args, rows, facts, total = plan_for(qwen3_8b, algo, gpu_gb)
     for phase in facts["phases"]:
         assert gpu_gb * memory.GB - total[phase] >= memory.MARGIN_GB * memory.GB, (phase, total[phase] / memory.GB)
     assert facts["kv_sequences"] >= 32 and 0.05 <= args.gpu_memory_utilization <= 0.85
     assert memory.verdict(rows, facts)[0]
-    if algo == "genac":  # one engine: the judge holds the critic's weights, nothing of the engine is on the GPU in the updates
+    if (
+        algo == "genac"
+    ):  # one engine: the judge holds the critic's weights, nothing of the engine is on the GPU in the updates
         engine_rows = [cells for name, cells in rows if name.startswith("engine:")]
         assert all(not cells.get(p) for cells in engine_rows for p in ("actor update", "critic update"))
         assert "judge" in facts["phases"]
@@ -82,8 +118,10 @@ def test_qwen3_8b_fits_every_phase_at_the_defaults(qwen3_8b, algo, gpu_gb):
 
 def test_a_plan_that_does_not_fit_names_the_phase_the_bytes_and_the_flag(qwen3_8b):
     import memory
-    _, rows, facts, total = plan_for(qwen3_8b, "grpo", 80.0, micro_batch_size=8, gradient_checkpointing=False,
-                                        gpu_memory_utilization=0.5)
+
+    _, rows, facts, total = plan_for(
+        qwen3_8b, "grpo", 80.0, micro_batch_size=8, gradient_checkpointing=False, gpu_memory_utilization=0.5
+    )
     fits, line = memory.verdict(rows, facts)
     over = (total["actor update"] - 80 * memory.GB) / memory.GB
     assert not fits and "actor update" in line and "--micro-batch-size" in line and f"{over:.1f} GB over" in line
@@ -93,8 +131,14 @@ def test_a_plan_that_does_not_fit_names_the_phase_the_bytes_and_the_flag(qwen3_8
 
 
 def test_eval_memory_prints_the_table(qwen3_8b):
-    run = lambda *flags: subprocess.run([sys.executable, str(ROOT / "eval.py"), "memory", "--model", str(qwen3_8b), *flags],  # noqa: E731
-                                        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = lambda *flags: subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), "memory", "--model", str(qwen3_8b), *flags],  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     grpo = run("--world", "8", "--micro-batch-size", "4", "--no-gradient-checkpointing")
     assert grpo.returncode == 0, grpo.stderr[-2000:]
     assert "| generate | actor update | sync |" in grpo.stdout and "judge" not in grpo.stdout
@@ -114,15 +158,43 @@ def test_train_stops_before_loading_a_model_when_the_plan_does_not_fit(tiny_mode
     """A model folder with its config and tokenizer but NO weights: the plan reads only the config, so a run whose plan
     does not fit stops with the plan's message (not a missing-weights error), rc != 0, nothing written."""
     import shutil
+
     folder = tmp_path / "no-weights"
     shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(folder), "--out", str(tmp_path / "run"), "--gpu-gb", "5",
-           "--gpu-memory-utilization", "0.2", "--micro-batch-size", "512", "--max-new-tokens", "1024", "--no-eval"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--model",
+        str(folder),
+        "--out",
+        str(tmp_path / "run"),
+        "--gpu-gb",
+        "5",
+        "--gpu-memory-utilization",
+        "0.2",
+        "--micro-batch-size",
+        "512",
+        "--max-new-tokens",
+        "1024",
+        "--no-eval",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode != 0
-    assert "DOES NOT FIT: actor update" in proc.stderr and "--micro-batch-size" in proc.stderr and "GB over" in proc.stderr
+    assert (
+        "DOES NOT FIT: actor update" in proc.stderr and "--micro-batch-size" in proc.stderr and "GB over" in proc.stderr
+    )
     assert not (tmp_path / "run" / "run.json").exists()
-    fits = subprocess.run(cmd[:-7] + ["--gpu-gb", "80", "--steps", "0", "--no-eval"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert "[plan] 1 x 80 GB: fits" in fits.stderr  # the same folder passes the plan, then fails where the weights are read
+    fits = subprocess.run(
+        cmd[:-7] + ["--gpu-gb", "80", "--steps", "0", "--no-eval"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert (
+        "[plan] 1 x 80 GB: fits" in fits.stderr
+    )  # the same folder passes the plan, then fails where the weights are read
     assert fits.returncode != 0 and "DOES NOT FIT" not in fits.stderr
