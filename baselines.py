@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from advantage import grpo_advantages, rloo_advantages
-from prior import sample_with_osla
+from prior import effective_k_max, sample_with_osla
 from probe import cross_rollout_baselines, cross_rollout_targets
 
 GROUP_SIZES = (2, 4, 8, 16)
@@ -378,7 +378,7 @@ def path_state_values(model, tokenizer, states) -> list[float]:
 
 
 def run_benchmark(args) -> dict:
-    """Everything above, in order; -> the JSON document (also written to args.out/baselines.json)."""
+    """Everything above, in order -> the JSON document (`write_report` writes it)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -391,7 +391,7 @@ def run_benchmark(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
     verifier = MathVerifier() if any(p.kind == "math" for p in bench + fit) else None
     phases = tqdm(total=7, desc="baselines", file=sys.stderr)
-    pool_size = max(max(GROUP_SIZES), 16)
+    pool_size = max(max(GROUP_SIZES), effective_k_max(0.0039))  # V0.5's default c = 0.0039 -> K_max = 16
     critic_prompts = args.critic_iterations * 4
 
     def phase(name):
@@ -478,7 +478,7 @@ def run_benchmark(args) -> dict:
 
     # GenAC: the generative critic at the prompt state (and the path states), one guided answer each
     genac_path = args.genac or args.policy_path
-    genac = load_generative_critic(genac_path, args, guided=not args.genac_unguided)
+    genac = load_generative_critic(genac_path, args, not args.genac_unguided, args.genac_max_new_tokens)
     if genac.success_rate.value is None:  # the ICC hint: the policy's success rate on the fitting prompts
         genac.success_rate.update([sum(fit_rates) / len(fit_rates)])
     try:
@@ -562,6 +562,8 @@ def baselines_main(argv: list[str]) -> None:
     ap.add_argument("--genac", default=None,
                     help="generative critic folder (default: the policy's base model, untrained)")
     ap.add_argument("--genac-unguided", action="store_true", help="no guided decoding of the critic's answers")
+    ap.add_argument("--genac-max-new-tokens", type=int, default=128,
+                    help="the generative critic's reasoning budget (GenAC's CPU profile: 128; the paper's: 1024)")
     ap.add_argument("--path-prompts", type=int, default=48,
                     help="prompts whose path states the critics are also scored on")
     ap.add_argument("--path-samples", type=int, default=16, help="Monte-Carlo continuations per path state")

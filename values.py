@@ -160,22 +160,23 @@ def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
     return states
 
 
-def load_generative_critic(path: str, args, guided: bool = False):
+def load_generative_critic(path: str, args, guided: bool = False, critic_max_new_tokens: int | None = None):
     """GenAC's critic (genac.GenAC, its own vLLM engine) with GenAC's defaults as train.py picks them
     (GenAC.check_arguments: cpu profile for the offline default policy, else the paper's); its prompts are sized for a
     512-token problem prompt + args.max_new_tokens of response. args: policy (as given), policy_path, engine_dtype,
-    seed, max_new_tokens. guided: answers constrained to '<reasoning> \\boxed{0..10}' (--critic-guided)."""
+    seed, max_new_tokens. guided: answers constrained to '<reasoning> \\boxed{0..10}' (--critic-guided);
+    critic_max_new_tokens: the critic's reasoning budget (None: the profile's)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from genac import GenAC
     defaults = argparse.ArgumentParser()
     GenAC.add_arguments(defaults)
-    critic_args = argparse.Namespace(**{**vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0,
-                                        "engine": "vllm", "engine_dtype": args.engine_dtype, "seed": args.seed,
-                                        "gpu_memory_utilization": 0.2, "model": args.policy, "icc_carry_over": True,
-                                        "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens, "gradient_checkpointing": False,
-                                        "critic_guided": guided})
+    critic_args = argparse.Namespace(**{
+        **vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0, "engine": "vllm",
+        "engine_dtype": args.engine_dtype, "seed": args.seed, "gpu_memory_utilization": 0.2, "model": args.policy,
+        "icc_carry_over": True, "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens,
+        "gradient_checkpointing": False, "critic_guided": guided, "critic_max_new_tokens": critic_max_new_tokens})
     GenAC.check_arguments(critic_args)  # the profile follows --policy as given (None: the offline default model)
     critic_args.model = args.policy_path
     with torch.device("meta"):  # the actor's size for the ICC hint
