@@ -355,11 +355,11 @@ def pretrain_value_critic(algo, tokenizer, prompt_ids, samples, rewards, iterati
     return errors
 
 
-def prompt_state_values(model, tokenizer, problems) -> list[float]:
-    """A discriminative critic's value at the prompt state (critic.discriminative_value_fn, empty partial response)."""
+def critic_values(model, tokenizer, problems: list[str], partials: list[str]) -> list[float]:
+    """A discriminative critic's value of states (problem, partial response; "" = the prompt state), through
+    critic.discriminative_value_fn."""
     from critic import discriminative_value_fn
-    value_fn = discriminative_value_fn(model, tokenizer, torch.device("cpu"))
-    return value_fn([p.problem for p in problems], [""] * len(problems))
+    return discriminative_value_fn(model, tokenizer, torch.device("cpu"))(problems, partials)
 
 
 def judged_values(genac, problems: list[str], partials: list[str], seed: int):
@@ -369,12 +369,6 @@ def judged_values(genac, problems: list[str], partials: list[str], seed: int):
     prompts, samples, parsed = genac.judge(problems, partials, seed)
     values = [v if v is not None else genac.fallback_value() for v in parsed]
     return values, [len(p) for p in prompts], [len(s.token_ids) for s in samples], sum(v is None for v in parsed)
-
-
-def path_state_values(model, tokenizer, states) -> list[float]:
-    from critic import discriminative_value_fn
-    return discriminative_value_fn(model, tokenizer, torch.device("cpu"))([s["problem"] for s in states],
-                                                                        [s["partial_response"] for s in states])
 
 
 def run_benchmark(args) -> dict:
@@ -451,28 +445,30 @@ def run_benchmark(args) -> dict:
 
     # PPO (the fresh head) and VC-PPO (after value pretraining), or a loaded critic
     prompt_lens = [len(ids) for ids in bench_ids]
+    texts, blank = [p.problem for p in bench], [""] * len(bench)
+    path_texts = [s["problem"] for s in states], [s["partial_response"] for s in states]
     path_models: dict[str, list[float]] = dict(constant_baselines(states)) if states else {}
     critic = value_critic(args.policy_path, tokenizer, args.seed)
-    methods.append(critic_method("PPO critic, fresh head", "ppo", prompt_state_values(critic.model, tokenizer, bench),
+    methods.append(critic_method("PPO critic, fresh head", "ppo", critic_values(critic.model, tokenizer, texts, blank),
                                  prompt_lens, [0] * len(bench), pool_rewards, "the value head PPO starts from"))
     if states:
-        path_models["PPO critic, fresh head"] = path_state_values(critic.model, tokenizer, states)
+        path_models["PPO critic, fresh head"] = critic_values(critic.model, tokenizer, *path_texts)
     critic_errors = pretrain_value_critic(critic, tokenizer, fit_ids, [g[:8] for g in fit_samples],
                                           [r[:8] for r in fit_rewards], args.critic_iterations, 4,
                                           lambda it, desc: tqdm(it, desc=desc, file=sys.stderr))
     name = f"VC-PPO critic, {args.critic_iterations} pretraining iterations"
-    methods.append(critic_method(name, "vcppo", prompt_state_values(critic.model, tokenizer, bench), prompt_lens,
+    methods.append(critic_method(name, "vcppo", critic_values(critic.model, tokenizer, texts, blank), prompt_lens,
                                  [0] * len(bench), pool_rewards, "trained in this run on disjoint prompts"))
     if states:
-        path_models[name] = path_state_values(critic.model, tokenizer, states)
+        path_models[name] = critic_values(critic.model, tokenizer, *path_texts)
     del critic
     if args.critic:
         from critic import load_value_model
         loaded = load_value_model(args.critic, torch.device("cpu"), 1, seed=args.seed)
-        methods.append(critic_method(f"critic {args.critic}", "vcppo", prompt_state_values(loaded, tokenizer, bench),
+        methods.append(critic_method(f"critic {args.critic}", "vcppo", critic_values(loaded, tokenizer, texts, blank),
                                      prompt_lens, [0] * len(bench), pool_rewards, "loaded"))
         if states:
-            path_models[f"critic {args.critic}"] = path_state_values(loaded, tokenizer, states)
+            path_models[f"critic {args.critic}"] = critic_values(loaded, tokenizer, *path_texts)
         del loaded
     phase("value critics")
 
@@ -482,9 +478,8 @@ def run_benchmark(args) -> dict:
     if genac.success_rate.value is None:  # the ICC hint: the policy's success rate on the fitting prompts
         genac.success_rate.update([sum(fit_rates) / len(fit_rates)])
     try:
-        texts = [p.problem for p in bench] + [s["problem"] for s in states]
-        partials = [""] * len(bench) + [s["partial_response"] for s in states]
-        values, read, generated, failures = judged_values(genac, texts, partials, args.seed + 7)
+        values, read, generated, failures = judged_values(genac, texts + path_texts[0], blank + path_texts[1],
+                                                          args.seed + 7)
         guided = "unguided" if args.genac_unguided else "guided"
         gname = f"GenAC critic ({'base model' if not args.genac else args.genac}, {guided})"
         methods.append(critic_method(gname, "genac", values[: len(bench)], read[: len(bench)], generated[: len(bench)],
