@@ -11,6 +11,7 @@
     python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (GenAC §4)
     python eval.py probe runs/poise                   # POISE's probe value vs held-out avg@8; --cost: its overhead
     (values and probe live in values.py)
+    python eval.py baselines --prompts 100            # all seven algorithms' baselines vs Monte-Carlo V(x) (baselines.py)
 
 avg@k  = mean over problems of (correct samples / k)                      (the papers use k = 16)
 pass@k = mean over problems of 1 - C(n - c, k) / C(n, k), with n samples and c correct (Chen et al.
@@ -148,6 +149,9 @@ def main(argv=None) -> None:
     if argv[:1] == ["values"]:
         from values import values_main
         return values_main(argv[1:])
+    if argv[:1] == ["baselines"]:  # every algorithm's baseline vs Monte-Carlo V(x), per generated token (baselines.py)
+        from baselines import baselines_main
+        return baselines_main(argv[1:])
     if argv[:1] == ["speed"]:
         from speed import speed_main
         return speed_main(argv[1:])

@@ -160,27 +160,36 @@ def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
     return states
 
 
-def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str], args) -> list[float]:
-    """GenAC's critic through the value-model interface: the mean of --genac-samples answers per state (temperature
-    0.6), an unparsable answer valued at tau and counted. Its ICC hint tau is the one it was trained with
-    (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value). GenAC's
-    defaults as train.py picks them (GenAC.check_arguments: cpu profile for the offline default policy, else the
-    paper's); its prompts are sized for a 512-token problem prompt + --max-new-tokens of response."""
+def load_generative_critic(path: str, args, guided: bool = False, critic_max_new_tokens: int | None = None):
+    """GenAC's critic (genac.GenAC, its own vLLM engine) with GenAC's defaults as train.py picks them
+    (GenAC.check_arguments: cpu profile for the offline default policy, else the paper's); its prompts are sized for a
+    512-token problem prompt + args.max_new_tokens of response. args: policy (as given), policy_path, engine_dtype,
+    seed, max_new_tokens. guided: answers constrained to '<reasoning> \\boxed{0..10}' (--critic-guided);
+    critic_max_new_tokens: the critic's reasoning budget (None: the profile's)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from genac import GenAC
     defaults = argparse.ArgumentParser()
     GenAC.add_arguments(defaults)
-    critic_args = argparse.Namespace(**{**vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0,
-                                        "engine": "vllm", "engine_dtype": args.engine_dtype, "seed": args.seed,
-                                        "gpu_memory_utilization": 0.2, "model": args.policy, "icc_carry_over": True,
-                                        "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens, "gradient_checkpointing": False})
+    critic_args = argparse.Namespace(**{
+        **vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0, "engine": "vllm",
+        "engine_dtype": args.engine_dtype, "seed": args.seed, "gpu_memory_utilization": 0.2, "model": args.policy,
+        "icc_carry_over": True, "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens,
+        "gradient_checkpointing": False, "critic_guided": guided, "critic_max_new_tokens": critic_max_new_tokens})
     GenAC.check_arguments(critic_args)  # the profile follows --policy as given (None: the offline default model)
     critic_args.model = args.policy_path
     with torch.device("meta"):  # the actor's size for the ICC hint
         actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.policy_path))
-    critic = GenAC(critic_args, actor, AutoTokenizer.from_pretrained(args.policy_path), torch.device("cpu"), 1)
+    return GenAC(critic_args, actor, AutoTokenizer.from_pretrained(args.policy_path), torch.device("cpu"), 1)
+
+
+def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str], args) -> list[float]:
+    """GenAC's critic through the value-model interface: the mean of --genac-samples answers per state (temperature
+    0.6), an unparsable answer valued at tau and counted. Its ICC hint tau is the one it was trained with
+    (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value)
+    (`load_generative_critic`)."""
+    critic = load_generative_critic(path, args)
     if critic.success_rate.value is None:
         zero = [s["value"] for s in states if s["kind"] == "path" and s["segment"] == 0]
         critic.success_rate.update([sum(zero) / len(zero)])

@@ -1,0 +1,596 @@
+"""Which value estimate is best per generated token: every algorithm's baseline for the same prompts, scored against
+Monte-Carlo truth with bootstrap intervals.
+
+    python eval.py baselines                                      # base policy, 200 held-out arithmetic prompts, M = 32
+    python eval.py baselines --policy runs/default/checkpoint-000030 --prompts 100
+    python eval.py baselines --data ../shared/data/gsm8k_train.jsonl --critic runs/vcppo/critic-pretrained
+
+For a fixed policy and N held-out prompts x:
+    truth      V(x) = mean reward of M samples from ONE engine call; its sampling variance se²(x) = s²(x)/M, s² the
+               unbiased sample variance of those M rewards                                          `truth_from_rewards`
+    estimates  every method's baseline b(x) from FRESH samples (a pool of K_max = 16 per prompt, drawn after the truth):
+               GRPO group mean and RLOO leave-one-out mean over the first G of the pool, G in {2, 4, 8, 16}
+               (advantage.py)                                                                   `group_mean_methods`
+               V0.5 prior alone, prior + shrinkage fusion at 4, prior + fusion + OSLA at its default budget, rollouts
+               served from the same pool in order (prior.py, arXiv V0.5 §3-4)                       `v05_methods`
+               POISE: b_i = mean_{j≠i} g(z_j) over the pool's first 2 rollouts, the probe g fitted on features of a
+               disjoint prompt set the way training fits it (probe.py)                              `poise_method`
+               PPO: the critic's value head at the prompt state, fresh (PPO's start); VC-PPO: the same head after
+               VC-PPO's value pretraining on the frozen policy, disjoint prompts (critic.py)       `train_value_critic`
+               GenAC: the generative critic's value at the prompt state, one answer, guided decoding (genac.py)
+    costs      per prompt: policy tokens generated for the estimate, and critic/prior tokens (tokens a critic or the
+               prior's embedder reads, plus tokens a generative critic writes)
+    statistics per method, each with a 95% percentile bootstrap interval over prompts (the same resamples for every
+               method, so paired differences to GRPO G = 8 are exact pairs)                      `bootstrap_summary`
+               MSE      mean_x mean_i (b_i(x) − V(x))² − se²(x): every estimate is independent of the truth's samples
+                        (fresh samples, disjoint fitting prompts), so E(b − V̂)² = E(b − V)² + se² and the subtraction
+                        leaves an unbiased estimate of the MSE to the true value (it can come out below 0)
+               bias     mean_x (mean_i b_i(x) − V(x))   (the truth's noise has mean 0: no correction needed)
+               Spearman rank correlation of mean_i b_i(x) with V(x) over prompts (attenuated by the truth's noise;
+                        not corrected)
+               A²       mean_x mean_i (r_i − b_i)² on the [0, 1] reward scale, over the rollouts its update
+                        uses (its own; the first 8 of the pool for a critic or the prior alone): for a baseline
+                        independent of r_i it is Var(r) + MSE; a baseline that includes r_i (GRPO's mean, V0.5's
+                        fusion) is pulled toward r_i and scores lower, which says nothing about the bias that brings
+                        to the gradient
+    path states  the critics also on the path states of `eval.py values` (values.py), the same table as there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from advantage import grpo_advantages, rloo_advantages
+from prior import effective_k_max, sample_with_osla
+from probe import cross_rollout_baselines, cross_rollout_targets
+
+GROUP_SIZES = (2, 4, 8, 16)
+REFERENCE = "GRPO G=8"
+CRITIC_ADVANTAGE_ROLLOUTS = 8  # rollouts whose advantages a critic's or the prior's baseline is scored on (G = 8)
+
+# ---------------------------------------------------------------------------------------------
+# 1. Ground truth and one method's baselines and costs
+
+
+def truth_from_rewards(rewards: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """rewards[x] = the M rewards of prompt x -> (V [P] = their mean, se² [P] = unbiased sample variance / M)."""
+    r = np.asarray(rewards, dtype=np.float64)  # [P, M]
+    if r.ndim != 2 or r.shape[1] < 2:
+        raise ValueError(f"the truth needs >= 2 samples per prompt, got shape {r.shape}")
+    m = r.shape[1]
+    value = r.mean(1)  # [P]
+    return value, ((r - value[:, None]) ** 2).sum(1) / (m - 1) / m
+
+
+@dataclass
+class Method:
+    """One method's baselines for P prompts. baselines[x]: the baseline of each rollout of prompt x (a prompt-level
+    estimate has one entry per rollout, all equal); rewards[x]: those rollouts' rewards (what the advantages use)."""
+    name: str
+    algorithm: str
+    baselines: list[list[float]]
+    rewards: list[list[float]]
+    policy_tokens: list[int]  # [P] policy tokens generated for the estimate
+    critic_tokens: list[int]  # [P] tokens a critic or the prior's embedder reads, plus tokens a critic generates
+    critic_generated: list[int] = field(default_factory=list)  # [P] of critic_tokens, the generated ones
+    note: str = ""
+
+    def __post_init__(self):
+        self.critic_generated = self.critic_generated or [0] * len(self.baselines)
+
+
+def group_mean_methods(pool_rewards: list[list[float]], pool_tokens: list[list[int]],
+                       sizes=GROUP_SIZES) -> list[Method]:
+    """GRPO (group mean, self included) and RLOO (leave-one-out mean) over the first G rollouts of each prompt's pool:
+    b_i = r_i − A_i with A from advantage.grpo_advantages(use_std=False) / advantage.rloo_advantages."""
+    out = []
+    for g in sizes:
+        rewards = torch.tensor([r[:g] for r in pool_rewards], dtype=torch.float64)  # [P, G]
+        flat, groups = rewards.flatten(), torch.arange(len(pool_rewards)).repeat_interleave(g)  # [P G]
+        tokens = [sum(t[:g]) for t in pool_tokens]
+        for name, algorithm, advantages in ((f"GRPO G={g}", "grpo", grpo_advantages(flat, groups, use_std=False)),
+                                            (f"RLOO G={g}", "rloo", rloo_advantages(flat, groups))):
+            baselines = (flat - advantages.double()).view(-1, g)  # [P, G]
+            out.append(Method(name, algorithm, baselines.tolist(), rewards.tolist(), tokens, [0] * len(tokens)))
+    return out
+
+
+def v05_methods(prior_values: list[float], prior_tokens: list[int], pool_rewards: list[list[float]],
+                pool_tokens: list[list[int]], **osla) -> list[Method]:
+    """V0.5 (prior.py): the prior alone; prior + shrinkage fusion with 4 rollouts; prior + fusion + OSLA at its default
+    budget (n0 = 4, c = 0.0039 -> K_max = 16, pad 4). Rollouts come from each prompt's pool in order, so a method's
+    cost is the tokens of exactly the rollouts it asked for. The fused b̂ (±1 scale) is mapped back to (b̂ + 1) / 2."""
+    served = [0] * len(pool_rewards)
+
+    def sample_round(wanted: list[int]) -> list[list[float]]:
+        for i, w in enumerate(wanted):
+            if served[i] + w > len(pool_rewards[i]):
+                raise ValueError(f"OSLA wants {served[i] + w} rollouts of prompt {i}; "
+                                 f"the pool holds {len(pool_rewards[i])}")
+        out = [pool_rewards[i][served[i]:served[i] + w] for i, w in enumerate(wanted)]
+        served[:] = [s + w for s, w in zip(served, wanted)]
+        return out
+
+    critic_rows = [r[:CRITIC_ADVANTAGE_ROLLOUTS] for r in pool_rewards]
+    methods = [Method("V0.5 prior alone", "v05", [[v] * len(r) for v, r in zip(prior_values, critic_rows)], critic_rows,
+                      [0] * len(prior_values), list(prior_tokens))]
+    for name, kwargs in (("V0.5 prior + fusion, 4 rollouts", {"fixed_k": 4}), ("V0.5 prior + fusion + OSLA", osla)):
+        served[:] = [0] * len(pool_rewards)
+        res = sample_with_osla(prior_values, sample_round, **kwargs)
+        fused = ((res.fused_baseline + 1) / 2).tolist()  # [P] on [0, 1]
+        methods.append(Method(name, "v05", [[b] * len(r) for b, r in zip(fused, res.rewards)], res.rewards,
+                              [sum(t[:k]) for t, k in zip(pool_tokens, res.counts.tolist())], list(prior_tokens),
+                              note=f"{res.rounds} OSLA rounds" if "fixed_k" not in kwargs else ""))
+    return methods
+
+
+def poise_method(probe_values: list[list[float]], pool_rewards: list[list[float]],
+                 pool_tokens: list[list[int]]) -> Method:
+    """POISE (probe.py): b_i = mean_{j≠i} g(z_j) over the G rollouts whose probe values g(z) [P][G] are given (the
+    first G of the pool); the features come from the old-log-prob pass, so no tokens beyond the G rollouts."""
+    g = len(probe_values[0])
+    values = torch.tensor(probe_values, dtype=torch.float64).flatten()  # [P G]
+    groups = torch.arange(len(probe_values)).repeat_interleave(g)
+    baselines = cross_rollout_baselines(values, groups).double().view(-1, g)  # [P, G]
+    return Method(f"POISE probe, G={g}", "poise", baselines.tolist(), [r[:g] for r in pool_rewards],
+                  [sum(t[:g]) for t in pool_tokens], [0] * len(probe_values))
+
+
+def critic_method(name: str, algorithm: str, values: list[float], read_tokens: list[int], generated_tokens: list[int],
+                  pool_rewards: list[list[float]], note: str = "") -> Method:
+    """A value at the prompt state (critic or generative critic): no policy tokens; its advantages are scored on the
+    first CRITIC_ADVANTAGE_ROLLOUTS rollouts of the pool. Critic tokens = read + generated."""
+    rows = [r[:CRITIC_ADVANTAGE_ROLLOUTS] for r in pool_rewards]
+    return Method(name, algorithm, [[v] * len(r) for v, r in zip(values, rows)], rows, [0] * len(values),
+                  [a + b for a, b in zip(read_tokens, generated_tokens)], list(generated_tokens), note)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Statistics: per-prompt terms, bootstrap over prompts, paired differences
+
+
+def per_prompt_terms(method: Method, truth: np.ndarray, truth_se2: np.ndarray) -> dict[str, np.ndarray]:
+    """[P] arrays: estimate mean_i b_i; squared error mean_i (b_i − V)² − se² (corrected); error mean_i b_i − V;
+    advantage second moment mean_i (r_i − b_i)²; policy and critic tokens."""
+    estimate = np.array([np.mean(b) for b in method.baselines])
+    sq = np.array([np.mean((np.asarray(b) - v) ** 2) for b, v in zip(method.baselines, truth)]) - truth_se2
+    adv = np.array([np.mean((np.asarray(r) - np.asarray(b)) ** 2) for r, b in zip(method.rewards, method.baselines)])
+    return {"estimate": estimate, "sq_error": sq, "error": estimate - truth, "advantage_sq": adv,
+            "policy_tokens": np.asarray(method.policy_tokens, dtype=np.float64),
+            "critic_tokens": np.asarray(method.critic_tokens, dtype=np.float64),
+            "critic_generated": np.asarray(method.critic_generated, dtype=np.float64)}
+
+
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row pair of x, y [B, P] (average ranks for ties) -> [B]; nan for a constant row."""
+    from scipy.stats import rankdata
+    rx, ry = rankdata(x, axis=-1), rankdata(y, axis=-1)  # [B, P]
+    rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+    norm = np.sqrt((rx ** 2).sum(-1) * (ry ** 2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, (rx * ry).sum(-1) / np.where(norm > 0, norm, 1.0), np.nan)
+
+
+STATISTICS = ("mse", "bias", "spearman", "advantage_sq")
+
+
+def resampled_statistics(terms: dict[str, np.ndarray], truth: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Every statistic on each row of prompt indices idx [B, P] -> {name: [B]}."""
+    mean = lambda key: terms[key][idx].mean(-1)  # noqa: E731
+    return {"mse": mean("sq_error"), "bias": mean("error"),
+            "spearman": spearman_rows(terms["estimate"][idx], truth[idx]), "advantage_sq": mean("advantage_sq"),
+            "policy_tokens": mean("policy_tokens"), "critic_tokens": mean("critic_tokens")}
+
+
+def interval(draws: np.ndarray, level: float = 0.95) -> list[float]:
+    """Percentile interval of bootstrap draws [B] (nan draws dropped; [nan, nan] when none is left)."""
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return [math.nan, math.nan]
+    return np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]).tolist()
+
+
+def bootstrap_summary(terms: dict[str, dict[str, np.ndarray]], truth: np.ndarray, reference: str = REFERENCE,
+                      draws: int = 2000, seed: int = 0, progress=None) -> dict[str, dict]:
+    """terms[method] from `per_prompt_terms` -> per method: point value and 95% interval of each statistic, and the
+    paired difference (method − reference) with its interval, all methods on the SAME resamples of the prompts."""
+    num_prompts = len(truth)
+    idx = np.random.default_rng(seed).integers(0, num_prompts, size=(draws, num_prompts))  # [B, P]
+    everything = np.arange(num_prompts)[None]  # [1, P]: the point estimates
+    items = progress(terms.items()) if progress else terms.items()
+    boot = {name: resampled_statistics(t, truth, idx) for name, t in items}
+    out = {}
+    for name, t in terms.items():
+        point = {k: float(v[0]) for k, v in resampled_statistics(t, truth, everything).items()}
+        row = {k: {"value": point[k], "ci": interval(boot[name][k])} for k in point}
+        if reference in terms:
+            ref_point = {k: float(v[0]) for k, v in resampled_statistics(terms[reference], truth, everything).items()}
+            row["vs_reference"] = {k: {"value": point[k] - ref_point[k],
+                                       "ci": interval(boot[name][k] - boot[reference][k])} for k in STATISTICS}
+        out[name] = row
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Reading the table: markdown, plot
+
+
+def cell(stat: dict, digits: int = 4) -> str:
+    v, (lo, hi) = stat["value"], stat["ci"]
+    return "—" if not math.isfinite(v) else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def markdown_table(summary: dict[str, dict], reference: str = REFERENCE) -> str:
+    head = ("| method | policy tokens / prompt | critic/prior tokens / prompt | MSE to V | bias | Spearman | "
+            "E[(r − b)²] | "
+            f"ΔMSE vs {reference} | ΔSpearman vs {reference} |\n|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, s in summary.items():
+        d = s.get("vs_reference")
+        rows.append(f"| {name} | {s['policy_tokens']['value']:.1f} | {s['critic_tokens']['value']:.1f} | "
+                    f"{cell(s['mse'])} | "
+                    f"{cell(s['bias'])} | {cell(s['spearman'], 3)} | {cell(s['advantage_sq'])} | "
+                    f"{cell(d['mse']) if d else '—'} | {cell(d['spearman'], 3) if d else '—'} |")
+    return "\n".join([head] + rows)
+
+
+def plot_mse_vs_tokens(methods: dict[str, dict], target: Path, title: str) -> None:
+    """MSE with its 95% interval against the tokens generated per prompt for the estimate (policy + generative critic;
+    symlog x, so critics that only read sit at 0): GRPO and RLOO as curves over G with bands, every other method a
+    point with bars. methods: the JSON's "methods" (algorithm, generated_per_prompt, mse)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for algorithm, color in (("grpo", "tab:blue"), ("rloo", "tab:orange")):
+        names = [n for n, m in methods.items() if m["algorithm"] == algorithm]
+        xs = [methods[n]["generated_per_prompt"] for n in names]
+        ax.plot(xs, [methods[n]["mse"]["value"] for n in names], marker="o", color=color,
+                label=f"{algorithm.upper()} G=" + ",".join(n.split("=")[1] for n in names))
+        ax.fill_between(xs, [methods[n]["mse"]["ci"][0] for n in names], [methods[n]["mse"]["ci"][1] for n in names],
+                        color=color, alpha=0.2)
+    markers = iter("sD^vP*Xhp<>8")
+    for name, m in methods.items():
+        if m["algorithm"] in ("grpo", "rloo"):
+            continue
+        v, (lo, hi) = m["mse"]["value"], m["mse"]["ci"]
+        ax.errorbar([m["generated_per_prompt"]], [v], yerr=[[v - lo], [hi - v]], marker=next(markers, "o"), capsize=3,
+                    linestyle="none", label=name)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xlabel("tokens generated per prompt for the estimate (policy + generative critic; symlog)")
+    ax.set_ylabel("MSE to V(x), truth noise subtracted")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The run: one policy engine (truth, pool, fitting rollouts, path states), then the probe, the critics, GenAC
+
+
+def split_prompts(data: str, num_prompts: int, num_fit: int, seed: int, problem_key: str, answer_key: str):
+    """-> (benchmark problems, fitting problems), disjoint: arithmetic's held-out and train splits, or a JSONL's first
+    num_prompts rows and the num_fit rows after them."""
+    from rollout import load_problems
+    if data == "arithmetic" or data.startswith("arithmetic:"):
+        bench, fit = load_problems(data, "benchmark", seed)[:num_prompts], load_problems(data, "train", seed)[:num_fit]
+    else:
+        rows = load_problems(data, "benchmark", seed, problem_key, answer_key)
+        bench, fit = rows[:num_prompts], rows[num_prompts:num_prompts + num_fit]
+    if len(bench) < num_prompts or len(fit) < num_fit:
+        raise ValueError(f"--data {data} has {len(bench)} benchmark and {len(fit)} fitting prompts; "
+                         f"asked for {num_prompts} and {num_fit} (--prompts, --fit-prompts)")
+    return bench, fit
+
+
+def sample_and_score(engine, tokenizer, problems, n, max_new_tokens: int, verifier, seed: int):
+    """n samples per prompt (int or per-prompt list), one engine call -> (prompt ids, samples[x][i], rewards[x][i])."""
+    from reward import score_responses
+    from rollout import format_prompt
+    prompt_ids = [format_prompt(tokenizer, p) for p in problems]
+    samples = engine.generate(prompt_ids, n, max_new_tokens, 1.0, 1.0, seed)
+    flat, _ = score_responses([s.text for g in samples for s in g], [p for p, g in zip(problems, samples) for _ in g],
+                              verifier, [s.finish_reason for g in samples for s in g])
+    it = iter(flat)
+    return prompt_ids, samples, [[next(it) for _ in g] for g in samples]
+
+
+def probe_features(model, tokenizer, prompt_ids, samples, rewards):
+    """POISE's features of the rollouts samples[x][i] from the trainer's old-log-prob pass (probe.POISE.hidden_features)
+    -> (features z [N, 2H + 3], group index [N], the POISE object whose probe is fitted on them)."""
+    import actor
+    from probe import POISE
+    from rollout import build_rollout_batch
+    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=2,
+                                  probe_standardize_hidden=False), model, tokenizer, None, 1)
+    batch = build_rollout_batch(prompt_ids, samples, [r for rs in rewards for r in rs], tokenizer.pad_token_id)
+    pass_args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
+    actor.compute_old_logprobs(model, batch, pass_args, torch.device("cpu"), poise.hidden_features)
+    return batch.features, batch.group_index, poise
+
+
+def value_critic(policy: str, tokenizer, seed: int):
+    """VC-PPO's critic (critic.VCPPO with train.py's defaults: Monte-Carlo targets, clipped value loss 0.5, AdamW at
+    lr 5e-6, 2 mini-batches), a fresh scalar head on the policy's body: before pretraining, PPO's starting critic."""
+    from actor import add_update_arguments
+    from critic import VCPPO
+    parser = argparse.ArgumentParser()
+    add_update_arguments(parser)
+    VCPPO.add_arguments(parser)
+    args = parser.parse_args([])
+    args.model, args.critic_model, args.seed, args.out = policy, policy, seed, None
+    args.critic_warmup_steps = 0  # after_update writes no critic-pretrained/ folder (it saves at the last warm-up step)
+    return VCPPO(args, None, tokenizer, torch.device("cpu"), 1)
+
+
+def pretrain_value_critic(algo, tokenizer, prompt_ids, samples, rewards, iterations: int, prompts_per_iteration: int,
+                          progress) -> list[float]:
+    """VC-PPO's value pretraining (arXiv:2503.01491 §4) on the frozen policy's rollouts: `iterations` batches of
+    `prompts_per_iteration` prompts (train.py: 4 x 8 rollouts), each through VCPPO.advantages (the returns) and
+    VCPPO.after_update (the critic's step). -> the critic's squared error to the returns of each iteration."""
+    from rollout import build_rollout_batch
+    errors = []
+    for it in progress(range(iterations), desc="VC-PPO value pretraining"):
+        part = range(it * prompts_per_iteration, (it + 1) * prompts_per_iteration)
+        batch = build_rollout_batch([prompt_ids[i] for i in part], [samples[i] for i in part],
+                                    [r for i in part for r in rewards[i]], tokenizer.pad_token_id)
+        batch.extras["step"] = it
+        algo.advantages(batch, None)
+        errors.append(algo.after_update(batch)["critic/mse_to_returns"])
+    return errors
+
+
+def critic_values(model, tokenizer, problems: list[str], partials: list[str]) -> list[float]:
+    """A discriminative critic's value of states (problem, partial response; "" = the prompt state), through
+    critic.discriminative_value_fn."""
+    from critic import discriminative_value_fn
+    return discriminative_value_fn(model, tokenizer, torch.device("cpu"))(problems, partials)
+
+
+def judged_values(genac, problems: list[str], partials: list[str], seed: int):
+    """GenAC's critic on states (problem, partial response), ONE engine call (genac.GenAC.judge), an unparsable answer
+    valued at tau (GenAC.fallback_value) -> (values [S], critic prompt tokens [S], critic generated tokens [S],
+    number unparsable)."""
+    prompts, samples, parsed = genac.judge(problems, partials, seed)
+    values = [v if v is not None else genac.fallback_value() for v in parsed]
+    return values, [len(p) for p in prompts], [len(s.token_ids) for s in samples], sum(v is None for v in parsed)
+
+
+def run_benchmark(args) -> dict:
+    """Everything above, in order -> the JSON document (`write_report` writes it)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prior import ValuePrior
+    from reward import MathVerifier
+    from rollout import make_engine
+    from values import build_value_states, constant_baselines, load_generative_critic, value_quality
+    started, seconds = time.time(), {}
+    bench, fit = split_prompts(args.data, args.prompts, args.fit_prompts, args.seed, args.problem_key, args.answer_key)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
+    verifier = MathVerifier() if any(p.kind == "math" for p in bench + fit) else None
+    phases = tqdm(total=7, desc="baselines", file=sys.stderr)
+    pool_size = max(max(GROUP_SIZES), effective_k_max(0.0039))  # V0.5's default c = 0.0039 -> K_max = 16
+    critic_prompts = args.critic_iterations * 4
+
+    def phase(name):
+        seconds[name] = time.time() - phase.t
+        phase.t = time.time()
+        phases.update(1)
+        phases.set_postfix_str(name)
+    phase.t = time.time()
+
+    engine = make_engine("vllm", args.policy_path, dtype=args.engine_dtype, seed=args.seed, max_model_len=2048)
+    try:
+        bench_ids, _, truth_rewards = sample_and_score(engine, tokenizer, bench, args.truth_samples,
+                                                       args.max_new_tokens, verifier, args.seed)
+        phase("truth")
+        _, pool, pool_rewards = sample_and_score(engine, tokenizer, bench, pool_size, args.max_new_tokens, verifier,
+                                                 args.seed + 1)
+        fit_counts = [8 if i < critic_prompts else 4 for i in range(len(fit))]
+        fit_ids, fit_samples, fit_rewards = sample_and_score(engine, tokenizer, fit, fit_counts, args.max_new_tokens,
+                                                             verifier, args.seed + 2)
+        phase("fresh and fitting rollouts")
+        path_problems = bench[: args.path_prompts]
+        states = []
+        if path_problems:  # no ranking groups: candidates=1
+            states = build_value_states(engine, tokenizer, path_problems, verifier, args.path_samples, candidates=1,
+                                        rank_prompts=0, max_new_tokens=args.max_new_tokens, seed=args.seed + 1000)
+        phase("path states")
+    finally:
+        engine.close()
+    truth, truth_se2 = truth_from_rewards(truth_rewards)
+    pool_tokens = [[len(s.token_ids) for s in g] for g in pool]
+    fit_rates = [sum(r[:4]) / 4 for r in fit_rewards]
+
+    # V0.5: the prior's context is the fitting prompts' success rates (4 rollouts each, V0.5's first round)
+    prior = ValuePrior(seed=args.seed)
+    prior.update([p.problem for p in fit], fit_rates)
+    prior_values = prior.predict([p.problem for p in bench]).tolist()
+    embed_len = lambda texts: [len(ids) for ids in  # noqa: E731
+                               prior.tokenizer(texts, truncation=True, max_length=prior.max_length)["input_ids"]]
+    context_tokens = sum(embed_len([p.problem for p in fit][: prior.context_size]))
+    prior_tokens = [t + context_tokens / len(bench) for t in embed_len([p.problem for p in bench])]
+    methods = group_mean_methods(pool_rewards, pool_tokens)
+    methods += v05_methods(prior_values, prior_tokens, pool_rewards, pool_tokens)
+
+    # POISE: the probe fitted on the fitting prompts' first 2 rollouts (targets: the sibling's reward), then g(z) of
+    # the benchmark's first 2 pool rollouts
+    model = AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=torch.float32).eval()
+    fit_features, fit_groups, poise = probe_features(model, tokenizer, fit_ids, [g[:2] for g in fit_samples],
+                                                     [r[:2] for r in fit_rewards])
+    targets = cross_rollout_targets(torch.tensor([r for rs in fit_rewards for r in rs[:2]]), fit_groups)
+    poise.baseline.probe.fit(fit_features, targets)
+    bench_features, _, _ = probe_features(model, tokenizer, bench_ids, [g[:2] for g in pool],
+                                          [r[:2] for r in pool_rewards])
+    probe_values = poise.baseline.predict_values(bench_features).view(len(bench), 2).tolist()
+    methods.append(poise_method(probe_values, pool_rewards, pool_tokens))
+    del model
+    phase("prior and probe")
+
+    # PPO (the fresh head) and VC-PPO (after value pretraining), or a loaded critic
+    prompt_lens = [len(ids) for ids in bench_ids]
+    texts, blank = [p.problem for p in bench], [""] * len(bench)
+    path_texts = [s["problem"] for s in states], [s["partial_response"] for s in states]
+    path_models: dict[str, list[float]] = dict(constant_baselines(states)) if states else {}
+    critic = value_critic(args.policy_path, tokenizer, args.seed)
+    methods.append(critic_method("PPO critic, fresh head", "ppo", critic_values(critic.model, tokenizer, texts, blank),
+                                 prompt_lens, [0] * len(bench), pool_rewards, "the value head PPO starts from"))
+    if states:
+        path_models["PPO critic, fresh head"] = critic_values(critic.model, tokenizer, *path_texts)
+    critic_errors = pretrain_value_critic(critic, tokenizer, fit_ids, [g[:8] for g in fit_samples],
+                                          [r[:8] for r in fit_rewards], args.critic_iterations, 4,
+                                          lambda it, desc: tqdm(it, desc=desc, file=sys.stderr))
+    name = f"VC-PPO critic, {args.critic_iterations} pretraining iterations"
+    methods.append(critic_method(name, "vcppo", critic_values(critic.model, tokenizer, texts, blank), prompt_lens,
+                                 [0] * len(bench), pool_rewards, "trained in this run on disjoint prompts"))
+    if states:
+        path_models[name] = critic_values(critic.model, tokenizer, *path_texts)
+    del critic
+    if args.critic:
+        from critic import load_value_model
+        loaded = load_value_model(args.critic, torch.device("cpu"), 1, seed=args.seed)
+        methods.append(critic_method(f"critic {args.critic}", "vcppo", critic_values(loaded, tokenizer, texts, blank),
+                                     prompt_lens, [0] * len(bench), pool_rewards, "loaded"))
+        if states:
+            path_models[f"critic {args.critic}"] = critic_values(loaded, tokenizer, *path_texts)
+        del loaded
+    phase("value critics")
+
+    # GenAC: the generative critic at the prompt state (and the path states), one guided answer each
+    genac_path = args.genac or args.policy_path
+    genac = load_generative_critic(genac_path, args, not args.genac_unguided, args.genac_max_new_tokens)
+    if genac.success_rate.value is None:  # the ICC hint: the policy's success rate on the fitting prompts
+        genac.success_rate.update([sum(fit_rates) / len(fit_rates)])
+    try:
+        values, read, generated, failures = judged_values(genac, texts + path_texts[0], blank + path_texts[1],
+                                                          args.seed + 7)
+        guided = "unguided" if args.genac_unguided else "guided"
+        gname = f"GenAC critic ({'base model' if not args.genac else args.genac}, {guided})"
+        methods.append(critic_method(gname, "genac", values[: len(bench)], read[: len(bench)], generated[: len(bench)],
+                                     pool_rewards, f"{failures} of {len(values)} answers unparsable (valued at tau)"))
+        if states:
+            path_models[gname] = values[len(bench):]
+    finally:
+        genac.close()
+    if verifier is not None:
+        verifier.close()
+    phase("GenAC critic")
+
+    terms = {m.name: per_prompt_terms(m, truth, truth_se2) for m in methods}
+    summary = bootstrap_summary(terms, truth, REFERENCE, args.bootstrap, args.seed,
+                                lambda it: tqdm(it, desc="bootstrap", file=sys.stderr))
+    path_table = {name: value_quality(states, preds, sizes=()) for name, preds in path_models.items()} if states else {}
+    phase("statistics")
+    phases.close()
+    return {"meta": {"policy": args.policy_path, "data": args.data, "prompts": len(bench),
+                     "truth_samples": args.truth_samples,
+                     "fit_prompts": len(fit), "pool_size": pool_size, "critic_iterations": args.critic_iterations,
+                     "critic_mse_to_returns_per_iteration": critic_errors, "path_prompts": len(path_problems),
+                     "path_samples": args.path_samples, "bootstrap": args.bootstrap, "seed": args.seed,
+                     "reference": REFERENCE,
+                     "max_new_tokens": args.max_new_tokens, "seconds": seconds, "total_seconds": time.time() - started},
+            "truth": {"mean_value": float(truth.mean()), "mean_se": float(np.sqrt(truth_se2).mean()),
+                      "mean_se2": float(truth_se2.mean()), "fit_success_rate": sum(fit_rates) / len(fit_rates),
+                      "values": truth.tolist(), "se2": truth_se2.tolist()},
+            "methods": {m.name: {"algorithm": m.algorithm, "note": m.note, **summary[m.name],
+                                 "generated_per_prompt": float(np.mean(m.policy_tokens) + np.mean(m.critic_generated)),
+                                 "estimates": terms[m.name]["estimate"].tolist()} for m in methods},
+            "path_states": {"states": sum(s["kind"] == "path" for s in states), "results": path_table}}
+
+
+def write_report(doc: dict, out: Path) -> str:
+    """baselines.json (atomically), baselines.md (the tables), baselines_mse_vs_tokens.png in `out` -> the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta, truth = doc["meta"], doc["truth"]
+    header = (f"{meta['prompts']} prompts of {meta['data']}, policy {meta['policy']}; truth V(x) = mean of "
+              f"{meta['truth_samples']} samples (mean V {truth['mean_value']:.3f}, mean standard error "
+              f"{truth['mean_se']:.3f}, mean se² {truth['mean_se2']:.4f} subtracted from every MSE); 95% bootstrap "
+              f"intervals over prompts ({meta['bootstrap']} resamples), Δ = method − {meta['reference']} on the same "
+              f"resamples; {meta['total_seconds'] / 60:.1f} min.")
+    lines = [header, "", markdown_table(doc["methods"], meta["reference"])]
+    if doc["path_states"]["results"]:
+        path_header = (f"Path states of `eval.py values` ({doc['path_states']['states']} states of "
+                       f"{meta['path_prompts']} prompts, truth = mean of {meta['path_samples']} continuations):")
+        lines += ["", path_header, "", "| value model | MSE | MAE | Pearson r |\n|---|---|---|---|"]
+        lines += [f"| {n} | {q['mse']:.4f} | {q['mae']:.4f} | {q['pearson']:.3f} |"
+                  for n, q in doc["path_states"]["results"].items()]
+    text = "\n".join(lines) + "\n"
+    tmp = out / "baselines.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out / "baselines.json")
+    (out / "baselines.md").write_text(text)
+    plot_mse_vs_tokens(doc["methods"], out / "baselines_mse_vs_tokens.png",
+                       f"{Path(meta['policy']).name}: {meta['prompts']} prompts, M = {meta['truth_samples']}")
+    return text
+
+
+def baselines_main(argv: list[str]) -> None:
+    """`python eval.py baselines`: see the module docstring."""
+    ap = argparse.ArgumentParser(prog="eval.py baselines", description="Every algorithm's baseline vs Monte-Carlo V(x) "
+                                 "with cost in generated tokens and bootstrap intervals (baselines.py).")
+    ap.add_argument("--policy", default=None, help="policy folder (default: the offline SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default="arithmetic", help="'arithmetic[:levels]' (held-out split) or a JSONL file")
+    ap.add_argument("--prompts", type=int, default=200, help="benchmark prompts N")
+    ap.add_argument("--truth-samples", type=int, default=32, help="samples per prompt for the truth V(x), M >= 2")
+    ap.add_argument("--fit-prompts", type=int, default=256,
+                    help="disjoint prompts: probe fit, prior context, critic training")
+    ap.add_argument("--critic-iterations", type=int, default=6,
+                    help="VC-PPO value-pretraining iterations (its default: 6)")
+    ap.add_argument("--critic", default=None,
+                    help="also score this critic folder (e.g. OUT/critic-pretrained of a vcppo run)")
+    ap.add_argument("--genac", default=None,
+                    help="generative critic folder (default: the policy's base model, untrained)")
+    ap.add_argument("--genac-unguided", action="store_true", help="no guided decoding of the critic's answers")
+    ap.add_argument("--genac-max-new-tokens", type=int, default=128,
+                    help="the generative critic's reasoning budget (GenAC's CPU profile: 128; the paper's: 1024)")
+    ap.add_argument("--path-prompts", type=int, default=48,
+                    help="prompts whose path states the critics are also scored on")
+    ap.add_argument("--path-samples", type=int, default=16, help="Monte-Carlo continuations per path state")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--engine-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--problem-key", default="problem")
+    ap.add_argument("--answer-key", default="answer")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output folder (default: runs/baselines/<policy>-<data>-n<N>-m<M>)")
+    args = ap.parse_args(argv)
+    for flag, value, low in (("--prompts", args.prompts, 2), ("--truth-samples", args.truth_samples, 2),
+                             ("--fit-prompts", args.fit_prompts, 2), ("--critic-iterations", args.critic_iterations, 0),
+                             ("--path-prompts", args.path_prompts, 0), ("--path-samples", args.path_samples, 1),
+                             ("--bootstrap", args.bootstrap, 10)):
+        if value < low:
+            ap.error(f"{flag} must be >= {low}, got {value}")
+    if args.fit_prompts < 4 * args.critic_iterations:
+        ap.error(f"--fit-prompts ({args.fit_prompts}) must cover --critic-iterations x 4 = "
+                 f"{4 * args.critic_iterations} prompts")
+    if args.path_prompts > args.prompts:
+        ap.error(f"--path-prompts ({args.path_prompts}) must be <= --prompts ({args.prompts})")
+    from rollout import DataError, resolve_model_path
+    try:
+        args.policy_path = resolve_model_path(args.policy)
+        args.critic = resolve_model_path(args.critic) if args.critic else None
+        args.genac = resolve_model_path(args.genac) if args.genac else None
+        slug = lambda s: Path(str(s).rstrip("/")).name.replace(":", "_").replace(",", "_")  # noqa: E731
+        name = f"{slug(args.policy_path)}-{slug(args.data)}-n{args.prompts}-m{args.truth_samples}"
+        out = Path(args.out or f"runs/baselines/{name}")
+        doc = run_benchmark(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(write_report(doc, out), end="")
+    print(f"-> {out}/baselines.json, baselines.md, baselines_mse_vs_tokens.png", file=sys.stderr)
