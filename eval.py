@@ -4,14 +4,14 @@
     python eval.py --data data/math500.jsonl --data data/amc23.jsonl -k 16
     python eval.py plot runs/default                  # PNGs from runs/default/metrics.jsonl
     python eval.py summary runs/default               # the README's benchmark table from metrics.jsonl
-    python eval.py compare runs/sweep --baseline grpo # runs grouped by configuration: seeds, intervals, plot (compare.py)
-    python eval.py speed                              # each phase next to its bare counterpart (speed.py)
+    python eval.py compare runs/sweep --baseline grpo # runs grouped by configuration: seeds, intervals, plot (tools/compare.py)
+    python eval.py speed                              # each phase next to its bare counterpart (tools/speed.py)
     python eval.py memory --model CONFIG --world 8    # per-GPU memory plan, any HF config, no weights read (memory.py)
     python eval.py export runs/grpo/checkpoint-000010 OUT   # sharded checkpoint -> Hugging Face folder (checkpoint.py)
     python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (GenAC §4)
     python eval.py probe runs/poise                   # POISE's probe value vs held-out avg@8; --cost: its overhead
-    (values and probe live in values.py)
-    python eval.py baselines --prompts 100            # all seven algorithms' baselines vs Monte-Carlo V(x) (baselines.py)
+    (values and probe live in tools/values.py)
+    python eval.py baselines --prompts 100            # all seven algorithms' baselines vs Monte-Carlo V(x) (tools/baselines.py)
 
 avg@k  = mean over problems of (correct samples / k)                      (the papers use k = 16)
 pass@k = mean over problems of 1 - C(n - c, k) / C(n, k), with n samples and c correct (Chen et al.
@@ -143,17 +143,17 @@ def main(argv=None) -> None:
         pa = ap.parse_args(argv[1:])
         if not pa.cost and not pa.run_dir:
             ap.error("give a --algo poise run folder, or --cost")
-        from values import probe_feature_cost, probe_heldout_quality
+        from tools.values import probe_feature_cost, probe_heldout_quality
         print(json.dumps(probe_feature_cost() if pa.cost else probe_heldout_quality(pa.run_dir, pa.data, pa.n, pa.k), indent=1))
         return
     if argv[:1] == ["values"]:
-        from values import values_main
+        from tools.values import values_main
         return values_main(argv[1:])
-    if argv[:1] == ["baselines"]:  # every algorithm's baseline vs Monte-Carlo V(x), per generated token (baselines.py)
-        from baselines import baselines_main
+    if argv[:1] == ["baselines"]:  # every algorithm's baseline vs Monte-Carlo V(x), per generated token (tools/baselines.py)
+        from tools.baselines import baselines_main
         return baselines_main(argv[1:])
     if argv[:1] == ["speed"]:
-        from speed import speed_main
+        from tools.speed import speed_main
         return speed_main(argv[1:])
     if argv[:1] == ["memory"]:  # the per-GPU memory plan of a configuration (memory.py)
         from memory import memory_main
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: {e}")
         return
     if argv[:1] == ["compare"]:
-        from compare import compare_main
+        from tools.compare import compare_main
         return compare_main(argv[1:])
     if argv[:1] == ["summary"]:
         for run_dir in argv[1:] or ["runs/default"]:

@@ -1,4 +1,4 @@
-"""The shared command-line flags of train.py (and the update flags of genac_stages.py / speed.py), with their checks.
+"""The shared command-line flags of train.py (and the update flags of genac_stages.py / tools/speed.py), with their checks.
 
 Light on purpose (argparse and math only, no torch): train.py checks these flags before its heavy imports, so a
 bad value stops in well under 2 s with one line naming it:
@@ -19,7 +19,7 @@ import os
 from trackers import TRACKERS
 
 # Every algorithm, by its --algo name: the class that implements train.py's algorithm interface, as "module.Class".
-# The ONE list (train.py, sweep.py, the memory planner and the tests read it); adding an algorithm is a file + a line
+# The ONE list (train.py, tools/sweep.py, the memory planner and the tests read it); adding an algorithm is a file + a line
 # here. Names rather than classes, so that argument errors are reported before torch is imported (< 2 s).
 ALGORITHMS = {
     "grpo": "advantage.GRPO",  # (r - mean) / (std + 1e-6) per prompt group; --no-std: Dr.GRPO

@@ -346,7 +346,7 @@ class GenAC:
         # the actor's architecture (the default: it starts from the actor's base model) judges on the training loop's
         # engine with its weights swapped in (`judge`): no second KV cache, nothing of the critic's on the GPU in the
         # actor's update. That engine must hold the critic's prompts too: args.engine_max_model_len tells train.py
-        # (it builds the engine after this). Tools without a loop engine (genac_stages.py, values.py), or a critic of
+        # (it builds the engine after this). Tools without a loop engine (genac_stages.py, tools/values.py), or a critic of
         # another architecture on the CPU, get an engine of their own, built at first use (`engine`); on a GPU the
         # latter is refused there.
         self.path, self._engine, self.shares_engine = path, None, False
@@ -412,7 +412,7 @@ class GenAC:
         return ids[-self.max_prompt_tokens:]
 
     def prompt_ids(self, problem: str, partial_solution: str) -> list[int]:
-        """The chat-formatted ICC prompt of one state, tokenized from its text (the stages' states, values.py)."""
+        """The chat-formatted ICC prompt of one state, tokenized from its text (the stages' states, tools/values.py)."""
         return self.fit_prompt(self.chat_ids(self.icc_text(problem, partial_solution)))
 
     def prompt_parts(self, problem: str) -> tuple[list[int], list[int]]:

@@ -1,7 +1,7 @@
 """A run folder's record, run.json: what a run needs to be compared and reproduced, and whether it finished.
 
 train.py writes it (rank 0) when a run starts and marks it done after the final evaluation and checkpoint;
-sweep.py reads it to skip complete runs and resume interrupted ones; compare.py groups runs by its args.
+tools/sweep.py reads it to skip complete runs and resume interrupted ones; tools/compare.py groups runs by its args.
 A module of its own (stdlib imports only): train.py imports it, and it imports neither train.py nor eval.py.
 
     {"args": {...every train.py argument...}, "argv": [...], "started": "2026-...", "host": ..., "device": ..., "world_size": 1,

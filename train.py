@@ -388,7 +388,7 @@ def main(argv=None) -> None:
                                 final=True)  # + the Hugging Face weights
         if master:
             print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
-    if master:  # the completion marker, after the final evaluation and checkpoint (sweep.py skips such runs)
+    if master:  # the completion marker, after the final evaluation and checkpoint (tools/sweep.py skips such runs)
         mark_done(out, total_steps, generated_total)
     for closable in (verifier, engine, algo, trackers):
         if closable is not None:

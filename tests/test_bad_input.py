@@ -124,6 +124,6 @@ def test_a_data_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
 
 
 def test_sweep_refuses_an_unknown_algorithm(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "--algos", "grpo", "nope", "--token-budget", "100",
+    p = subprocess.run([sys.executable, "-m", "tools.sweep", "--algos", "grpo", "nope", "--token-budget", "100",
                         "--out", str(tmp_path), "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "argument --algos: invalid choice: 'nope'" in p.stderr and "[sweep" not in p.stdout

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from baselines import (Method, bootstrap_summary, critic_method, group_mean_methods, judged_values, per_prompt_terms,
+from tools.baselines import (Method, bootstrap_summary, critic_method, group_mean_methods, judged_values, per_prompt_terms,
                        poise_method, spearman_rows, truth_from_rewards, v05_methods)
 
 ROOT = Path(__file__).resolve().parents[1]

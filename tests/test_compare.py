@@ -1,11 +1,11 @@
-"""compare.py and runrecord.py on hand-made run folders: intervals, pairing by seed, grouping, odd runs, the table."""
+"""tools/compare.py and runrecord.py on hand-made run folders: intervals, pairing by seed, grouping, odd runs, the table."""
 import argparse
 import json
 import math
 
 import pytest
 
-import compare
+from tools import compare
 import runrecord
 from rollout import Problem
 

@@ -286,7 +286,7 @@ def test_defaults_are_the_papers_for_a_given_model_and_cpu_sized_for_the_offline
 def test_eval_generative_values_picks_the_profile_from_the_policy_as_given(tiny_model, monkeypatch):
     from types import SimpleNamespace
 
-    import values as E
+    import tools.values as E
     import genac
     seen = []
 

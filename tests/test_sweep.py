@@ -1,4 +1,4 @@
-"""sweep.py: the plan (complete runs skipped, interrupted ones resumed) on temp folders, and one real sweep killed and restarted."""
+"""tools/sweep.py: the plan (complete runs skipped, interrupted ones resumed) on temp folders, and one real sweep killed and restarted."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import sweep
+from tools import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_a_killed_sweep_finishes_the_grid_without_redoing_complete_runs(tiny_mod
     the first and resumes the second from its checkpoint."""
     pytest.importorskip("vllm")
     out = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "sweep.py"), "--algos", "grpo", "--seeds", "0", "1", "--token-budget", "200", "--out", str(out),
+    cmd = [sys.executable, "-m", "tools.sweep", "--algos", "grpo", "--seeds", "0", "1", "--token-budget", "200", "--out", str(out),
            "--", "--model", tiny_model, "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "8",
            "--eval-n", "4", "--eval-k", "2", "--save-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

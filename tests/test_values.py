@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from values import ranking_top1, value_quality, value_targets
+from tools.values import ranking_top1, value_quality, value_targets
 from rollout import Problem, Sample, format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]

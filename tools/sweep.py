@@ -1,10 +1,10 @@
 """A sweep: algorithms × seeds (× any flag's values) on one task at an equal generated-token budget.
 
-    python sweep.py --algos grpo rloo ppo v05 poise --seeds 0 1 2 --token-budget 100000 --out runs/sweep \
+    python -m tools.sweep --algos grpo rloo ppo v05 poise --seeds 0 1 2 --token-budget 100000 --out runs/sweep \
         -- --eval-every 5 --eval-n 100                      # after --: flags every run gets
-    python sweep.py ... --grid lr=1e-6,3e-6 --grid no-std=on,off      # × every combination (on/off: a switch)
-    python sweep.py ... --nproc-per-node 8                  # each run as torchrun --standalone --nproc_per_node 8
-    python sweep.py ... --dry-run                           # the plan and each run's command (to submit as separate jobs)
+    python -m tools.sweep ... --grid lr=1e-6,3e-6 --grid no-std=on,off      # × every combination (on/off: a switch)
+    python -m tools.sweep ... --nproc-per-node 8                  # each run as torchrun --standalone --nproc_per_node 8
+    python -m tools.sweep ... --dry-run                           # the plan and each run's command (to submit as separate jobs)
     python eval.py compare runs/sweep                       # the table and the plot
 
 Runs go one after another, seed by seed (all algorithms of seed 0 first: paired comparisons are possible early),
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import runrecord
-from compare import read_run
+from tools.compare import read_run
 from flags import ALGORITHMS
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py
 OWNED = ("--algo", "--seed", "--out", "--resume", "--token-budget")  # the sweep sets these itself
 DEFAULTS = {"--steps": "100000", "--save-every": "10", "--keep-checkpoints": "1"}
 

@@ -169,6 +169,7 @@ def load_generative_critic(path: str, args, guided: bool = False, critic_max_new
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from flags import SYNC_BUCKET_MB
     from genac import GenAC
     defaults = argparse.ArgumentParser()
     GenAC.add_arguments(defaults)
@@ -176,7 +177,8 @@ def load_generative_critic(path: str, args, guided: bool = False, critic_max_new
         **vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0, "engine": "vllm",
         "engine_dtype": args.engine_dtype, "seed": args.seed, "gpu_memory_utilization": 0.2, "model": args.policy,
         "icc_carry_over": True, "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens,
-        "gradient_checkpointing": False, "critic_guided": guided, "critic_max_new_tokens": critic_max_new_tokens})
+        "gradient_checkpointing": False, "critic_guided": guided, "critic_max_new_tokens": critic_max_new_tokens,
+        "sync_bucket_mb": SYNC_BUCKET_MB})
     GenAC.check_arguments(critic_args)  # the profile follows --policy as given (None: the offline default model)
     critic_args.model = args.policy_path
     with torch.device("meta"):  # the actor's size for the ICC hint

@@ -33,7 +33,7 @@ For a fixed policy and N held-out prompts x:
                         independent of r_i it is Var(r) + MSE; a baseline that includes r_i (GRPO's mean, V0.5's
                         fusion) is pulled toward r_i and scores lower, which says nothing about the bias that brings
                         to the gradient
-    path states  the critics also on the path states of `eval.py values` (values.py), the same table as there.
+    path states  the critics also on the path states of `eval.py values` (tools/values.py), the same table as there.
 """
 
 from __future__ import annotations
@@ -379,7 +379,7 @@ def run_benchmark(args) -> dict:
     from prior import ValuePrior
     from reward import MathVerifier
     from rollout import make_engine
-    from values import build_value_states, constant_baselines, load_generative_critic, value_quality
+    from tools.values import build_value_states, constant_baselines, load_generative_critic, value_quality
     started, seconds = time.time(), {}
     bench, fit = split_prompts(args.data, args.prompts, args.fit_prompts, args.seed, args.problem_key, args.answer_key)
     tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
@@ -543,7 +543,7 @@ def write_report(doc: dict, out: Path) -> str:
 def baselines_main(argv: list[str]) -> None:
     """`python eval.py baselines`: see the module docstring."""
     ap = argparse.ArgumentParser(prog="eval.py baselines", description="Every algorithm's baseline vs Monte-Carlo V(x) "
-                                 "with cost in generated tokens and bootstrap intervals (baselines.py).")
+                                 "with cost in generated tokens and bootstrap intervals (tools/baselines.py).")
     ap.add_argument("--policy", default=None, help="policy folder (default: the offline SmolLM2-135M-Instruct)")
     ap.add_argument("--data", default="arithmetic", help="'arithmetic[:levels]' (held-out split) or a JSONL file")
     ap.add_argument("--prompts", type=int, default=200, help="benchmark prompts N")
