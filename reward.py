@@ -141,13 +141,13 @@ def integer_in_box(content: str) -> int | None:
 SENTENCE_END = re.compile(r"\n|[.!?;](?=\s|$)")
 STATEMENT_HEDGE = re.compile(r"\b(?:or|either|between|about|approx\w*|around|roughly|maybe|possibly|perhaps)\b",
                              re.IGNORECASE)
-ANSWER_MARKER = re.compile(r"=|\b(?:equals|is)\b|\banswer\s*:", re.IGNORECASE)  # `= N`, `equals N`, `is N`, `answer: N`
+ANSWER_MARKER = re.compile(r"(?:=|\bequals\b|\bis(?:\s+equal\s+to)?\b|\banswer\b)\s*:?", re.IGNORECASE)  # `is: N`
 
 
 def stated_integer(text: str) -> int | None:
-    """Without a box: the answer the response's last sentence with a digit states after its last `=`, `equals`, `is`
-    or `answer:` (N one integer by `integer_in_box`'s rules, nothing after it); None for anything else, or a hedge
-    word (or, between, about, ...) in that sentence.
+    """Without a box: the answer the response's last sentence with a digit states after its last `=`, `equals`,
+    `is`, `is equal to` or `answer:` (N one integer by `integer_in_box`'s rules, nothing after it); None for anything
+    else, or a hedge word (or, between, about, ...) in that sentence.
 
     "4 + 9 = 13.", "So, the answer is 13.", "11 * 3 equals 33.", "14 * 4 = 56\\n\\nThis is the final answer." state
     13, 13, 33, 56;
@@ -167,7 +167,7 @@ def extract_integer_answer(text: str) -> int | None:
 
     The no-box rule reads a statement, never a number found somewhere: "the last integer in the text" paid
     "Possible values: 9, 10, 11, 12" for gold 12. It stays because SmolLM2-135M, asked for \\boxed{}, boxes
-    almost never: of its 800 held-out answers at step 0 of the default run, 0.1% score on boxes alone, 28.4% with
+    almost never: of its 800 held-out answers at step 0 of the default run, 0.1% score on boxes alone, 29.1% with
     this rule (the last integer anywhere: 32.6%).
     """
     box = last_boxed(text)
