@@ -82,7 +82,8 @@ INTEGER_FORMS = [  # (response, gold, reward)
     # no box: the last sentence with a digit must state one integer (`= N`, `equals N`, `is N`, `answer: N`)
     ("The answer is 12.", "12", 1.0), ("\\boxed{} so the answer is 12", "12", 1.0), ("7 + 5 = 12.", "12", 1.0),
     ("7 + 5 equals 12.", "12", 1.0), ("7 + 5 = 12\n\nThe answer is: 12", "12", 1.0),
-    ("7 + 5 is equal to 12.", "12", 1.0), ("7 * 4 = 28\n\nThis is the final answer.", "28", 1.0), ("x = -12", "-12", 1.0),
+    ("7 + 5 is equal to 12.", "12", 1.0), ("7 * 4 = 28\n\nThis is the final answer.", "28", 1.0),
+    ("x = -12", "-12", 1.0),
     ("x = 11 or x = 12", "12", 0.0), ("The answer is 11, 12", "12", 0.0), ("the answer is 11. Or 12", "12", 0.0),
     ("The answer is between 10 and 12.", "12", 0.0), ("I got 8 apples and 4 more: 12 apples in total.", "12", 0.0),
     ("The answer is 12.5", "12", 0.0), ("So 7 + 5 is simply 12.", "12", 0.0),
