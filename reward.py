@@ -138,18 +138,42 @@ def integer_in_box(content: str) -> int | None:
     return -value if "-" in (m["sign"], m["inner"]) else value
 
 
-def extract_integer_answer(text: str) -> int | None:
-    """The integer in the response's final box; None without a box, for a hedged pair of boxes, or when the
-    box holds anything but one integer (`integer_in_box`).
+SENTENCE_END = re.compile(r"\n|[.!?;](?=\s|$)")
+STATEMENT_HEDGE = re.compile(r"\b(?:or|either|between|about|approx\w*|around|roughly|maybe|possibly|perhaps)\b",
+                             re.IGNORECASE)
+ANSWER_MARKER = re.compile(r"(?:=|\bequals\b|\bis(?:\s+equal\s+to)?\b|\banswer\b)\s*:?", re.IGNORECASE)  # `is: N`
 
-    No box scores 0: the prompt asks for \\boxed{}, and outside a box nothing marks one number as the answer,
-    so any rule that picks one ("the last integer in the text") pays "Possible values: 9, 10, 11, 12" for
-    gold 12 -- a response scoring for containing the answer among other numbers.
+
+def stated_integer(text: str) -> int | None:
+    """Without a box: the answer the response's last sentence with a digit states after its last `=`, `equals`,
+    `is`, `is equal to` or `answer:` (N one integer by `integer_in_box`'s rules, nothing after it); None for anything
+    else, or a hedge word (or, between, about, ...) in that sentence.
+
+    "4 + 9 = 13.", "So, the answer is 13.", "11 * 3 equals 33.", "14 * 4 = 56\\n\\nThis is the final answer." state
+    13, 13, 33, 56;
+    "Possible values: 9, 10, 11, 12" (no statement), "x = 11 or x = 12" (a hedge), "The answer is 12, 13" and
+    "the answer is 12. Or 13" (the last sentence with a digit states nothing) state none.
+    """
+    sentences = [s for s in SENTENCE_END.split(text) if re.search(r"\d", s)]
+    if not sentences or STATEMENT_HEDGE.search(sentences[-1]):
+        return None
+    markers = list(ANSWER_MARKER.finditer(sentences[-1]))
+    return integer_in_box(sentences[-1][markers[-1].end():]) if markers else None
+
+
+def extract_integer_answer(text: str) -> int | None:
+    """The integer in the response's final box; None for a hedged pair of boxes or when the box holds anything but
+    one integer (`integer_in_box`). Without a box, the integer its last sentence states (`stated_integer`).
+
+    The no-box rule reads a statement, never a number found somewhere: "the last integer in the text" paid
+    "Possible values: 9, 10, 11, 12" for gold 12. It stays because SmolLM2-135M, asked for \\boxed{}, boxes
+    almost never: of its 800 held-out answers at step 0 of the default run, 0.1% score on boxes alone, 29.1% with
+    this rule (the last integer anywhere: 32.6%).
     """
     box = last_boxed(text)
-    if box is None or boxes_are_alternatives(text):
-        return None
-    return integer_in_box(box)
+    if box is None:
+        return stated_integer(text)
+    return None if boxes_are_alternatives(text) else integer_in_box(box)
 
 
 def reward_for(response: str, problem: Problem) -> float:

@@ -79,8 +79,14 @@ INTEGER_FORMS = [  # (response, gold, reward)
     ("\\boxed{2^{12}}", "12", 0.0), ("\\boxed{12^2}", "144", 0.0), ("\\boxed{\\sqrt{12}}", "12", 0.0),
     ("\\boxed{12!}", "12", 0.0), ("\\boxed{x + 12}", "12", 0.0), ("\\boxed{x = 3 + 9}", "12", 0.0),
     ("\\boxed{12 = 12}", "12", 0.0), ("\\boxed{x = 12 = 12}", "12", 0.0), ("\\boxed{--12}", "-12", 0.0),
-    # no box: nothing marks one number as the answer
-    ("The answer is 12.", "12", 0.0), ("\\boxed{} so the answer is 12", "12", 0.0),
+    # no box: the last sentence with a digit must state one integer (`= N`, `equals N`, `is N`, `answer: N`)
+    ("The answer is 12.", "12", 1.0), ("\\boxed{} so the answer is 12", "12", 1.0), ("7 + 5 = 12.", "12", 1.0),
+    ("7 + 5 equals 12.", "12", 1.0), ("7 + 5 = 12\n\nThe answer is: 12", "12", 1.0),
+    ("7 + 5 is equal to 12.", "12", 1.0), ("7 * 4 = 28\n\nThis is the final answer.", "28", 1.0),
+    ("x = -12", "-12", 1.0),
+    ("x = 11 or x = 12", "12", 0.0), ("The answer is 11, 12", "12", 0.0), ("the answer is 11. Or 12", "12", 0.0),
+    ("The answer is between 10 and 12.", "12", 0.0), ("I got 8 apples and 4 more: 12 apples in total.", "12", 0.0),
+    ("The answer is 12.5", "12", 0.0), ("So 7 + 5 is simply 12.", "12", 0.0),
     # a revision after words is an answer; the last box counts
     ("I got \\boxed{11}, no wait, it is \\boxed{12}", "12", 1.0), ("\\boxed{12} wait, \\boxed{13}", "12", 0.0),
     ("\\boxed{12} checking: yes, \\boxed{12}", "12", 1.0),

@@ -88,8 +88,8 @@ def test_jsonl_key_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("so \\boxed{12}", 12), ("The answer is 12.", None), ("\\boxed{x = 3}", 3), ("\\boxed{1,000}", 1000),
-    ("\\boxed{12.0}", 12), ("\\boxed{} the answer is 7", None), ("\\boxed{3} then \\boxed{-4}", -4),
+    ("so \\boxed{12}", 12), ("The answer is 12.", 12), ("\\boxed{x = 3}", 3), ("\\boxed{1,000}", 1000),
+    ("\\boxed{12.0}", 12), ("\\boxed{} the answer is 7", 7), ("\\boxed{3} then \\boxed{-4}", -4),
     ("\\boxed{\\$5}", 5), ("no digits here", None), ("", None),
     ("\\boxed{12.5}", None), ("\\boxed{-1,000.00}", -1000), ("\\boxed{3} \\boxed{}", 3),
 ])
