@@ -72,6 +72,8 @@ class GRPO:
     prompt, unbiased std (verl); --no-std gives Dr.GRPO's r_i - mean_j r_j (arXiv:2503.20783). Same A_i on
     every token of response i; no model of its own."""
 
+    memory_parts = frozenset()  # what the memory plan (memory.py) counts beside the actor: nothing
+
     @staticmethod
     def add_arguments(parser) -> None:
         parser.add_argument("--no-std", action="store_true", help="no std normalisation (Dr.GRPO)")

@@ -154,6 +154,8 @@ def value_clip_active(values: torch.Tensor, old_values: torch.Tensor, returns: t
 class PPO:
     """PPO with a discriminative critic (see the module docstring); the algorithm interface of train.py."""
 
+    memory_parts = frozenset({"value critic"})  # what the memory plan (memory.py) counts beside the actor
+
     @staticmethod
     def add_arguments(parser) -> None:
         a = parser.add_argument

@@ -276,6 +276,8 @@ def flops_vs_ppo(actor_tokens: float, critic_tokens: float, critic_trained_token
 
 class GenAC:
     """GenAC as train.py's algorithm interface; genac_stages.py uses it with the actor frozen."""
+
+    memory_parts = frozenset({"generative critic"})  # what the memory plan (memory.py) counts beside the actor
     PROFILES = {"cpu": (32, 8, 128), "paper": (120, None, 1024)}  # segment_tokens, max_segments, critic_max_new_tokens
 
     @staticmethod

@@ -48,7 +48,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from flags import SYNC_BUCKET_MB
+from flags import ALGORITHMS, SYNC_BUCKET_MB, algorithm_class
 
 GB = 1e9
 CONTEXT_GB = 2.0  # CUDA context, NCCL buffers, allocator slack: a round figure
@@ -150,22 +150,12 @@ def kv_bytes_per_token(s: Shape) -> int:
     return 2 * s.layers * s.kv * 2  # K and V, bf16
 
 
-# What each algorithm adds to the actor and its engine (one table: the planner names no algorithm in its logic)
-PARTS = {
-    "grpo": set(),
-    "rloo": set(),
-    "ppo": {"value critic"},
-    "vcppo": {"value critic"},
-    "genac": {"generative critic"},
-    "v05": {"prior embedder"},
-    "poise": {"hidden states"},
-}
 
 
 def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     """-> rows [(component, {phase: bytes})], facts. Phases absent for this algorithm are left out."""
     actor = model_shape(args.model)
-    parts = PARTS[args.algo]
+    parts = algorithm_class(args.algo).memory_parts  # what the algorithm adds to the actor and its engine
     genac, ppo = "generative critic" in parts, "value critic" in parts
     critic = model_shape(args.critic or args.model, value_head=ppo) if genac or ppo else None
     gpu, W, mb = args.gpu_gb * GB, args.world, args.micro_batch_size
@@ -364,7 +354,7 @@ def add_plan_arguments(parser, model_flags: bool) -> None:
     if model_flags:
         a("--model", required=True, help="the actor's config.json or model folder (only the config is read)")
         a("--critic", default=None, help="the critic's config (GenAC, PPO; default: --model)")
-        a("--algo", default="grpo", choices=tuple(PARTS))
+        a("--algo", default="grpo", choices=tuple(ALGORITHMS))
         a("--world", type=int, default=8, help="GPUs the models are sharded over (torchrun ranks)")
         a("--prompt-tokens", type=int, default=512, help="train.py --max-prompt-tokens")
         a("--response-tokens", type=int, default=2048, help="train.py --max-new-tokens")

@@ -310,6 +310,8 @@ def prior_metrics(prior_01: torch.Tensor, observed_rates: torch.Tensor) -> dict:
 class V05:
     """V0.5 as train.py's algorithm interface (see the module docstring for the equations)."""
 
+    memory_parts = frozenset({"prior embedder"})  # what the memory plan (memory.py) counts beside the actor
+
     @staticmethod
     def add_arguments(parser) -> None:
         a = parser.add_argument

@@ -410,6 +410,8 @@ class PoiseBaseline:
 class POISE:
     """POISE as train.py's algorithm interface (see the module docstring)."""
 
+    memory_parts = frozenset({"hidden states"})  # what the memory plan (memory.py) counts beside the actor
+
     @staticmethod
     def add_arguments(parser) -> None:
         a = parser.add_argument

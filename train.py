@@ -21,6 +21,9 @@ The algorithm interface (every class in ALGORITHMS has exactly these; advantage.
                                      its state: critic, prior or probe (checkpoint: the folder resumed from, or None;
                                      a critic reads its shards from checkpoint/critic, checkpoint.load_sharded)
     warmup_steps: int                iterations before RL that train only the algorithm's own model (VC-PPO: 6)
+    memory_parts                     class attribute: what the memory plan counts beside the actor (memory.py):
+                                     a subset of {'value critic', 'generative critic', 'prior embedder',
+                                     'hidden states'}
     hidden_features                  None, or (decoder layer, pool(mb, hidden [b,T,H], entropy [b,R]) -> [b,F]):
                                      what the old-log-prob pass keeps of the actor's hidden states (POISE)
     sample(problems, prompt_ids, generate, seed) -> (samples[prompt][i], flat rewards, metrics)
