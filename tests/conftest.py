@@ -35,3 +35,14 @@ def tiny_model(default_model, tmp_path_factory) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# A test that loads a model (these fixtures) starts real engines, trainers or torchrun: the slow tier. Others are marked
+# by hand (@pytest.mark.slow) where they start a process that does. Quick tier: python -m pytest -q tests -m "not slow".
+MODEL_FIXTURES = {"default_model", "tiny_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
