@@ -271,6 +271,6 @@ def load_checkpoint(folder: Path, state: dict, model, optimizer, stream, algo, w
     load_sharded(folder / "sharded", model, optimizer)
     stream.load_state_dict(state["stream"])
     algo.load_state_dict(state["algorithm"])
-    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    (random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]),
+     torch.set_rng_state(state["rng"]["torch"]))
     return state["step"], state.get("generated_tokens", 0)
