@@ -337,7 +337,8 @@ class V05:
     def check_arguments(args) -> None:
         if not 1 <= (args.v05_fixed or args.v05_n0) <= V05.k_max(args) or args.v05_pad < 1:
             raise ValueError(f"need 1 <= --v05-n0 (or --v05-fixed) <= K_max "
-                             f"(--v05-kmax or floor(1/sqrt(--v05-cost))) and --v05-pad >= 1; got {args.v05_fixed or args.v05_n0}, {V05.k_max(args)}, {args.v05_pad}")
+                             f"(--v05-kmax or floor(1/sqrt(--v05-cost))) and --v05-pad >= 1; "
+                             f"got {args.v05_fixed or args.v05_n0}, {V05.k_max(args)}, {args.v05_pad}")
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
         self.args, self.prior = args, ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling,
