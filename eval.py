@@ -28,8 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from reward import MathVerifier, score_responses
-from rollout import DataError, Problem, evaluate, format_prompt, load_problems
+from reward import MathVerifier
+from rollout import DataError, evaluate, load_problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import zlib
