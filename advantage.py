@@ -116,10 +116,11 @@ class RLOO(GRPO):
 
 
 def ppo_token_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                     clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped surrogate per token: L_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t), with verl's guards:
-    the log-ratio is clamped to ±20 before exp (no inf/NaN at extreme ratios), and for A_t < 0 the loss is capped
-    at -c A_t (dual-clip, arXiv:1912.09729, c = clip_ratio_c = 3).
+                     clip_low: float = 0.2, clip_high: float = 0.2,
+                     clip_ratio_c: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate per token: L_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t), with verl's
+    guards: the log-ratio is clamped to ±20 before exp (no inf/NaN at extreme ratios), and for A_t < 0 the loss is
+    capped at -c A_t (dual-clip, arXiv:1912.09729, c = clip_ratio_c = 3).
 
     All [N, R] -> (losses [N, R], clipped [N, R] bool: where the clipped branch was taken).
     `clip_high = 0.28` is DAPO's clip-higher.

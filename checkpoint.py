@@ -2,7 +2,8 @@
 
     checkpoint-N/                 written as .tmp-checkpoint-N/ and renamed into place once complete
         sharded/                  actor weights + AdamW state, DCP: __<rank>_0.distcp per rank + .metadata
-        critic/                   PPO / VC-PPO / GenAC: the critic's config, tokenizer, sharded/ (+ GenAC's genac_state.json)
+        critic/                   PPO / VC-PPO / GenAC: the critic's config, tokenizer, sharded/
+                                  (+ GenAC's genac_state.json)
         config.json, generation_config.json, tokenizer files
         trainer_state.pt          step, data position, RNG, the algorithm's small state, world size
         model.safetensors         the last checkpoint of a run only (and `python eval.py export CKPT [OUT]`):
@@ -63,7 +64,8 @@ def save_sharded(folder, model, optimizer) -> None:
     for name in tied_aliases(model):
         model_state.pop(name, None)
     with _one_process_ok():
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder),
+                 no_dist=not dist.is_initialized())
 
 
 def load_sharded(folder, model, optimizer) -> None:
@@ -80,9 +82,10 @@ def load_sharded(folder, model, optimizer) -> None:
 
 
 def write_safetensors(named_tensors, folder, shard_mb: float = EXPORT_SHARD_MB) -> None:
-    """(name, tensor) pairs -> folder/model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
-    past `shard_mb` (the layout transformers and vLLM load); one file's tensors in memory at a time. folder None:
-    the pairs are consumed and dropped (ranks that only join stream_full_parameters' gathers)."""
+    """(name, tensor) pairs -> folder/model.safetensors, or model-0000k-of-0000n.safetensors +
+    model.safetensors.index.json past `shard_mb` (the layout transformers and vLLM load); one file's tensors in
+    memory at a time. folder None: the pairs are consumed and dropped (ranks that only join
+    stream_full_parameters' gathers)."""
     from safetensors.torch import save_file
     files, shard, weight_map, held = [], {}, {}, [0]  # held[0]: bytes in `shard`
 
@@ -104,7 +107,8 @@ def write_safetensors(named_tensors, folder, shard_mb: float = EXPORT_SHARD_MB) 
     if shard or not files:
         flush()
     n = len(files)
-    names = [f.with_name("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors") for i, f in enumerate(files)]
+    names = [f.with_name("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+             for i, f in enumerate(files)]
     for f, target in zip(files, names):
         f.rename(target)
         target.chmod(0o644)  # safetensors writes 0600 files; a model folder is read by others too
@@ -222,9 +226,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, stream, a
     algo_state = algo.state_dict()
     if rank == 0:
         write_model_files(tmp, model, tokenizer)
-        torch.save({"step": step, "stream": stream.state_dict(), "algorithm": algo_state, "generated_tokens": generated_total,
+        torch.save({"step": step, "stream": stream.state_dict(), "algorithm": algo_state,
+                    "generated_tokens": generated_total,
                     "world": dist.get_world_size() if dist.is_initialized() else 1,
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state()}},
                    tmp / "trainer_state.pt")
         if final:
             export_checkpoint(tmp)
@@ -246,10 +252,11 @@ def read_trainer_state(folder: Path, out: Path) -> dict:
     try:
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated, zeroed, not a torch file: all unreadable
-        sys.exit(f"error: cannot resume: {folder / 'trainer_state.pt'} is damaged ({type(e).__name__}: {str(e)[:200]}). " + hint)
+        sys.exit(f"error: cannot resume: {folder / 'trainer_state.pt'} is damaged "
+                 f"({type(e).__name__}: {str(e)[:200]}). " + hint)
     if not (folder / "sharded" / ".metadata").is_file():
-        sys.exit(f"error: cannot resume: {folder} has no sharded/.metadata (a checkpoint of an older train.py, which kept "
-                 "full weights and optimizer, or a damaged one). " + hint)
+        sys.exit(f"error: cannot resume: {folder} has no sharded/.metadata (a checkpoint of an older train.py, "
+                 "which kept full weights and optimizer, or a damaged one). " + hint)
     return state
 
 
@@ -258,10 +265,12 @@ def load_checkpoint(folder: Path, state: dict, model, optimizer, stream, algo, w
     data position, algorithm state, RNG -> (step, generated tokens). The algorithm read its own folders in __init__."""
     saved_world = state.get("world", world)
     if saved_world != world and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"[resume] {folder.name} was written by {saved_world} ranks, resumed on {world}: weights and optimizer state "
-              "are resharded exactly, but prompts are split over ranks differently from here on", file=sys.stderr)
+        print(f"[resume] {folder.name} was written by {saved_world} ranks, resumed on {world}: weights and "
+              "optimizer state are resharded exactly, but prompts are split over ranks differently from here on",
+              file=sys.stderr)
     load_sharded(folder / "sharded", model, optimizer)
     stream.load_state_dict(state["stream"])
     algo.load_state_dict(state["algorithm"])
-    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
+    (random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]),
+     torch.set_rng_state(state["rng"]["torch"]))
     return state["step"], state.get("generated_tokens", 0)

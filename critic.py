@@ -124,7 +124,8 @@ def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
     var = float(centred_sq[0]) / max(n - 1, 1.0)
     whitened = (advantages - mean) * (var + 1e-8) ** -0.5 * mask  # = masked_whiten on one rank
     returns_var = float(s[3]) / n - (float(s[2]) / n) ** 2
-    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n, "critic/values_mse": float(s[4]) / n}
+    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n,
+               "critic/values_mse": float(s[4]) / n}
     if returns_var > 1e-6:  # R^2 of the values against the returns (undefined when every reward is equal)
         metrics["critic/r2"] = 1.0 - float(s[4]) / n / returns_var
     return whitened, returns, metrics
@@ -164,7 +165,8 @@ class PPO:
         a("--critic-lr", type=float, default=5e-6)
         a("--gamma", type=float, default=1.0, help="GAE discount")
         a("--lam", type=float, default=1.0, help="GAE lambda of the actor's advantages")
-        a("--critic-lam", type=float, default=None, help="GAE lambda of the critic's returns (default: --lam; VC-PPO: 1)")
+        a("--critic-lam", type=float, default=None,
+          help="GAE lambda of the critic's returns (default: --lam; VC-PPO: 1)")
         a("--value-clip", type=float, default=0.5)
         a("--critic-warmup-steps", type=int, default=0, help="critic-only iterations on the frozen actor before RL "
           "(value pretraining; VC-PPO: 6)")
@@ -174,7 +176,8 @@ class PPO:
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint: Path | None = None):
         self.args, self.device, self.world, self.tokenizer = args, device, world, tokenizer
-        self.model = load_value_model(resolve_model_path(args.critic_model or args.model), device, world, args.seed, args)
+        self.model = load_value_model(resolve_model_path(args.critic_model or args.model),
+                                      device, world, args.seed, args)
         self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
         if checkpoint:  # a resumed run: the critic's weights and optimizer from its shards
             load_sharded(checkpoint / "critic" / "sharded", self.model, self.optimizer)
@@ -294,12 +297,14 @@ def discriminative_value_fn(model, tokenizer, device, batch_size: int = 16):
         for i in range(0, len(states), batch_size):
             chunk = states[i:i + batch_size]
             T = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # left padding: the last column is every state's end
+            # left padding: the last column is every state's end
+            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
             attention = torch.zeros(len(chunk), T, dtype=torch.long)
             for j, s in enumerate(chunk):
                 ids[j, T - len(s):], attention[j, T - len(s):] = torch.tensor(s), 1
             position_ids = (attention.cumsum(1) - 1).clamp(min=0)
-            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=position_ids.to(device)).logits
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device),
+                           position_ids=position_ids.to(device)).logits
             out.extend(logits[:, -1, 0].float().clamp(0, 1).tolist())
         return out
 

@@ -4,14 +4,16 @@
     python eval.py --data data/math500.jsonl --data data/amc23.jsonl -k 16
     python eval.py plot runs/default                  # PNGs from runs/default/metrics.jsonl
     python eval.py summary runs/default               # the README's benchmark table from metrics.jsonl
-    python eval.py compare runs/sweep --baseline grpo # runs grouped by configuration: seeds, intervals, plot (tools/compare.py)
+    python eval.py compare runs/sweep --baseline grpo # runs grouped by configuration: seeds, intervals, plot
+                                                      # (tools/compare.py)
     python eval.py speed                              # each phase next to its bare counterpart (tools/speed.py)
     python eval.py memory --model CONFIG --world 8    # per-GPU memory plan, any HF config, no weights read (memory.py)
     python eval.py export runs/grpo/checkpoint-000010 OUT   # sharded checkpoint -> Hugging Face folder (checkpoint.py)
     python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (GenAC §4)
     python eval.py probe runs/poise                   # POISE's probe value vs held-out avg@8; --cost: its overhead
     (values and probe live in tools/values.py)
-    python eval.py baselines --prompts 100            # all seven algorithms' baselines vs Monte-Carlo V(x) (tools/baselines.py)
+    python eval.py baselines --prompts 100            # all seven algorithms' baselines vs Monte-Carlo V(x)
+                                                      # (tools/baselines.py)
 
 avg@k  = mean over problems of (correct samples / k)                      (the papers use k = 16)
 pass@k = mean over problems of 1 - C(n - c, k) / C(n, k), with n samples and c correct (Chen et al.
@@ -26,8 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from reward import MathVerifier, score_responses
-from rollout import DataError, Problem, evaluate, format_prompt, load_problems
+from reward import MathVerifier
+from rollout import DataError, evaluate, load_problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +96,8 @@ def run_summary(run_dir: str) -> dict:
     mean = lambda key: total(key) / len(steps)  # noqa: E731
     evals = [r for r in rows if "eval/avg_at_k" in r]
     out = {"steps": len(steps), "seconds_in_steps": total("time/step"),
-           **{f"seconds_per_step/{k}": mean(f"time/{k}") for k in ("generate", "score", "old_logprob", "update", "sync", "step")},
+           **{f"seconds_per_step/{k}": mean(f"time/{k}")
+              for k in ("generate", "score", "old_logprob", "update", "sync", "step")},
            "sync_max": max(r["time/sync"] for r in steps),
            "generate_tokens_per_s": total("generated_tokens") / max(total("time/generate"), 1e-9),
            "train_tokens_per_s": total("trained_tokens") / max(total("time/update"), 1e-9),
@@ -115,11 +118,14 @@ def print_summary(run_dir: str) -> None:
     if "avg_at_k_before" in s:
         print(f"| held-out avg@{s['eval_k']} ({s['eval_problems']} problems), before -> after | "
               f"{s['avg_at_k_before']:.3f} -> {s['avg_at_k_after']:.3f} |")
-        print(f"| held-out pass@{s['eval_k']}, before -> after | {s['pass_at_k_before']:.3f} -> {s['pass_at_k_after']:.3f} |")
-    phases = " / ".join(f"{s[f'seconds_per_step/{k}']:.2f}" for k in ("generate", "score", "old_logprob", "update", "sync", "step"))
-    print(f"| {s['steps']} steps, {s['seconds_in_steps'] / 60:.1f} min; seconds per step: generate / score / old log-probs / "
-          f"update / sync / total | {phases} |")
-    print(f"| generated tokens/s (all steps; mean of steps) | {s['generate_tokens_per_s']:.0f}; {s['generate_tokens_per_s_step_mean']:.0f} |")
+        print(f"| held-out pass@{s['eval_k']}, before -> after | "
+              f"{s['pass_at_k_before']:.3f} -> {s['pass_at_k_after']:.3f} |")
+    phases = " / ".join(f"{s[f'seconds_per_step/{k}']:.2f}"
+                        for k in ("generate", "score", "old_logprob", "update", "sync", "step"))
+    print(f"| {s['steps']} steps, {s['seconds_in_steps'] / 60:.1f} min; seconds per step: generate / score / "
+          f"old log-probs / update / sync / total | {phases} |")
+    print(f"| generated tokens/s (all steps; mean of steps) | {s['generate_tokens_per_s']:.0f}; "
+          f"{s['generate_tokens_per_s_step_mean']:.0f} |")
     print(f"| trained tokens/s: rollout prompt + response tokens / update seconds (all steps; mean of steps) | "
           f"{s['train_tokens_per_s']:.0f}; {s['train_tokens_per_s_step_mean']:.0f} |")
     print(f"| weight sync, mean (max) | {s['seconds_per_step/sync']:.2f} s ({s['sync_max']:.2f} s) |")
@@ -134,22 +140,26 @@ def print_summary(run_dir: str) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:  # python eval.py probe RUN_DIR [--data D -n N -k K] | python eval.py probe --cost
-        ap = argparse.ArgumentParser(prog="eval.py probe", description="POISE probe vs held-out avg@k; --cost: feature overhead")
+        ap = argparse.ArgumentParser(prog="eval.py probe",
+                                     description="POISE probe vs held-out avg@k; --cost: feature overhead")
         ap.add_argument("run_dir", nargs="?")
         ap.add_argument("--data", default="arithmetic")
         ap.add_argument("-n", type=int, default=100, help="held-out prompts")
         ap.add_argument("-k", type=int, default=8, help="samples per prompt")
-        ap.add_argument("--cost", action="store_true", help="seconds the features add to the old-log-prob pass, refit at 4096 rows")
+        ap.add_argument("--cost", action="store_true",
+                        help="seconds the features add to the old-log-prob pass, refit at 4096 rows")
         pa = ap.parse_args(argv[1:])
         if not pa.cost and not pa.run_dir:
             ap.error("give a --algo poise run folder, or --cost")
         from tools.values import probe_feature_cost, probe_heldout_quality
-        print(json.dumps(probe_feature_cost() if pa.cost else probe_heldout_quality(pa.run_dir, pa.data, pa.n, pa.k), indent=1))
+        print(json.dumps(probe_feature_cost() if pa.cost else probe_heldout_quality(pa.run_dir, pa.data, pa.n, pa.k),
+                         indent=1))
         return
     if argv[:1] == ["values"]:
         from tools.values import values_main
         return values_main(argv[1:])
-    if argv[:1] == ["baselines"]:  # every algorithm's baseline vs Monte-Carlo V(x), per generated token (tools/baselines.py)
+    # every algorithm's baseline vs Monte-Carlo V(x), per generated token (tools/baselines.py)
+    if argv[:1] == ["baselines"]:
         from tools.baselines import baselines_main
         return baselines_main(argv[1:])
     if argv[:1] == ["speed"]:
@@ -158,7 +168,8 @@ def main(argv=None) -> None:
     if argv[:1] == ["memory"]:  # the per-GPU memory plan of a configuration (memory.py)
         from memory import memory_main
         return memory_main(argv[1:])
-    if argv[:1] == ["export"]:  # python eval.py export CHECKPOINT [OUT]: the Hugging Face folder(s) of a sharded checkpoint
+    # python eval.py export CHECKPOINT [OUT]: the Hugging Face folder(s) of a sharded checkpoint
+    if argv[:1] == ["export"]:
         if len(argv) not in (2, 3):
             sys.exit("usage: python eval.py export CHECKPOINT [OUT]   (default OUT: the checkpoint itself)")
         from checkpoint import export_checkpoint
@@ -188,7 +199,8 @@ def main(argv=None) -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF model folder (default: offline SmolLM2-135M-Instruct)")
-    ap.add_argument("--data", action="append", default=None, help="'arithmetic[:levels]' (held-out split) or a JSONL file; repeatable")
+    ap.add_argument("--data", action="append", default=None,
+                    help="'arithmetic[:levels]' (held-out split) or a JSONL file; repeatable")
     ap.add_argument("-k", type=int, default=4, help="samples per problem")
     ap.add_argument("-n", type=int, default=200, help="problems per data set (0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -204,7 +216,8 @@ def main(argv=None) -> None:
     from rollout import default_engine, make_engine, resolve_model_path
     try:
         model_path = resolve_model_path(args.model)
-        datasets = {spec: load_problems(spec, "benchmark", args.seed, args.problem_key, args.answer_key) for spec in (args.data or ["arithmetic"])}
+        datasets = {spec: load_problems(spec, "benchmark", args.seed, args.problem_key, args.answer_key)
+                    for spec in (args.data or ["arithmetic"])}
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)

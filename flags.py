@@ -1,4 +1,5 @@
-"""The shared command-line flags of train.py (and the update flags of genac_stages.py / tools/speed.py), with their checks.
+"""The shared command-line flags of train.py (and the update flags of genac_stages.py / tools/speed.py), with their
+checks.
 
 Light on purpose (argparse and math only, no torch): train.py checks these flags before its heavy imports, so a
 bad value stops in well under 2 s with one line naming it:
@@ -19,8 +20,8 @@ import os
 from trackers import TRACKERS
 
 # Every algorithm, by its --algo name: the class that implements train.py's algorithm interface, as "module.Class".
-# The ONE list (train.py, tools/sweep.py, the memory planner and the tests read it); adding an algorithm is a file + a line
-# here. Names rather than classes, so that argument errors are reported before torch is imported (< 2 s).
+# The ONE list (train.py, tools/sweep.py, the memory planner and the tests read it); adding an algorithm is a file + a
+# line here. Names rather than classes, so that argument errors are reported before torch is imported (< 2 s).
 ALGORITHMS = {
     "grpo": "advantage.GRPO",  # (r - mean) / (std + 1e-6) per prompt group; --no-std: Dr.GRPO
     "rloo": "advantage.RLOO",  # r_i - mean_{j != i} r_j
@@ -140,7 +141,8 @@ def run_argument_error(args) -> str | None:
                         ("--eval-k must be >= 1", args.eval_k >= 1),
                         ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",
                          min(args.micro_batch_size or 1, args.mini_batches, args.ppo_epochs) >= 1),
-                        (f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks (WORLD_SIZE)",
+                        (f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks "
+                         "(WORLD_SIZE)",
                          args.prompts_per_step % world == 0)):
         if not ok:
             return message

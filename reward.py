@@ -399,7 +399,8 @@ def score_responses(responses: list[str], problems: list[Problem], verifier: Mat
     if math_idx:
         if verifier is None:
             raise ValueError("math problems need a MathVerifier")
-        math_rewards, stats.timeouts = verifier([responses[i] for i in math_idx], [problems[i].answer for i in math_idx])
+        math_rewards, stats.timeouts = verifier([responses[i] for i in math_idx],
+                                                [problems[i].answer for i in math_idx])
         for i, r in zip(math_idx, math_rewards):
             rewards[i] = r
     if finish_reasons:

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import zlib
@@ -101,7 +100,8 @@ def arithmetic_problems(levels: tuple[int, ...], split: str, seed: int) -> list[
     rng = random.Random(seed)
     per_level = []
     for level in levels:
-        rows = [(q, a) for q, a in _arithmetic_level(level) if (zlib.crc32(q.encode()) % 2 == 0) == (split == "heldout")]
+        rows = [(q, a) for q, a in _arithmetic_level(level)
+                if (zlib.crc32(q.encode()) % 2 == 0) == (split == "heldout")]
         rng.shuffle(rows)
         per_level.append([Problem(q, str(a), "int", f"arith-l{level}-{q}") for q, a in rows])
     mixed = []
@@ -137,7 +137,8 @@ def _checked_fields(row: dict, where: str, problem_key: str, answer_key: str) ->
     number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
     non_finite = isinstance(answer, float) and not abs(answer) < float("inf")  # NaN, inf (JSON allows both)
     if not (isinstance(answer, str) or number) or non_finite:
-        raise DataError(f"{where}: {answer_key!r} must be a string or a finite number, got {type(answer).__name__} {_short(answer)}")
+        raise DataError(f"{where}: {answer_key!r} must be a string or a finite number, "
+                        f"got {type(answer).__name__} {_short(answer)}")
     if not str(answer).strip():
         raise DataError(f"{where}: {answer_key!r} is empty")
     return problem, str(answer)
@@ -200,7 +201,8 @@ def load_problems(spec: str, split: str = "train", seed: int = 0, problem_key: s
         rows = datasets.load_dataset(spec, split="test" if split == "benchmark" else split)
     except Exception as e:  # noqa: BLE001 - hub errors vary; name the input instead of a deep traceback
         raise DataError(f"could not load {spec!r} as a file or a Hugging Face dataset: {e}") from None
-    return [Problem(*_checked_fields(r, f"{spec}[{i}]", problem_key, answer_key), "math", f"{spec}-{i}") for i, r in enumerate(rows)]
+    return [Problem(*_checked_fields(r, f"{spec}[{i}]", problem_key, answer_key), "math", f"{spec}-{i}")
+            for i, r in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,10 +233,13 @@ def resolve_model_path(model: str | None) -> str:
     if model:
         if os.path.isdir(model):
             if not os.path.isfile(os.path.join(model, "config.json")):
-                raise FileNotFoundError(f"--model {model}: the folder has no config.json (not a Hugging Face model folder)")
-            if os.path.isfile(os.path.join(model, "sharded", ".metadata")) and not any(Path(model).glob("*.safetensors")):
+                raise FileNotFoundError(f"--model {model}: the folder has no config.json "
+                                        "(not a Hugging Face model folder)")
+            if (os.path.isfile(os.path.join(model, "sharded", ".metadata"))
+                    and not any(Path(model).glob("*.safetensors"))):
                 raise FileNotFoundError(f"--model {model}: a sharded train.py checkpoint without Hugging Face weights; "
-                                        f"write them with `python eval.py export {model}` (in place) or `... export {model} OUT`")
+                                        f"write them with `python eval.py export {model}` (in place) "
+                                        f"or `... export {model} OUT`")
             return model
         if model.startswith(("/", ".", "~")) or model.count("/") != 1:  # a local path, not "org/name"
             raise FileNotFoundError(f"--model {model}: no such folder")
@@ -243,7 +248,8 @@ def resolve_model_path(model: str | None) -> str:
     if _is_model_folder(cache):
         return str(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.parent / f"{cache.name}.lock", "w") as lock:  # two first runs at once: one converts, the other waits
+    # two first runs at once: one converts, the other waits
+    with open(cache.parent / f"{cache.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_model_folder(cache):  # the other run may have finished while this one waited
             _convert_offline_default(cache)
@@ -285,8 +291,9 @@ def _convert_offline_default(cache: Path) -> None:
 # A quiet console: third-party lines that say nothing to a user of this project, dropped at their source
 
 
-# vLLM warnings that describe the CPU build or settings this project chose on purpose (eager mode, an in-process engine,
-# no Triton / tcmalloc / iomp on a CPU, the CPU worker refusing torch.set_num_threads): {logger: how each message starts}
+# vLLM warnings that describe the CPU build or settings this project chose on purpose (eager mode, an in-process
+# engine, no Triton / tcmalloc / iomp on a CPU, the CPU worker refusing torch.set_num_threads):
+# {logger: how each message starts}
 VLLM_EXPECTED_WARNINGS = {
     "vllm.engine.arg_utils": ("The global random seed is set to",),
     "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
@@ -385,8 +392,9 @@ class VLLMEngine:
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleeps)
-        # Loading the fp32 master weights into a bf16 engine warns once per weight ("Attempted to load weight ... float32
-        # into parameter with dtype torch.bfloat16"): the cast is what --engine-dtype asked for. Drop exactly that line.
+        # Loading the fp32 master weights into a bf16 engine warns once per weight ("Attempted to load weight ...
+        # float32 into parameter with dtype torch.bfloat16"): the cast is what --engine-dtype asked for. Drop exactly
+        # that line.
         logging.getLogger("vllm.model_executor.models.utils").addFilter(
             lambda record: not ("Attempted to load weight" in record.getMessage()
                                 and f"torch.float32 into parameter with dtype {self.dtype}" in record.getMessage()))
@@ -414,12 +422,14 @@ class VLLMEngine:
         params = [SamplingParams(n=counts[i], temperature=temperature, top_p=top_p, max_tokens=limits[i], logprobs=0,
                                  structured_outputs=guide) for i in keep]
         torch.manual_seed(seed)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in keep], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in keep], params,
+                                    use_tqdm=False)
         self.cached_prompt_tokens = sum(out.num_cached_tokens or 0 for out in outputs)  # prefix-cache hits of this call
         result: list[list[Sample]] = [[] for _ in prompt_ids]
         for i, out in zip(keep, outputs):
             for c in out.outputs:
-                logprobs = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs else [0.0] * len(c.token_ids)
+                logprobs = ([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs
+                            else [0.0] * len(c.token_ids))
                 result[i].append(Sample(list(c.token_ids), logprobs, c.text, c.finish_reason or "stop"))
         return result
 
@@ -485,14 +495,16 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                    else self.tokenizer.eos_token_id)
         self.holder, self.asleep = "actor", set()
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int], temperature: float,
                  top_p: float, seed: int, regex: str | None = None) -> list[list[Sample]]:
         if regex:
-            raise ValueError("constrained (regex) generation needs the vLLM engine; drop --engine hf or the guidance flag")
+            raise ValueError("constrained (regex) generation needs the vLLM engine; "
+                             "drop --engine hf or the guidance flag")
         counts = [n] * len(prompt_ids) if isinstance(n, int) else list(n)
         limits = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else list(max_tokens)
         eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
@@ -502,16 +514,20 @@ class HFEngine:
                 result.append([])
                 continue
             torch.manual_seed(seed + i)  # one seed per prompt: independent of batching
-            out = self.model.generate(torch.tensor([ids] * count), attention_mask=torch.ones(count, len(ids), dtype=torch.long),
-                                      do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=limits[i],
-                                      output_scores=True, return_dict_in_generate=True, pad_token_id=self.pad)
+            out = self.model.generate(torch.tensor([ids] * count),
+                                      attention_mask=torch.ones(count, len(ids), dtype=torch.long),
+                                      do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                      max_new_tokens=limits[i], output_scores=True, return_dict_in_generate=True,
+                                      pad_token_id=self.pad)
             new = out.sequences[:, len(ids):]  # [count, L]
-            logp = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [count, L]
+            # [count, L]
+            logp = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
             samples = []
             for row, lp in zip(new.tolist(), logp.tolist()):
                 length = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
                 finish = "stop" if length < len(row) or row[-1] in eos else "length"
-                samples.append(Sample(row[:length], lp[:length], self.tokenizer.decode(row[:length], skip_special_tokens=True), finish))
+                samples.append(Sample(row[:length], lp[:length],
+                                      self.tokenizer.decode(row[:length], skip_special_tokens=True), finish))
             result.append(samples)
         return result
 
@@ -544,7 +560,8 @@ def make_engine(kind: str, model_path: str, trainer: bool = False, **kwargs):
         try:
             import vllm  # noqa: F401
         except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"--engine vllm: vLLM does not import here ({e}); install it or use --engine hf") from None
+            raise RuntimeError(f"--engine vllm: vLLM does not import here ({e}); "
+                               "install it or use --engine hf") from None
         engine = VLLMEngine(model_path, **kwargs)
     elif kind == "hf":
         engine = HFEngine(model_path, **kwargs)
@@ -626,9 +643,11 @@ class RolloutBatch:
         left = int((self.prompt_width - self.prompt_lens[idx]).min())  # shared left padding
         R = max(1, int(self.response_lens[idx].max()))
         pick = lambda t: None if t is None else t[idx][:, :R] if t.dim() == 2 else t[idx]  # noqa: E731
-        return RolloutBatch(self.input_ids[idx][:, left:self.prompt_width + R], self.attention_mask[idx][:, left:self.prompt_width + R],
+        return RolloutBatch(self.input_ids[idx][:, left:self.prompt_width + R],
+                            self.attention_mask[idx][:, left:self.prompt_width + R],
                             self.response_mask[idx][:, :R], self.prompt_lens[idx], self.response_lens[idx],
-                            self.engine_logprobs[idx][:, :R], self.rewards[idx], self.group_index[idx], self.prompt_width - left,
+                            self.engine_logprobs[idx][:, :R], self.rewards[idx], self.group_index[idx],
+                            self.prompt_width - left,
                             pick(self.old_logprobs), pick(self.entropies), pick(self.features), pick(self.advantages),
                             pick(self.old_values), pick(self.returns))
 
@@ -655,7 +674,8 @@ def build_rollout_batch(prompt_ids: list[list[int]], samples: list[list[Sample]]
             response_mask[i, :L] = 1
             engine_lp[i, :L] = torch.tensor(s.logprobs[:L])
     return RolloutBatch(input_ids, attention, response_mask,
-                        torch.tensor([len(prompt_ids[p]) for p, _ in rows]), torch.tensor([len(s.token_ids) for _, s in rows]),
+                        torch.tensor([len(prompt_ids[p]) for p, _ in rows]),
+                        torch.tensor([len(s.token_ids) for _, s in rows]),
                         engine_lp, torch.tensor(rewards, dtype=torch.float32), torch.tensor([p for p, _ in rows]), P)
 
 
@@ -686,8 +706,9 @@ def evaluate(engine, tokenizer, problems: list[Problem], k: int, max_new_tokens:
     rewards, stats = score_responses(texts, [p for p, group in zip(problems, samples) for _ in group], verifier)
     correct_per_problem = [sum(rewards[i * k:(i + 1) * k]) for i in range(len(problems))]
     pass_sum = sum(pass_at_k(k, int(c), k) for c in correct_per_problem)
-    out = {"correct_sum": float(sum(rewards)), "samples": len(rewards), "pass_at_k_sum": pass_sum, "problems": len(problems),
-           "generated_tokens": sum(len(s.token_ids) for group in samples for s in group), "timeouts": stats.timeouts}
+    out = {"correct_sum": float(sum(rewards)), "samples": len(rewards), "pass_at_k_sum": pass_sum,
+           "problems": len(problems), "generated_tokens": sum(len(s.token_ids) for group in samples for s in group),
+           "timeouts": stats.timeouts}
     out["avg_at_k"] = out["correct_sum"] / out["samples"]
     out["pass_at_k"] = pass_sum / len(problems)
     return out

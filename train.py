@@ -49,7 +49,8 @@ Run it:
         --data train.jsonl --eval-data math500.jsonl --lr 1e-6 --max-new-tokens 2048     # one 8-GPU node
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 train.py ...
     python train.py --out runs/grpo --resume          # continue exactly; then: python eval.py plot runs/grpo
-    python eval.py export runs/grpo/checkpoint-000010 OUT   # a sharded checkpoint as a Hugging Face folder (checkpoint.py)
+    python eval.py export runs/grpo/checkpoint-000010 OUT   # a sharded checkpoint as a Hugging Face folder
+                                                            # (checkpoint.py)
     python eval.py memory --model CONFIG --world 8    # what each GPU holds in each phase (memory.py)
 """
 
@@ -90,17 +91,19 @@ from trackers import Trackers, install_line, missing_packages
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Shared flags, then the chosen algorithm's own (`--algo X --help` lists them)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=False)
     add_run_arguments(p)  # flags.py: the shared flags with their types and ranges
     add_plan_arguments(p, model_flags=False)  # --gpu-memory-utilization, --engine-max-num-*, --margin-gb (memory.py)
     p.add_argument("--gpu-gb", type=number(float, 0, low_open=True), default=None,
-                   help="each GPU's capacity for the memory plan (default: the device's, torch.cuda.mem_get_info; on the "
-                        "CPU unset: the plan is printed, not checked)")
+                   help="each GPU's capacity for the memory plan (default: the device's, torch.cuda.mem_get_info; "
+                        "on the CPU unset: the plan is printed, not checked)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="default: from the plan on a GPU")
     p.add_argument("--dist-timeout", type=number(float, 0, low_open=True), default=3600.0,
                    help="seconds a collective may wait (uneven judge phases, rank 0's export)")
-    p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)  # None: chosen from the memory plan (memory.run_plan)
+    # None: chosen from the memory plan (memory.run_plan)
+    p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)
     algo = p.parse_known_args(argv)[0].algo  # a key of ALGORITHMS (checked by flags.algorithm_name)
     algorithm_class(algo).add_arguments(p.add_argument_group(f"--algo {algo}"))
     p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
@@ -122,7 +125,8 @@ def setup_distributed(timeout_s: float = 3600.0):
     final export); device_id binds the NCCL communicator to this rank's GPU at once."""
     from datetime import timedelta
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+              else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
@@ -164,8 +168,8 @@ def generate_and_score(engine, problems: list[Problem], prompt_ids: list[list[in
     flat = [(p, s) for p, group in enumerate(samples) for s in group]
     rewards, st = score_responses([s.text for _, s in flat], [problems[p] for p, _ in flat], verifier,
                                   [s.finish_reason for _, s in flat])
-    for key, value in (("time/score", time.time() - t), ("score_timeouts", st.timeouts), ("empty_responses", st.empty_responses),
-                       ("truncated", st.truncated)):
+    for key, value in (("time/score", time.time() - t), ("score_timeouts", st.timeouts),
+                       ("empty_responses", st.empty_responses), ("truncated", st.truncated)):
         stats[key] += value
     return samples, rewards
 
@@ -181,14 +185,17 @@ def rollout_metrics(batch, stats: dict, actor_ran: bool) -> dict:
     local = {"reward": batch.rewards.sum(), "rollouts": len(batch), "generated_tokens": mask.sum(),
              "trained_tokens": batch.attention_mask.sum(), "entropy": (batch.entropies * mask).sum(),
              "logprob_gap": (batch.old_logprobs - batch.engine_logprobs).abs().mul(mask).sum(), "adv": seq_adv.sum(),
-             "adv_sq": (seq_adv ** 2).sum(), "zero_adv": (seq_adv.abs() < 1e-8).sum(), "score_timeouts": stats["score_timeouts"],
-             "empty_responses": stats["empty_responses"], "truncated": stats["truncated"]}
+             "adv_sq": (seq_adv ** 2).sum(), "zero_adv": (seq_adv.abs() < 1e-8).sum(),
+             "score_timeouts": stats["score_timeouts"], "empty_responses": stats["empty_responses"],
+             "truncated": stats["truncated"]}
     s = dict(zip(local, all_reduce(torch.tensor([float(v) for v in local.values()], dtype=torch.float64)).tolist()))
     n, tokens = s["rollouts"], max(s["generated_tokens"], 1.0)
-    record = {"reward": s["reward"] / n, "response_length": tokens / n, "rollouts": int(n), "generated_tokens": int(s["generated_tokens"]),
-              "trained_tokens": int(s["trained_tokens"]), "entropy": s["entropy"] / tokens, "logprob_diff_engine_trainer": s["logprob_gap"] / tokens,
-              "adv_mean": s["adv"] / n, "adv_std": math.sqrt(max(s["adv_sq"] / n - (s["adv"] / n) ** 2, 0.0)), "zero_adv_frac": s["zero_adv"] / n,
-              "score_timeouts": int(s["score_timeouts"]), "empty_responses": int(s["empty_responses"]), "truncated_frac": s["truncated"] / n}
+    record = {"reward": s["reward"] / n, "response_length": tokens / n, "rollouts": int(n),
+              "generated_tokens": int(s["generated_tokens"]), "trained_tokens": int(s["trained_tokens"]),
+              "entropy": s["entropy"] / tokens, "logprob_diff_engine_trainer": s["logprob_gap"] / tokens,
+              "adv_mean": s["adv"] / n, "adv_std": math.sqrt(max(s["adv_sq"] / n - (s["adv"] / n) ** 2, 0.0)),
+              "zero_adv_frac": s["zero_adv"] / n, "score_timeouts": int(s["score_timeouts"]),
+              "empty_responses": int(s["empty_responses"]), "truncated_frac": s["truncated"] / n}
     if not actor_ran:  # warm-up: no trainer forward pass of the actor in this iteration
         del record["entropy"], record["logprob_diff_engine_trainer"]
     return record
@@ -243,8 +250,10 @@ def main(argv=None) -> None:
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     try:
         train_problems = load_problems(args.data, "train", args.seed, args.problem_key, args.answer_key)
-        held_out = (args.eval_data, "benchmark") if args.eval_data else (args.data, "heldout") if args.data.startswith("arithmetic") else None
-        eval_problems = load_problems(*held_out, args.seed, args.problem_key, args.answer_key)[: args.eval_n] if held_out else []
+        held_out = ((args.eval_data, "benchmark") if args.eval_data
+                    else (args.data, "heldout") if args.data.startswith("arithmetic") else None)
+        eval_problems = (load_problems(*held_out, args.seed, args.problem_key, args.answer_key)[: args.eval_n]
+                         if held_out else [])
         base_model = resolve_model_path(args.model)
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -260,19 +269,30 @@ def main(argv=None) -> None:
         setattr(args, key, getattr(plan_args, key))
     if master:
         print(line, file=sys.stderr, flush=True)
-    if master:  # run.json (args, versions, git commit, model and data hashes; a --resume appends); which rows are held out
-        write_start(out, args, sys.argv[1:] if argv is None else argv, base_model, train_problems, eval_problems, device, world)
-        print(f"[data] train: {len(train_problems)} problems of {args.data}; held-out: " + (
-            f"{len(eval_problems)} of {args.eval_data} (--eval-data)" if args.eval_data else f"{len(eval_problems)} of the "
-            "arithmetic task's held-out split (disjoint by a hash of the text)" if held_out else "none (a file has no "
-            "held-out split: pass --eval-data FILE)") + (", not evaluated (--no-eval)" if args.no_eval else ""), file=sys.stderr)
+    # run.json (args, versions, git commit, model and data hashes; a --resume appends); which rows are held out
+    if master:
+        write_start(out, args, sys.argv[1:] if argv is None else argv, base_model, train_problems, eval_problems,
+                    device, world)
+        if args.eval_data:
+            held_out_text = f"{len(eval_problems)} of {args.eval_data} (--eval-data)"
+        elif held_out:
+            held_out_text = (f"{len(eval_problems)} of the arithmetic task's held-out split "
+                             "(disjoint by a hash of the text)")
+        else:
+            held_out_text = "none (a file has no held-out split: pass --eval-data FILE)"
+        if args.no_eval:
+            held_out_text += ", not evaluated (--no-eval)"
+        print(f"[data] train: {len(train_problems)} problems of {args.data}; held-out: {held_out_text}",
+              file=sys.stderr)
     resume_from = latest_checkpoint(out) if args.resume else None
     resume_state = read_trainer_state(resume_from, out) if resume_from else None
     tokenizer = AutoTokenizer.from_pretrained(str(resume_from) if resume_from else base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    too_long = next(((p, n) for p in train_problems + eval_problems if (n := len(format_prompt(tokenizer, p))) > args.max_prompt_tokens), None)
+    too_long = next(((p, n) for p in train_problems + eval_problems
+                     if (n := len(format_prompt(tokenizer, p))) > args.max_prompt_tokens), None)
     if too_long:
-        sys.exit(f"error: problem {too_long[0].id!r} has a {too_long[1]}-token prompt, over --max-prompt-tokens {args.max_prompt_tokens}")
+        sys.exit(f"error: problem {too_long[0].id!r} has a {too_long[1]}-token prompt, "
+                 f"over --max-prompt-tokens {args.max_prompt_tokens}")
     model = load_actor(base_model, device, world, args)  # a resumed run's shards are read over it (load_checkpoint)
     ref_model = load_actor(base_model, device, world, args).eval() if args.kl_coef > 0 else None
     optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -282,10 +302,11 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. a missing --prior-embedder
         sys.exit(f"error: {e}")
     stream = PromptStream(train_problems, args.seed)
-    start_step, generated_total = load_checkpoint(resume_from, resume_state, model, optimizer, stream, algo, world) if resume_from else (0, 0)
+    start_step, generated_total = (load_checkpoint(resume_from, resume_state, model, optimizer, stream, algo, world)
+                                   if resume_from else (0, 0))
     if args.resume and master:
-        print(f"[resume] from {resume_from} at step {start_step}" if resume_from else f"[resume] no checkpoint in {out}; "
-              "starting from scratch", file=sys.stderr)
+        print(f"[resume] from {resume_from} at step {start_step}" if resume_from
+              else f"[resume] no checkpoint in {out}; starting from scratch", file=sys.stderr)
     # ONE engine per process (rollout.VLLMEngine): the actor generates on it, GenAC's critic judges on it with its
     # weights swapped in, so it holds the longer of their contexts (args.engine_max_model_len: set by an algorithm
     # that shares it)
@@ -297,11 +318,13 @@ def main(argv=None) -> None:
                          max_num_batched_tokens=args.engine_max_num_batched_tokens)
     if resume_from:  # the engine starts from the base weights: give it the resumed ones
         engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")
-    verifier = MathVerifier(timeout_s=args.verifier_timeout) if any(p.kind == "math" for p in train_problems + eval_problems) else None
+    verifier = (MathVerifier(timeout_s=args.verifier_timeout)
+                if any(p.kind == "math" for p in train_problems + eval_problems) else None)
     metrics_path = out / "metrics.jsonl"
     if master and not args.resume:
         metrics_path.unlink(missing_ok=True)
-    if master and resume_from and metrics_path.exists():  # a run killed after logging past its checkpoint: drop those lines
+    # a run killed after logging past its checkpoint: drop those lines
+    if master and resume_from and metrics_path.exists():
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
         metrics_path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(metrics_path.with_suffix(".tmp"), metrics_path)
@@ -312,9 +335,11 @@ def main(argv=None) -> None:
     if start_step == 0:
         run_eval(0)
     total_steps = algo.warmup_steps + args.steps
-    if args.token_budget and generated_total >= args.token_budget:  # resumed from a run's final (budget-stopped) checkpoint
+    # resumed from a run's final (budget-stopped) checkpoint
+    if args.token_budget and generated_total >= args.token_budget:
         total_steps = start_step
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master, desc=type(algo).__name__)
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
+               desc=type(algo).__name__)
     for step in bar:
         t_step, actor_trains = time.time(), step >= algo.warmup_steps  # warm-up: only the algorithm's own model trains
         problems = stream.next_batch(local_prompts * world)[rank * local_prompts:(rank + 1) * local_prompts]
@@ -326,7 +351,8 @@ def main(argv=None) -> None:
         engine.wake()  # awake since the last sync (no-op); after an evaluation too
         stats = {"score_timeouts": 0, "empty_responses": 0, "truncated": 0, "time/score": 0.0}
         generate = functools.partial(generate_and_score, engine, problems, prompt_ids, args, verifier, stats)
-        samples, rewards, m_sample = algo.sample(problems, prompt_ids, generate, seed=args.seed * 1_000_003 + step * 7 + rank)
+        samples, rewards, m_sample = algo.sample(problems, prompt_ids, generate,
+                                                 seed=args.seed * 1_000_003 + step * 7 + rank)
         # GPU memory to the trainer until the sync: level 2 drops the weights the sync replaces; a warm-up step (the
         # actor does not change) keeps them in host RAM (level 1). GenAC's judge wakes it for the critic.
         engine.sleep(level=2 if actor_trains else 1)
@@ -335,7 +361,8 @@ def main(argv=None) -> None:
         batch.extras["step"] = step
 
         # 2. hidden features (POISE) need a no-grad pass before the advantages; otherwise the update takes the old
-        #    log-probs and entropies from its own first forward (actor.ppo_update) and passes over later mini-batches only
+        #    log-probs and entropies from its own first forward (actor.ppo_update) and passes over later mini-batches
+        #    only
         t, m_old = time.time(), {}
         model.eval()
         if actor_trains and algo.hidden_features is not None:
@@ -368,29 +395,35 @@ def main(argv=None) -> None:
         times["time/sync"], times["time/step"] = time.time() - t, time.time() - t_step
 
         # 6. log, evaluate, checkpoint
-        record = {"step": step + 1, "phase": "rl" if actor_trains else "warmup", **rollout_metrics(batch, stats, actor_trains),
-                  **m_update, **times, **m_old, **m_sample, **m_algo, **m_after}
+        record = {"step": step + 1, "phase": "rl" if actor_trains else "warmup",
+                  **rollout_metrics(batch, stats, actor_trains), **m_update, **times, **m_old, **m_sample, **m_algo,
+                  **m_after}
         generated_total += record["generated_tokens"]
         record.update({"tokens_per_s/generate": record["generated_tokens"] / max(times["time/generate"], 1e-9),
-                       "tokens_per_s/train": record["trained_tokens"] / max(times["time/update"], 1e-9), "generated_tokens_total": generated_total})
+                       "tokens_per_s/train": record["trained_tokens"] / max(times["time/update"], 1e-9),
+                       "generated_tokens_total": generated_total})
         log(record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", len=f"{record['response_length']:.0f}", s=f"{record['time/step']:.0f}")
+        bar.set_postfix(reward=f"{record['reward']:.3f}", len=f"{record['response_length']:.0f}",
+                        s=f"{record['time/step']:.0f}")
         if args.token_budget and generated_total >= args.token_budget and step + 1 < total_steps:
             if master:
-                print(f"[budget] {generated_total} generated tokens >= --token-budget {args.token_budget}; stopping after step {step + 1}", flush=True)
+                print(f"[budget] {generated_total} generated tokens >= --token-budget {args.token_budget}; "
+                      f"stopping after step {step + 1}", flush=True)
             total_steps = step + 1
             break
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
             run_eval(step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out, step + 1, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total)
+            save_checkpoint(out, step + 1, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints,
+                            generated_total)
 
     if start_step < total_steps:
         run_eval(total_steps)
-        final = save_checkpoint(out, total_steps, model, optimizer, tokenizer, stream, algo, rank, args.keep_checkpoints, generated_total,
-                                final=True)  # + the Hugging Face weights
+        final = save_checkpoint(out, total_steps, model, optimizer, tokenizer, stream, algo, rank,
+                                args.keep_checkpoints, generated_total, final=True)  # + the Hugging Face weights
         if master:
-            print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; plots: python eval.py plot {out}", flush=True)
+            print(f"[done] {total_steps} steps; checkpoint {final}; metrics {metrics_path}; "
+                  f"plots: python eval.py plot {out}", flush=True)
     if master:  # the completion marker, after the final evaluation and checkpoint (tools/sweep.py skips such runs)
         mark_done(out, total_steps, generated_total)
     for closable in (verifier, engine, algo, trackers):
@@ -409,17 +442,20 @@ def append_jsonl(path: Path, record: dict, trackers: Trackers | None = None) -> 
         trackers.log(record)
 
 
-def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, args, rank: int, world: int, log, step: int) -> None:
+def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, args, rank: int, world: int, log,
+                     step: int) -> None:
     """avg@k and pass@k on the held-out problems (each rank its share), logged and printed."""
     if not eval_problems or args.no_eval:
         return
     t = time.time()
-    result = evaluate(engine, tokenizer, eval_problems[rank::world], args.eval_k, args.max_new_tokens, verifier, seed=args.seed + 17)
-    totals = all_reduce(torch.tensor([result["correct_sum"], result["samples"], result["pass_at_k_sum"], result["problems"],
-                                      result["generated_tokens"], result["timeouts"]], dtype=torch.float64))
-    record = {"step": step, "eval/avg_at_k": float(totals[0] / totals[1]), "eval/pass_at_k": float(totals[2] / totals[3]),
-              "eval/k": args.eval_k, "eval/problems": int(totals[3]), "eval/generated_tokens": int(totals[4]),
-              "eval/timeouts": int(totals[5]), "time/eval": time.time() - t}
+    result = evaluate(engine, tokenizer, eval_problems[rank::world], args.eval_k, args.max_new_tokens, verifier,
+                      seed=args.seed + 17)
+    totals = all_reduce(torch.tensor([result["correct_sum"], result["samples"], result["pass_at_k_sum"],
+                                      result["problems"], result["generated_tokens"], result["timeouts"]],
+                                     dtype=torch.float64))
+    record = {"step": step, "eval/avg_at_k": float(totals[0] / totals[1]),
+              "eval/pass_at_k": float(totals[2] / totals[3]), "eval/k": args.eval_k, "eval/problems": int(totals[3]),
+              "eval/generated_tokens": int(totals[4]), "eval/timeouts": int(totals[5]), "time/eval": time.time() - t}
     log(record)
     if rank == 0:
         print(f"[eval] step {step}: avg@{args.eval_k} {record['eval/avg_at_k']:.4f} "

@@ -22,9 +22,9 @@ import runrecord
 
 NON_SEMANTIC = {"seed", "out", "resume", "save_every", "keep_checkpoints", "eval_every", "gpu_memory_utilization",
                 "report_to"}
-T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604, 2.1448,
-         2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484,
-         2.0452, 2.0423)  # Student t, 97.5% quantile, df = 1..30
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)  # Student t, 97.5% quantile, df = 1..30
 
 
 def t_quantile_975(df: int) -> float:
@@ -51,7 +51,8 @@ def mean_ci(xs: list[float]) -> tuple[float, float | None]:
 
 
 def fmt_ci(xs: list[float], signed: bool = False, of: int | None = None) -> str:
-    """'0.600 ± 0.248'; one value: '0.600 (n=1, no interval)'; `of` more runs than values: '0.600 ± 0.248 (n=3 of 4)'."""
+    """'0.600 ± 0.248'; one value: '0.600 (n=1, no interval)'; `of` more runs than values:
+    '0.600 ± 0.248 (n=3 of 4)'."""
     if not xs:
         return "–"
     mean, half = mean_ci(xs)
@@ -60,7 +61,8 @@ def fmt_ci(xs: list[float], signed: bool = False, of: int | None = None) -> str:
 
 
 def fmt_duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200
+            else f"{seconds / 3600:.1f} h")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +119,8 @@ def read_run(folder) -> Run:
     final_step = record["done"]["step"] if run.complete else run.steps
     if evals and evals[-1]["step"] == final_step:
         e = evals[-1]
-        run.final = {"avg": e["eval/avg_at_k"], "pass": e["eval/pass_at_k"], "k": e.get("eval/k"), "problems": e.get("eval/problems")}
+        run.final = {"avg": e["eval/avg_at_k"], "pass": e["eval/pass_at_k"], "k": e.get("eval/k"),
+                     "problems": e.get("eval/problems")}
     return run
 
 
@@ -130,7 +133,8 @@ def find_run_folders(paths) -> list[Path]:
         is_run = lambda p: (p / runrecord.RECORD).is_file() or (p / "metrics.jsonl").is_file()  # noqa: E731
         runs = [path] if is_run(path) else sorted(p for p in path.iterdir() if p.is_dir() and is_run(p))
         if not runs:
-            raise FileNotFoundError(f"{path}: no run folders (no {runrecord.RECORD} or metrics.jsonl in it or its subfolders)")
+            raise FileNotFoundError(f"{path}: no run folders (no {runrecord.RECORD} or metrics.jsonl in it "
+                                    "or its subfolders)")
         found += runs
     return found
 
@@ -173,12 +177,15 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
     """Complete runs grouped by configuration -> (groups, notes on what was left out). Label: the algorithm and the
     flags given explicitly that differ between configurations (and, for configurations still alike, what differs)."""
     notes, by_key = [], {}
-    complete = [r for r in runs if r.complete]  # an algorithm's own flags exist only in its runs: look within each algorithm
-    by_algo = {a: partially_recorded([r for r in complete if r.args["algo"] == a]) for a in {r.args["algo"] for r in complete}}
+    # an algorithm's own flags exist only in its runs: look within each algorithm
+    complete = [r for r in runs if r.complete]
+    by_algo = {a: partially_recorded([r for r in complete if r.args["algo"] == a])
+               for a in {r.args["algo"] for r in complete}}
     unrecorded = {k: v for flags in by_algo.values() for k, v in flags.items()}
     if unrecorded:
         notes.append("not recorded by every run of an algorithm (older code), so not compared: " + ", ".join(
-            f"{k}={v}" for k, v in sorted(unrecorded.items())) + " in the runs that record it; the others are taken to behave the same")
+            f"{k}={v}" for k, v in sorted(unrecorded.items()))
+            + " in the runs that record it; the others are taken to behave the same")
     for run in runs:
         if not run.complete:
             notes.append(f"incomplete, left out: `{run.folder}` (last logged step {run.steps}; no `done` in run.json)")
@@ -190,15 +197,19 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
         same[run.seed] = run
     members = [[r for _, r in sorted(seeds.items())] for seeds in by_key.values()]
     flags = set().union(*(explicit_flags(r) for rs in members for r in rs)) - NON_SEMANTIC - {"algo"} - set(unrecorded)
-    shown = sorted(k for k in flags if len({json.dumps(rs[0].args.get(k), default=str) for rs in members if k in rs[0].args}) > 1)
+    shown = sorted(k for k in flags
+                   if len({json.dumps(rs[0].args.get(k), default=str) for rs in members if k in rs[0].args}) > 1)
     order = lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))  # noqa: E731 - numbers by value
     members.sort(key=lambda rs: (rs[0].args["algo"], [order(rs[0].args.get(k)) for k in shown]))
-    labels = [" ".join([rs[0].args["algo"]] + [f"{k}={rs[0].args[k]}" for k in shown if k in rs[0].args]) for rs in members]
+    labels = [" ".join([rs[0].args["algo"]] + [f"{k}={rs[0].args[k]}" for k in shown if k in rs[0].args])
+              for rs in members]
     configs = [json.loads(config_key(rs[0], by_algo[rs[0].args["algo"]])) for rs in members]
     items = [{k: rs[0].args[k] for k in shown if k in rs[0].args} for rs in members]
-    for label in set(labels):  # configurations the shown flags do not tell apart (e.g. a newer train.py's new flag): add what differs
+    # configurations the shown flags do not tell apart (e.g. a newer train.py's new flag): add what differs
+    for label in set(labels):
         same = [i for i, other in enumerate(labels) if other == label]
-        differ = sorted(k for k in set().union(*(configs[i] for i in same)) if len({json.dumps(configs[i].get(k)) for i in same}) > 1)
+        differ = sorted(k for k in set().union(*(configs[i] for i in same))
+                        if len({json.dumps(configs[i].get(k)) for i in same}) > 1)
         for i in same:
             labels[i] += "".join(f" {k}={configs[i].get(k)}" for k in differ)
             items[i].update({k: configs[i].get(k) for k in differ})
@@ -216,7 +227,8 @@ def baseline_for(group: Group, groups: list[Group], baseline: str) -> Group | No
     exact = [g for g in groups if g.label == baseline]
     if exact:
         return exact[0]
-    same = [g for g in groups if g.args["algo"] == baseline and all(g.shown[k] == v for k, v in group.shown.items() if k in g.shown)]
+    same = [g for g in groups if g.args["algo"] == baseline
+            and all(g.shown[k] == v for k, v in group.shown.items() if k in g.shown)]
     return same[0] if len(same) == 1 else None
 
 
@@ -234,8 +246,8 @@ def markdown_table(groups: list[Group], notes: list[str], baseline: str) -> str:
     notes, evaluated = list(notes), [r.final for g in groups for r in g.runs if r.final]
     ks = {f["k"] for f in evaluated}
     k = str(ks.pop()) if len(ks) == 1 else "k"
-    lines = [f"| configuration | seeds | held-out avg@{k} | pass@{k} | Δ avg@{k} vs {baseline} (paired seeds) | generated tokens "
-             "| wall time | s/step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| configuration | seeds | held-out avg@{k} | pass@{k} | Δ avg@{k} vs {baseline} (paired seeds) "
+             "| generated tokens | wall time | s/step |", "|---|---|---|---|---|---|---|---|"]
     no_eval = []
     for g in groups:
         finals = [r.final for r in g.runs if r.final]
@@ -247,20 +259,23 @@ def markdown_table(groups: list[Group], notes: list[str], baseline: str) -> str:
             delta = "– (no baseline row)"
         else:
             diffs = paired_differences(g, base)
-            delta = fmt_ci(diffs, signed=True) + (f" ({len(diffs)} seeds)" if len(diffs) > 1 else "") if diffs else "– (no shared seeds)"
+            delta = (fmt_ci(diffs, signed=True) + (f" ({len(diffs)} seeds)" if len(diffs) > 1 else "") if diffs
+                     else "– (no shared seeds)")
         seeds = ",".join(str(r.seed) for r in g.runs)
         tokens, _ = mean_ci([r.generated_tokens for r in g.runs])
         seconds, _ = mean_ci([r.seconds for r in g.runs])
         per_step = [r.seconds_per_step for r in g.runs if r.seconds_per_step is not None]
         lines.append(f"| {g.label} | {len(g.runs)} ({seeds}) | {fmt_ci([f['avg'] for f in finals], of=len(g.runs))} | "
-                     f"{fmt_ci([f['pass'] for f in finals], of=len(g.runs))} | {delta} | {tokens:,.0f} | {fmt_duration(seconds)} | "
+                     f"{fmt_ci([f['pass'] for f in finals], of=len(g.runs))} | {delta} | {tokens:,.0f} | "
+                     f"{fmt_duration(seconds)} | "
                      + (f"{sum(per_step) / len(per_step):.1f} |" if per_step else "– |"))
     problems = {f["problems"] for f in evaluated}
     budgets = {g.args.get("token_budget") for g in groups}
-    lines += ["", f"Mean ± 95% Student-t interval over seeds (n - 1 df; one seed: no interval). Held-out avg@{k} / pass@{k}: "
-              f"the evaluation at each run's final step ({'/'.join(map(str, sorted(problems))) or 'no'} problems). Δ: the mean "
-              f"per-seed difference to {baseline} (same flags otherwise) over the seeds both have, with the t-interval of those "
-              "differences. Generated tokens: training rollouts (evaluation not counted), mean per run; wall time: seconds in "
+    lines += ["", f"Mean ± 95% Student-t interval over seeds (n - 1 df; one seed: no interval). "
+              f"Held-out avg@{k} / pass@{k}: the evaluation at each run's final step "
+              f"({'/'.join(map(str, sorted(problems))) or 'no'} problems). Δ: the mean per-seed difference to "
+              f"{baseline} (same flags otherwise) over the seeds both have, with the t-interval of those differences. "
+              "Generated tokens: training rollouts (evaluation not counted), mean per run; wall time: seconds in "
               "steps and evaluations, mean per run (loading and restarts not counted)."]
     if len(budgets) > 1:
         notes.append(f"the configurations have different --token-budget values: {sorted(budgets, key=str)}")
@@ -291,7 +306,8 @@ def plot_curves(groups: list[Group], path: Path, points: int = 50) -> Path | Non
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("generated training tokens"), ax.set_ylabel("held-out avg@k"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    (ax.set_xlabel("generated training tokens"), ax.set_ylabel("held-out avg@k"), ax.grid(alpha=0.3),
+     ax.legend(fontsize=8))
     ax.set_title("mean and 95% t-band across seeds (runs interpolated onto a common token grid)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,10 +317,12 @@ def plot_curves(groups: list[Group], path: Path, points: int = 50) -> Path | Non
 
 
 def compare_main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="eval.py compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="eval.py compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", help="run folders, or folders of run folders (a sweep's --out)")
     ap.add_argument("--baseline", default="grpo", help="algorithm (or full row label) the Δ column pairs against")
-    ap.add_argument("--plot", default=None, help="PNG of avg@k vs generated tokens (default: FIRST_DIR/compare_avg_at_k.png)")
+    ap.add_argument("--plot", default=None,
+                    help="PNG of avg@k vs generated tokens (default: FIRST_DIR/compare_avg_at_k.png)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -322,5 +340,5 @@ def compare_main(argv: list[str]) -> None:
     print(markdown_table(groups, skipped + notes, args.baseline), end="")
     if not args.no_plot:
         written = plot_curves(groups, Path(args.plot) if args.plot else Path(args.dirs[0]) / "compare_avg_at_k.png")
-        print(f"\n![held-out avg@k vs generated tokens]({written})" if written else "\n(no plot: no run has two evaluations; "
-              "pass --eval-every N to train.py)")
+        print(f"\n![held-out avg@k vs generated tokens]({written})" if written
+              else "\n(no plot: no run has two evaluations; pass --eval-every N to train.py)")

@@ -57,10 +57,12 @@ def speed_main(argv: list[str]) -> None:
     import actor
     from reward import MathVerifier, score_responses
     from rollout import DataError, build_rollout_batch, format_prompt, load_problems, make_engine, resolve_model_path
-    ap = argparse.ArgumentParser(prog="eval.py speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="eval.py speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--data", default="arithmetic", help="'arithmetic' or a JSONL file of problems")
-    ap.add_argument("--shapes", default="8x4,4x8,16x8", help="prompts x samples per engine call; the first is the update's batch")
+    ap.add_argument("--shapes", default="8x4,4x8,16x8",
+                    help="prompts x samples per engine call; the first is the update's batch")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--mini-batches", type=int, default=1)
@@ -75,7 +77,8 @@ def speed_main(argv: list[str]) -> None:
     except ValueError:
         sys.exit(f"error: --shapes {pa.shapes!r}: expected prompts x samples, e.g. 8x4,16x8")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    verifier = MathVerifier() if any(p.kind == "math" for p in problems) else None  # a JSONL of math problems: math-verify
+    # a JSONL of math problems: math-verify
+    verifier = MathVerifier() if any(p.kind == "math" for p in problems) else None
     engine = make_engine("vllm", model_path, dtype="bfloat16", seed=0, max_model_len=1024 + pa.max_new_tokens)
     engine.generate([format_prompt(tokenizer, problems[0])], 1, 8, 1.0, 1.0, 0)  # warm-up
     print(f"| generation: prompts x samples (≤ {pa.max_new_tokens} new tokens) | loop tokens/s | bare vLLM tokens/s "
@@ -92,10 +95,12 @@ def speed_main(argv: list[str]) -> None:
             start = time.time()
             bare_rate.append(bare_generate(engine, prompt_ids, n, pa.max_new_tokens) / (time.time() - start))
         start = time.time()
-        rewards, _ = score_responses([s.text for g in samples for s in g], [p for p, g in zip(chosen, samples) for _ in g], verifier)
+        rewards, _ = score_responses([s.text for g in samples for s in g],
+                                     [p for p, g in zip(chosen, samples) for _ in g], verifier)
         scoring = time.time() - start
         loop, bare = sum(loop_rate) / len(loop_rate), sum(bare_rate) / len(bare_rate)
-        print(f"| {prompts} x {n} | {loop:.0f} | {bare:.0f} | {loop and bare / loop - 1:+.0%} | {scoring:.2f} |", flush=True)
+        print(f"| {prompts} x {n} | {loop:.0f} | {bare:.0f} | {loop and bare / loop - 1:+.0%} | {scoring:.2f} |",
+              flush=True)
         if first is None:
             first = build_rollout_batch(prompt_ids, samples, rewards, tokenizer.pad_token_id)
     engine.close()
@@ -107,7 +112,8 @@ def speed_main(argv: list[str]) -> None:
     optimizer = actor.adamw(model.parameters(), lr=1e-7, weight_decay=0.0)  # tiny steps: the batch stays on-policy
     update_defaults = argparse.ArgumentParser()
     actor.add_update_arguments(update_defaults)  # train.py's update flags and defaults
-    run_args = update_defaults.parse_args(["--micro-batch-size", str(pa.micro_batch_size), "--mini-batches", str(pa.mini_batches)])
+    run_args = update_defaults.parse_args(["--micro-batch-size", str(pa.micro_batch_size),
+                                           "--mini-batches", str(pa.mini_batches)])
     run_args.seed, run_args.temperature = 0, 1.0
     first.extras["step"] = 0
     first.advantages = (first.rewards - first.rewards.mean())[:, None] * first.response_mask
@@ -124,7 +130,8 @@ def speed_main(argv: list[str]) -> None:
 
     def bare() -> float:
         start = time.time()
-        bare_update(model.train(), optimizer, first, steps, pa.micro_batch_size, run_args.share_prompts, run_args, device)
+        bare_update(model.train(), optimizer, first, steps, pa.micro_batch_size, run_args.share_prompts, run_args,
+                    device)
         return time.time() - start
 
     loop_update(False), bare()  # warm-up
@@ -134,8 +141,11 @@ def speed_main(argv: list[str]) -> None:
         seconds["bare"].append(bare())
         seconds["separate"].append(loop_update(True))
     mean = {k: sum(v) / len(v) for k, v in seconds.items()}
-    print(f"\n| update of {len(first)} rollouts, {int(tokens)} prompt + response tokens, {pa.mini_batches} mini-batch(es), "
-          f"micro-batch {pa.micro_batch_size} | seconds | rollout tokens/s | vs bare |\n|---|---|---|---|")
-    for name, label in (("bare", "bare forward + backward + optimizer step"), ("loop", "the loop's update (actor.ppo_update)"),
+    print(f"\n| update of {len(first)} rollouts, {int(tokens)} prompt + response tokens, "
+          f"{pa.mini_batches} mini-batch(es), micro-batch {pa.micro_batch_size} | seconds | rollout tokens/s | "
+          "vs bare |\n|---|---|---|---|")
+    for name, label in (("bare", "bare forward + backward + optimizer step"),
+                        ("loop", "the loop's update (actor.ppo_update)"),
                         ("separate", "the loop's update after a separate old-log-prob pass (before the shortcut)")):
-        print(f"| {label} | {mean[name]:.2f} | {tokens / mean[name]:.0f} | {mean[name] / mean['bare'] - 1:+.0%} |", flush=True)
+        print(f"| {label} | {mean[name]:.2f} | {tokens / mean[name]:.0f} | {mean[name] / mean['bare'] - 1:+.0%} |",
+              flush=True)

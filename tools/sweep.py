@@ -4,7 +4,8 @@
         -- --eval-every 5 --eval-n 100                      # after --: flags every run gets
     python -m tools.sweep ... --grid lr=1e-6,3e-6 --grid no-std=on,off      # × every combination (on/off: a switch)
     python -m tools.sweep ... --nproc-per-node 8                  # each run as torchrun --standalone --nproc_per_node 8
-    python -m tools.sweep ... --dry-run                           # the plan and each run's command (to submit as separate jobs)
+    python -m tools.sweep ... --dry-run                           # the plan and each run's command
+                                                                  # (to submit as separate jobs)
     python eval.py compare runs/sweep                       # the table and the plot
 
 Runs go one after another, seed by seed (all algorithms of seed 0 first: paired comparisons are possible early),
@@ -66,7 +67,8 @@ def flag_args(name: str, value: str, switch: bool) -> list[str]:
 
 
 def newest_checkpoint_step(folder: Path) -> int | None:
-    """The step of the newest complete checkpoint: checkpoint.latest_checkpoint's rule (a folder with trainer_state.pt)."""
+    """The step of the newest complete checkpoint: checkpoint.latest_checkpoint's rule (a folder with
+    trainer_state.pt)."""
     steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if (p / "trainer_state.pt").is_file()]
     return max(steps, default=None)
 
@@ -93,7 +95,8 @@ def plan(algos, seeds, token_budget: int, out: Path, grid, extra: list[str]) -> 
                 for t in (flag, value)]
     switches = {name for name, values in grid if set(values) <= {"on", "off"}}
     runs = []
-    for seed, combo, algo in itertools.product(seeds, itertools.product(*[[(n, v) for v in vs] for n, vs in grid]), algos):
+    for seed, combo, algo in itertools.product(seeds, itertools.product(*[[(n, v) for v in vs] for n, vs in grid]),
+                                               algos):
         folder = out / "-".join([algo, f"seed{seed}", *(f"{n}={v}" for n, v in combo)])
         flags = ["--algo", algo, "--seed", str(seed), "--token-budget", str(token_budget), *defaults,
                  *(t for n, v in combo for t in flag_args(n, v, n in switches)), *extra]
@@ -103,14 +106,17 @@ def plan(algos, seeds, token_budget: int, out: Path, grid, extra: list[str]) -> 
             raise ValueError(f"{folder} was started with other flags: recorded {' '.join(recorded_flags(record))!r}, "
                              f"now {' '.join(flags)!r}; use another --out or move the folder away")
         state = "complete" if runrecord.is_complete(folder) else "interrupted" if folder.exists() else "new"
-        runs.append(PlannedRun(label, folder, flags, state, newest_checkpoint_step(folder) if state == "interrupted" else None))
+        runs.append(PlannedRun(label, folder, flags, state,
+                               newest_checkpoint_step(folder) if state == "interrupted" else None))
     return runs
 
 
 def command(run: PlannedRun, nproc_per_node: int) -> list[str]:
-    launcher = [sys.executable] if nproc_per_node <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                             f"--nproc_per_node={nproc_per_node}"]
-    resume = ["--resume"] if run.resume_step is not None else []  # no checkpoint yet: a fresh start (clears metrics.jsonl)
+    launcher = ([sys.executable] if nproc_per_node <= 1
+                else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={nproc_per_node}"])
+    # no checkpoint yet: a fresh start (clears metrics.jsonl)
+    resume = ["--resume"] if run.resume_step is not None else []
     return launcher + [str(ROOT / "train.py"), *run.flags, "--out", str(run.folder)] + resume
 
 
@@ -127,7 +133,8 @@ def outcome(folder: Path) -> str:
         final = read_run(folder).final
     except (FileNotFoundError, ValueError) as e:  # e.g. its metrics.jsonl is gone
         return f", but {e}"
-    return f", avg@{final['k']} {final['avg']:.3f}, pass@{final['k']} {final['pass']:.3f}" if final else ", no final evaluation"
+    return (f", avg@{final['k']} {final['avg']:.3f}, pass@{final['k']} {final['pass']:.3f}" if final
+            else ", no final evaluation")
 
 
 def main(argv=None) -> int:
@@ -136,13 +143,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algos", nargs="+", required=True, choices=tuple(ALGORITHMS), help="train.py --algo values")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--token-budget", type=int, required=True, help="generated tokens per run (train.py --token-budget)")
+    ap.add_argument("--token-budget", type=int, required=True,
+                    help="generated tokens per run (train.py --token-budget)")
     ap.add_argument("--out", required=True, help="the sweep's folder: one run folder per grid point")
-    ap.add_argument("--grid", action="append", default=[], help="FLAG=V1,V2,...: also vary a train.py flag (repeatable)")
-    ap.add_argument("--nproc-per-node", type=int, default=1, help="> 1: each run through torchrun with this many processes")
+    ap.add_argument("--grid", action="append", default=[],
+                    help="FLAG=V1,V2,...: also vary a train.py flag (repeatable)")
+    ap.add_argument("--nproc-per-node", type=int, default=1,
+                    help="> 1: each run through torchrun with this many processes")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
-    ap.add_argument("--drop-checkpoints", action="store_true", help="delete a run's checkpoints once it is complete (its "
-                    "metrics and run.json stay): a grid of many runs on a small disk")
+    ap.add_argument("--drop-checkpoints", action="store_true",
+                    help="delete a run's checkpoints once it is complete (its metrics and run.json stay): "
+                    "a grid of many runs on a small disk")
     args = ap.parse_args(ours)
     if args.token_budget < 1:
         ap.error("--token-budget must be >= 1: a sweep compares at an equal generated-token budget")
@@ -159,8 +170,9 @@ def main(argv=None) -> int:
         if run.state == "complete":
             print(f"{head}skipped (complete){outcome(run.folder)}", flush=True)
             continue
-        print(head + (f"resuming from step {run.resume_step} ... " if run.resume_step else "interrupted before a checkpoint, "
-                      "starting over ... " if run.state == "interrupted" else "running ... "), end="", flush=True)
+        print(head + (f"resuming from step {run.resume_step} ... " if run.resume_step
+                      else "interrupted before a checkpoint, starting over ... " if run.state == "interrupted"
+                      else "running ... "), end="", flush=True)
         run.folder.mkdir(parents=True, exist_ok=True)
         start = time.time()
         with open(run.folder / "train.log", "a") as log:
@@ -181,7 +193,8 @@ def main(argv=None) -> int:
                     shutil.rmtree(folder, ignore_errors=True)
         else:
             failed.append(run.folder)
-            print(f"failed (exit code {code}) after {time.time() - start:.0f} s; see {run.folder / 'train.log'}", flush=True)
+            print(f"failed (exit code {code}) after {time.time() - start:.0f} s; see {run.folder / 'train.log'}",
+                  flush=True)
     if failed:
         print(f"[sweep] {len(failed)} of {len(runs)} runs failed: {', '.join(map(str, failed))}", flush=True)
     elif not args.dry_run:
