@@ -1,8 +1,8 @@
 """Worker for test_checkpoint.py (one process or torchrun): streamed weight gathering and sharded checkpoints.
 
-    python tests/_checkpoint_worker.py stream MODEL OUT.json              # torchrun: every bucket size == full_tensor()
-    python tests/_checkpoint_worker.py save MODEL DIR OUT.pt              # train a step, save_sharded(DIR), dump full state
-    python tests/_checkpoint_worker.py load MODEL DIR OUT.pt              # load_sharded(DIR) into a fresh model, dump full state
+    python tests/_checkpoint_worker.py stream MODEL OUT.json  # torchrun: every bucket size == full_tensor()
+    python tests/_checkpoint_worker.py save MODEL DIR OUT.pt  # train a step, save_sharded(DIR), dump full state
+    python tests/_checkpoint_worker.py load MODEL DIR OUT.pt  # load_sharded(DIR) into a fresh model, dump full state
 """
 import json
 import os
@@ -20,9 +20,9 @@ import checkpoint  # noqa: E402
 import train  # noqa: E402
 from _fsdp_update import fixed_batch  # noqa: E402
 
-ARGS = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=2, loss_agg="token-mean", clip_low=0.2, clip_high=0.28,
-                       kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True, temperature=1.0, clip_ratio_c=3.0,
-                       gradient_checkpointing=False)
+ARGS = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=2, loss_agg="token-mean", clip_low=0.2,
+                       clip_high=0.28, kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True,
+                       temperature=1.0, clip_ratio_c=3.0, gradient_checkpointing=False)
 
 
 def full_state(model, optimizer) -> dict:
@@ -37,7 +37,8 @@ def stream_check(model) -> dict:
     """Every bucket size and dtype gives full_tensor()'s values, the tied lm_head included unless tied=False; the
     generator keeps nothing it handed out."""
     from torch.distributed.tensor import DTensor
-    reference = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    reference = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                 for k, v in model.state_dict().items()}
     gathers, real = [0], torch.distributed.all_gather_into_tensor
 
     def counting(*a, **k):

@@ -1,4 +1,5 @@
-"""Worker for test_genac.py: two critic REINFORCE steps (SGD, lr 1) of a tiny Llama on GenAC-shaped states; saves the weights.
+"""Worker for test_genac.py: two critic REINFORCE steps (SGD, lr 1) of a tiny Llama on GenAC-shaped states; saves the
+weights.
 
     python tests/_fsdp_critic_update.py MODEL OUT unpacked                      # one process, one row per state
     torchrun --nproc_per_node=2 tests/_fsdp_critic_update.py MODEL OUT packed   # FSDP2, each rank its responses, packed
@@ -22,12 +23,15 @@ def main():
     rank, world, device = train.setup_distributed()
     torch.manual_seed(0)
     model = actor.load_actor(model_dir, device, world)
-    batch, _, _ = critic_states_batch(torch.Generator().manual_seed(7), responses=((0, 3, 8), (0, 5), (0, 2, 4, 6, 9), (0, 4)))
-    batch.advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(8))[:, None] * batch.response_mask
+    batch, _, _ = critic_states_batch(torch.Generator().manual_seed(7),
+                                      responses=((0, 3, 8), (0, 5), (0, 2, 4, 6, 9), (0, 4)))
+    batch.advantages = (torch.randn(len(batch), generator=torch.Generator().manual_seed(8))[:, None]
+                        * batch.response_mask)
     args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=3, loss_agg="token-mean", clip_low=0.2,
                            clip_high=0.2, kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=False,
                            temperature=1.0, clip_ratio_c=3.0)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # weights move by the gradients themselves (Adam would amplify noise)
+    # weights move by the gradients themselves (Adam would amplify noise)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
     for step in range(2):  # step s: responses {s, s + 2}; rank r takes response s + 2 r
         owners = [step + 2 * r for r in range(2)] if world == 1 else [step + 2 * rank]
         rows = torch.nonzero(torch.isin(batch.group_index, torch.tensor(owners))).flatten()

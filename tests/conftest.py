@@ -22,13 +22,15 @@ def default_model() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(default_model, tmp_path_factory) -> str:
-    """A 2-layer random Llama (head_dim 64: vLLM-CPU attention supports no smaller) with SmolLM2's tokenizer: real code paths, seconds per step."""
+    """A 2-layer random Llama (head_dim 64: vLLM-CPU attention supports no smaller) with SmolLM2's tokenizer: real
+    code paths, seconds per step."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(default_model)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     model.config.architectures = ["LlamaForCausalLM"]

@@ -55,8 +55,10 @@ def test_aggregation_modes():
     L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert A.aggregate_loss(L, m, "token-mean", A.loss_normaliser(m, "token-mean")) == pytest.approx(10 / 4)
-    assert A.aggregate_loss(L, m, "seq-mean-token-mean", A.loss_normaliser(m, "seq-mean-token-mean")) == pytest.approx((2 + 4) / 2)
-    assert A.aggregate_loss(L, m, "seq-mean-token-sum", A.loss_normaliser(m, "seq-mean-token-sum")) == pytest.approx((6 + 4) / 2)
+    assert A.aggregate_loss(L, m, "seq-mean-token-mean",
+                            A.loss_normaliser(m, "seq-mean-token-mean")) == pytest.approx((2 + 4) / 2)
+    assert A.aggregate_loss(L, m, "seq-mean-token-sum",
+                            A.loss_normaliser(m, "seq-mean-token-sum")) == pytest.approx((6 + 4) / 2)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         A.loss_normaliser(m, "mean")
 
@@ -105,7 +107,8 @@ def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
     from rollout import Sample, build_rollout_batch
     torch.manual_seed(1)
     prompts = [[1, 5, 9, 13], [2, 7, 11]]
-    samples = [[Sample(torch.randint(10, 400, (n,)).tolist(), [0.0] * n, "", "stop") for n in (3, 7, 1, 5)] for _ in prompts]
+    samples = [[Sample(torch.randint(10, 400, (n,)).tolist(), [0.0] * n, "", "stop") for n in (3, 7, 1, 5)]
+               for _ in prompts]
     batch = build_rollout_batch(prompts, samples, [1, 0, 0, 1, 1, 1, 0, 0], pad_id=2)
     batch.old_logprobs = -torch.rand(batch.response_mask.shape) * batch.response_mask
     batch.advantages = torch.randn(len(batch))[:, None] * batch.response_mask
@@ -113,8 +116,8 @@ def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
     for share in (False, True):
         for mbs in (1, 3, 8):
             model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-            args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=mbs, loss_agg=mode, clip_low=0.2, clip_high=0.2,
-                                   kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share,
+            args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=mbs, loss_agg=mode, clip_low=0.2,
+                                   clip_high=0.2, kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share,
                                    temperature=1.0, clip_ratio_c=3.0)
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
             actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1)
@@ -128,13 +131,15 @@ def test_mini_batches_hold_whole_prompts():
     """Each optimizer step's mini-batch holds all rollouts of its prompts (verl's layout); every rollout once."""
     import actor
     from rollout import Sample, build_rollout_batch
-    batch = build_rollout_batch([[1], [2], [3], [4], [5]], [[Sample([7], [0.0], "", "stop")] * 4 for _ in range(5)], [0.0] * 20, pad_id=0)
+    batch = build_rollout_batch([[1], [2], [3], [4], [5]], [[Sample([7], [0.0], "", "stop")] * 4 for _ in range(5)],
+                                [0.0] * 20, pad_id=0)
     parts = actor.mini_batch_indices(batch, 2, torch.Generator().manual_seed(0))
     assert len(parts) == 2 and sorted(torch.cat(parts).tolist()) == list(range(20))
     assert sorted(len(p) for p in parts) == [8, 12]
     assert set(batch.group_index[parts[0]].tolist()).isdisjoint(batch.group_index[parts[1]].tolist())
     assert actor.mini_batch_indices(batch, 1, torch.Generator())[0].tolist() == list(range(20))
-    few = actor.mini_batch_indices(batch.select(torch.arange(8)), 4, torch.Generator().manual_seed(0))  # 2 prompts, 4 steps
+    # 2 prompts, 4 steps
+    few = actor.mini_batch_indices(batch.select(torch.arange(8)), 4, torch.Generator().manual_seed(0))
     assert [len(p) for p in few] == [2, 2, 2, 2]
 
 
@@ -145,13 +150,15 @@ def test_shared_prompt_micro_batches_keep_a_prompts_rollouts_together():
     from rollout import Sample, build_rollout_batch
     lens = [[3, 7, 1, 5, 2], [4, 4], [9], [1, 1, 1]]
     batch = build_rollout_batch([[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]],
-                                [[Sample([5] * n, [0.0] * n, "", "stop") for n in ls] for ls in lens], [0.0] * 11, pad_id=0)
+                                [[Sample([5] * n, [0.0] * n, "", "stop") for n in ls] for ls in lens], [0.0] * 11,
+                                pad_id=0)
     for size in (1, 2, 3, 4, 16):
         parts = actor.rollout_micro_batches(batch, size, share_prompts=True)
         assert sorted(torch.cat(parts).tolist()) == list(range(11)) and max(len(p) for p in parts) <= size
         for prompt, count in enumerate(map(len, lens)):
             pieces = [int((batch.group_index[p] == prompt).sum()) for p in parts]
-            assert sorted(x for x in pieces if x) == sorted([size] * (count // size) + ([count % size] if count % size else []))
+            assert sorted(x for x in pieces if x) == sorted([size] * (count // size)
+                                                            + ([count % size] if count % size else []))
 
 
 def test_micro_batches_cover_rows_once_and_keep_long_rows_apart():
@@ -163,14 +170,16 @@ def test_micro_batches_cover_rows_once_and_keep_long_rows_apart():
     lengths = torch.tensor([67, 177, 67, 67, 177, 67, 67, 67, 67, 177, 67, 67, 67, 67, 67, 67])
     groups = actor.micro_batches(lengths, 16, overhead_tokens=256)
     assert sorted(torch.cat(groups).tolist()) == list(range(16))
-    assert sorted(lengths[g].max().item() * len(g) for g in groups) == [3 * 177, 13 * 67]  # 1402 padded tokens, not 2832
+    # 1402 padded tokens, not 2832
+    assert sorted(lengths[g].max().item() * len(g) for g in groups) == [3 * 177, 13 * 67]
 
     def cost(gs, overhead):
         return sum(len(g) * int(lengths_[g].max()) + overhead for g in gs)
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(30):
-        n, size, overhead = 7, int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(0, 300, (1,), generator=gen))
+        n, size, overhead = (7, int(torch.randint(1, 5, (1,), generator=gen)),
+                             int(torch.randint(0, 300, (1,), generator=gen)))
         lengths_ = torch.randint(10, 200, (n,), generator=gen)
         groups = actor.micro_batches(lengths_, size, overhead_tokens=overhead)
         assert sorted(torch.cat(groups).tolist()) == list(range(n)) and max(len(g) for g in groups) <= size
@@ -192,7 +201,8 @@ def test_genac_copy_of_gae_equals_critics():
         ours = genac.whitened_gae(values, rewards, mask, gamma, lam, returns_lam)
         theirs = C.whitened_gae(values, rewards, mask, gamma, lam, returns_lam)
         assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]) and ours[2] == theirs[2]
-        assert torch.equal(genac.gae_advantages(values, rewards, mask, gamma, lam)[0], C.gae_advantages(values, rewards, mask, gamma, lam)[0])
+        assert torch.equal(genac.gae_advantages(values, rewards, mask, gamma, lam)[0],
+                           C.gae_advantages(values, rewards, mask, gamma, lam)[0])
 
 
 def test_ppo_loss_guards_at_extreme_ratios():
@@ -201,8 +211,10 @@ def test_ppo_loss_guards_at_extreme_ratios():
     adv = torch.tensor([[-1.0, 0.0, 1.0, -1.0]])
     loss, _ = A.ppo_token_losses(logp, old, adv, 0.2, 0.2, clip_ratio_c=3.0)
     assert torch.isfinite(loss).all()  # before: inf (A = -1) and NaN (A = 0)
-    assert loss.flatten().tolist() == pytest.approx([3.0, 0.0, -1.2, 1.0])  # -1: capped at c; +1: clipped at 1.2; ratio 1: -A
-    moderate, _ = A.ppo_token_losses(torch.tensor([[math.log(2.0)]]), torch.tensor([[0.0]]), torch.tensor([[-1.0]]), 0.2, 0.2, 3.0)
+    # -1: capped at c; +1: clipped at 1.2; ratio 1: -A
+    assert loss.flatten().tolist() == pytest.approx([3.0, 0.0, -1.2, 1.0])
+    moderate, _ = A.ppo_token_losses(torch.tensor([[math.log(2.0)]]), torch.tensor([[0.0]]), torch.tensor([[-1.0]]),
+                                     0.2, 0.2, 3.0)
     assert moderate.item() == pytest.approx(2.0)  # rho = 2 < c: the ordinary clipped loss max(2, 1.2) * 1
     logp.requires_grad_(True)
     A.ppo_token_losses(logp, old, adv, 0.2, 0.2, 3.0)[0].sum().backward()
@@ -236,7 +248,8 @@ def test_trainer_logprobs_are_those_of_the_tempered_distribution(tiny_model):
             assert torch.allclose(ent[0, :3], -(p * p.log()).sum(-1), atol=1e-4)
 
 
-@pytest.mark.parametrize("mini_batches,epochs,share", [(1, 1, False), (1, 1, True), (2, 1, True), (1, 2, False), (2, 2, False)])
+@pytest.mark.parametrize("mini_batches,epochs,share",
+                         [(1, 1, False), (1, 1, True), (2, 1, True), (1, 2, False), (2, 2, False)])
 def test_update_takes_old_logprobs_from_its_first_step_with_the_same_result(tiny_model, mini_batches, epochs, share):
     """batch.old_logprobs = None (the loop's default): the first optimizer step's rows take pi_old from the step's own
     forward and only later mini-batches get a no-grad pass. Parameters after the update, every metric, the filled
@@ -249,15 +262,16 @@ def test_update_takes_old_logprobs_from_its_first_step_with_the_same_result(tiny
     def make_batch():
         torch.manual_seed(3)
         prompts = [[1, 5, 9, 13], [2, 7, 11], [4, 8]]
-        samples = [[Sample(torch.randint(10, 400, (n,)).tolist(), [0.0] * n, "", "stop") for n in (3, 7, 5)] for _ in prompts]
+        samples = [[Sample(torch.randint(10, 400, (n,)).tolist(), [0.0] * n, "", "stop") for n in (3, 7, 5)]
+                   for _ in prompts]
         batch = build_rollout_batch(prompts, samples, [1, 0, 0, 1, 1, 0, 0, 1, 0], pad_id=2)
         batch.advantages = torch.randn(len(batch))[:, None] * batch.response_mask
         batch.extras["step"] = 0
         return batch
 
-    args = SimpleNamespace(ppo_epochs=epochs, mini_batches=mini_batches, micro_batch_size=4, loss_agg="token-mean", clip_low=0.2,
-                           clip_high=0.2, kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share,
-                           temperature=0.7, clip_ratio_c=3.0)
+    args = SimpleNamespace(ppo_epochs=epochs, mini_batches=mini_batches, micro_batch_size=4, loss_agg="token-mean",
+                           clip_low=0.2, clip_high=0.2, kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0,
+                           share_prompts=share, temperature=0.7, clip_ratio_c=3.0)
     results = []
     for separate_pass in (True, False):
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -270,7 +284,8 @@ def test_update_takes_old_logprobs_from_its_first_step_with_the_same_result(tiny
         metrics = actor.ppo_update(model.train(), opt, batch, args, torch.device("cpu"), world=1)
         results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), metrics, batch, len(calls)))
     (params_a, m_a, batch_a, calls_a), (params_b, m_b, batch_b, calls_b) = results
-    assert m_a["approx_kl"] > 0 if (mini_batches, epochs) != (1, 1) else m_a["approx_kl"] < 1e-12  # later steps are off-policy
+    # later steps are off-policy
+    assert m_a["approx_kl"] > 0 if (mini_batches, epochs) != (1, 1) else m_a["approx_kl"] < 1e-12
     assert torch.allclose(params_a, params_b, atol=1e-6, rtol=1e-5)
     for name in ("policy_loss", "clip_frac", "approx_kl", "grad_norm", "optimizer_steps"):
         assert m_b[name] == pytest.approx(m_a[name], rel=1e-5, abs=1e-9), name

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_unknown_algo():
@@ -50,12 +51,15 @@ def test_group_size_one_rejected():
 
 
 def test_missing_prior_embedder(tiny_model):
-    p = run("--algo", "v05", "--model", tiny_model, "--engine", "hf", "--prior-embedder", "/no/such/embedder", "--no-eval")
-    assert p.returncode == 1 and "/no/such/embedder" in p.stderr and "does not exist" in p.stderr and "Traceback" not in p.stderr
+    p = run("--algo", "v05", "--model", tiny_model, "--engine", "hf", "--prior-embedder", "/no/such/embedder",
+            "--no-eval")
+    assert (p.returncode == 1 and "/no/such/embedder" in p.stderr and "does not exist" in p.stderr
+            and "Traceback" not in p.stderr)
 
 
 def test_bad_numbers_fail_when_parsed_not_after_loading():
-    for flags, message in ((("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"), (("--temperature", "-1"), "--temperature must be > 0"),
+    for flags, message in ((("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+                           (("--temperature", "-1"), "--temperature must be > 0"),
                            (("--algo", "v05", "--v05-n0", "20", "--v05-kmax", "16"), "--v05-n0")):
         p = run(*flags)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (flags, p.stderr[-500:])
@@ -93,7 +97,8 @@ BAD_FLAGS = [  # (flags, the one line train.py prints), each stopped by the pars
     (("--gpu-memory-utilization", "0"),
      "argument --gpu-memory-utilization: expected a finite number > 0 and <= 1, got '0'"),
     (("--temperature", "nan"), "--temperature must be > 0"),
-    (("--algo", "nope"), "argument --algo: unknown --algo 'nope'; choose one of grpo, rloo, ppo, vcppo, genac, v05, poise"),
+    (("--algo", "nope"),
+     "argument --algo: unknown --algo 'nope'; choose one of grpo, rloo, ppo, vcppo, genac, v05, poise"),
 ]
 
 

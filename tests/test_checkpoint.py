@@ -25,8 +25,8 @@ def _free_port() -> int:
 
 
 def worker(ranks: int, *args) -> None:
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                                                    f"--master_port={_free_port()}"]
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={ranks}", f"--master_port={_free_port()}"]
     subprocess.run([*launcher, str(WORKER), *map(str, args)], check=True, env=ENV, timeout=600, cwd=ROOT)
 
 
@@ -37,9 +37,11 @@ def test_streamed_gather_equals_full_tensor_and_keeps_nothing(tiny_model, tmp_pa
     r = json.loads((tmp_path / "stream.json").read_text())
     assert r["aliases"] == ["lm_head.weight"] and r["kept"] == 0
     g = r["gathers"]
-    assert g["0/None"] == 21  # bucket 0: one all-gather per weight (embedding, 2 x 9 per layer, final norm, tied lm_head)
+    # bucket 0: one all-gather per weight (embedding, 2 x 9 per layer, final norm, tied lm_head)
+    assert g["0/None"] == 21
     assert g["1000.0/None"] == 1  # everything in one bucket
-    assert g["0/None"] > g["0.05/None"] > g["0.05/torch.bfloat16"] > g["1.0/None"] > 1  # bf16 buckets hold twice the parameters
+    # bf16 buckets hold twice the parameters
+    assert g["0/None"] > g["0.05/None"] > g["0.05/torch.bfloat16"] > g["1.0/None"] > 1
 
 
 def test_sharded_checkpoint_reshards_across_world_sizes(tiny_model, tmp_path):
@@ -60,7 +62,8 @@ def test_sharded_checkpoint_reshards_across_world_sizes(tiny_model, tmp_path):
         for k in a["optimizer"]:
             for s in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(a["optimizer"][k][s], b["optimizer"][k][s]), (saved, loaded, k, s)
-    one, two = torch.load(tmp_path / "saved1.pt"), torch.load(tmp_path / "saved2.pt")  # and FSDP2 trained like one process
+    # and FSDP2 trained like one process
+    one, two = torch.load(tmp_path / "saved1.pt"), torch.load(tmp_path / "saved2.pt")
     assert all(torch.allclose(one["weights"][k], two["weights"][k], atol=1e-5) for k in one["weights"])
 
 
@@ -85,8 +88,8 @@ def test_export_writes_hugging_face_folders_that_load(tiny_model, tmp_path):
     tokenizer; from_pretrained gives the trained weights back, the tied lm_head included."""
     from transformers import AutoModelForCausalLM
     model = _checkpoint_folder(tiny_model, tmp_path / "checkpoint-000001")
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "export", str(tmp_path / "checkpoint-000001"), str(tmp_path / "out")],
-                          capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "export", str(tmp_path / "checkpoint-000001"),
+                           str(tmp_path / "out")], capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
     assert not (tmp_path / "out" / "sharded").exists() and (tmp_path / "out" / "tokenizer.json").is_file()
@@ -99,8 +102,8 @@ def test_export_writes_hugging_face_folders_that_load(tiny_model, tmp_path):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder, dtype=torch.float32)
         for name, p in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], p), (folder, name)
-    bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), "export", tiny_model], capture_output=True, text=True, env=ENV,
-                         timeout=300, cwd=ROOT)
+    bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), "export", tiny_model], capture_output=True, text=True,
+                         env=ENV, timeout=300, cwd=ROOT)
     assert bad.returncode != 0 and "holds no sharded weights" in bad.stderr
 
 
@@ -134,7 +137,8 @@ def test_a_checkpoint_without_shards_is_refused_by_name(tmp_path):
 
 
 def test_hf_engine_loads_streamed_weights(tiny_model):
-    """HFEngine.load_weights copies each tensor as it arrives (a generator), the tied lm_head following the embedding."""
+    """HFEngine.load_weights copies each tensor as it arrives (a generator), the tied lm_head following the
+    embedding."""
     import actor
     from rollout import HFEngine
     from transformers import AutoModelForCausalLM
@@ -156,9 +160,9 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model):
     from _fsdp_update import fixed_batch
     weights = []
     for checkpointing in (False, True):
-        args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=4, loss_agg="token-mean", clip_low=0.2, clip_high=0.28,
-                               kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True, temperature=1.0,
-                               clip_ratio_c=3.0, gradient_checkpointing=checkpointing)
+        args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=4, loss_agg="token-mean", clip_low=0.2,
+                               clip_high=0.28, kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True,
+                               temperature=1.0, clip_ratio_c=3.0, gradient_checkpointing=checkpointing)
         model = actor.load_actor(tiny_model, torch.device("cpu"), 1, args).train()
         assert model.is_gradient_checkpointing == checkpointing
         optimizer = actor.adamw(model.parameters(), lr=1e-3, weight_decay=0.01)

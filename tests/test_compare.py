@@ -1,4 +1,5 @@
-"""tools/compare.py and runrecord.py on hand-made run folders: intervals, pairing by seed, grouping, odd runs, the table."""
+"""tools/compare.py and runrecord.py on hand-made run folders: intervals, pairing by seed, grouping, odd runs, the
+table."""
 import argparse
 import json
 import math
@@ -15,11 +16,13 @@ GRPO_ARGS = {"algo": "grpo", "model": None, "data": "arithmetic", "lr": 2e-5, "r
 
 def make_run(folder, seed, avg=None, pass_=None, algo="grpo", done=True, argv=(), evals=True, **args):
     """A run folder as train.py leaves it: run.json and metrics.jsonl with 2 steps of 40 generated tokens (3 s and 6 s:
-    4.5 s/step), evaluations of 1 s at steps 0, 1, 2 (avg rising linearly to `avg`) unless evals=False: 12 s (9 s) in all."""
+    4.5 s/step), evaluations of 1 s at steps 0, 1, 2 (avg rising linearly to `avg`) unless evals=False: 12 s (9 s) in
+    all."""
     folder.mkdir(parents=True)
     record = {"args": {**GRPO_ARGS, "algo": algo, "seed": seed, "out": str(folder), **args},
               "argv": ["--algo", algo, "--seed", str(seed), *argv], "git": {"commit": "abc", "dirty": False},
-              "model": {"path": "m", "sha256": "h"}, "resumes": [], "done": {"step": 2, "generated_tokens": 80} if done else None}
+              "model": {"path": "m", "sha256": "h"}, "resumes": [],
+              "done": {"step": 2, "generated_tokens": 80} if done else None}
     (folder / "run.json").write_text(json.dumps(record))
     rows = []
     for step in (0, 1, 2):
@@ -52,7 +55,8 @@ def test_t_quantiles_match_closed_forms():
     assert compare.t_quantile_975(1) == pytest.approx(math.tan(math.pi * 0.475), abs=1e-4)
     assert compare.t_quantile_975(2) == pytest.approx(math.sqrt(2 * 0.9025 / 0.0975), abs=1e-4)
     assert compare.t_quantile_975(30) > compare.t_quantile_975(31) > compare.t_quantile_975(1000) > 1.96
-    assert compare.t_quantile_975(31) == pytest.approx(2.0395, abs=1e-4) and compare.t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert (compare.t_quantile_975(31) == pytest.approx(2.0395, abs=1e-4)
+            and compare.t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4))
     scipy_t = pytest.importorskip("scipy.stats").t
     for df in (3, 7, 15, 29, 45, 200):
         assert compare.t_quantile_975(df) == pytest.approx(scipy_t.ppf(0.975, df), abs=1e-4)
@@ -81,7 +85,8 @@ def test_grouping_by_configuration(tmp_path):
     for seed in (0, 1):
         make_run(tmp_path / f"a{seed}", seed, 0.5, 0.7, argv=["--lr", "1e-06"], lr=1e-6)
         make_run(tmp_path / f"b{seed}", seed, 0.6, 0.8, argv=["--lr", "3e-06"], lr=3e-6)
-        make_run(tmp_path / f"c{seed}", seed, 0.4, 0.6, algo="poise", argv=["--lr", "1e-06"], lr=1e-6, rollouts_per_prompt=2)
+        make_run(tmp_path / f"c{seed}", seed, 0.4, 0.6, algo="poise", argv=["--lr", "1e-06"], lr=1e-6,
+                 rollouts_per_prompt=2)
     groups, notes = groups_of(tmp_path)
     assert [g.shown for g in groups] == [{"lr": 1e-6}, {"lr": 3e-6}, {"lr": 1e-6}] and not notes
     assert [(g.label, [r.seed for r in g.runs]) for g in groups] == [
@@ -99,7 +104,8 @@ def test_grouping_by_configuration(tmp_path):
     assert not any("not compared" in n for n in apart_notes)
     table = compare.markdown_table(groups, [], "grpo")
     # each row is paired with the grpo row of its own lr: poise 0.4 - grpo 0.5 = -0.100 on both seeds (no spread)
-    assert "| poise lr=1e-06 | 2 (0,1) | 0.400 ± 0.000 | 0.600 ± 0.000 | -0.100 ± 0.000 (2 seeds) | 80 | 12 s | 4.5 |" in table
+    assert ("| poise lr=1e-06 | 2 (0,1) | 0.400 ± 0.000 | 0.600 ± 0.000 | -0.100 ± 0.000 (2 seeds) | 80 | 12 s | 4.5 |"
+            in table)
 
 
 def test_a_run_without_evaluation_lines_and_an_incomplete_run(tmp_path):
@@ -160,7 +166,8 @@ def test_run_record_start_resume_done(tmp_path):
     out.mkdir()
     runrecord.write_start(out, args, ["--lr", "1e-6"], str(model), problems, problems, "cpu", 1)
     first = runrecord.load(out)
-    assert first["args"]["lr"] == 1e-6 and first["versions"]["torch"] and first["done"] is None and not runrecord.is_complete(out)
+    assert (first["args"]["lr"] == 1e-6 and first["versions"]["torch"] and first["done"] is None
+            and not runrecord.is_complete(out))
     assert len(first["model"]["sha256"]) == 64 and first["data"]["train"]["problems"] == 1
     (model / "model.safetensors").write_bytes(b"other weights")
     assert runrecord.model_identity(str(model))["sha256"] != first["model"]["sha256"]

@@ -20,7 +20,8 @@ def test_weight_sync_makes_engine_and_trainer_logprobs_agree(default_model):
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layers.3." in name or "layers.20." in name or "embed_tokens" in name:  # the embedding is the tied LM head too
+            # the embedding is the tied LM head too
+            if "layers.3." in name or "layers.20." in name or "embed_tokens" in name:
                 p.add_(0.02 * torch.randn_like(p))
     problems = load_problems("arithmetic", "heldout")[:4]
     prompts = [format_prompt(tok, p) for p in problems]
@@ -51,7 +52,7 @@ def test_loading_fp32_weights_into_a_bf16_engine_does_not_flood_the_console(tiny
     from pathlib import Path
     code = ("from rollout import VLLMEngine; e = VLLMEngine(%r, dtype='bfloat16', max_model_len=128); "
             "e.generate([[1, 2, 3]], 1, 2, 1.0, 1.0, 0); e.close()" % tiny_model)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Attempted to load weight" not in proc.stdout + proc.stderr

@@ -18,7 +18,8 @@ def test_pass_at_k_unbiased_estimator():
 
 def test_plot_run_writes_pngs(tmp_path):
     rows = [{"step": 0, "eval/avg_at_k": 0.3, "eval/pass_at_k": 0.5}] + [
-        {"step": s, "reward": 0.1 * s, "response_length": 50 - s, "entropy": 1.0, "time/generate": 3.0, "time/update": 9.0} for s in range(1, 5)]
+        {"step": s, "reward": 0.1 * s, "response_length": 50 - s, "entropy": 1.0, "time/generate": 3.0,
+         "time/update": 9.0} for s in range(1, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plot_run(str(tmp_path))
     names = {p.name for p in written}
@@ -35,9 +36,10 @@ def test_run_summary_weighs_steps_by_their_seconds(tmp_path):
     """tokens/s over the run = all tokens / all seconds (a slow step weighs more), next to the mean of steps;
     VC-PPO's critic-warmup steps and evaluation rows are not RL steps."""
     def step(s, gen_tokens, t_gen, trained, t_update, sync):
-        return {"step": s, "phase": "rl", "generated_tokens": gen_tokens, "trained_tokens": trained, "time/generate": t_gen,
-                "time/score": 0.0, "time/old_logprob": 1.0, "time/update": t_update, "time/sync": sync, "time/step": t_gen + t_update + 1,
-                "tokens_per_s/generate": gen_tokens / t_gen, "tokens_per_s/train": trained / t_update, "response_length": 10.0,
+        return {"step": s, "phase": "rl", "generated_tokens": gen_tokens, "trained_tokens": trained,
+                "time/generate": t_gen, "time/score": 0.0, "time/old_logprob": 1.0, "time/update": t_update,
+                "time/sync": sync, "time/step": t_gen + t_update + 1, "tokens_per_s/generate": gen_tokens / t_gen,
+                "tokens_per_s/train": trained / t_update, "response_length": 10.0,
                 "logprob_diff_engine_trainer": 0.02}
     rows = [{"step": 0, "eval/avg_at_k": 0.25, "eval/pass_at_k": 0.5, "eval/k": 4, "eval/problems": 200},
             {"step": 1, "phase": "critic_warmup", "time/step": 99.0, "time/sync": 0.0},
@@ -61,10 +63,12 @@ def test_speed_runs_on_a_math_jsonl(tiny_model, tmp_path, capsys):
     """`eval.py speed --data FILE.jsonl` scores math answers with math-verify (it stopped with 'math problems need a
     MathVerifier' before) and prints both tables: generation loop vs bare vLLM, update loop vs bare forward+backward."""
     import eval as eval_module
-    rows = [{"problem": f"What is {a} + {a}? Put the answer in \\boxed{{}}.", "answer": str(2 * a)} for a in range(1, 5)]
+    rows = [{"problem": f"What is {a} + {a}? Put the answer in \\boxed{{}}.", "answer": str(2 * a)}
+            for a in range(1, 5)]
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     eval_module.main(["speed", "--model", tiny_model, "--data", str(data), "--shapes", "2x2", "--max-new-tokens", "8",
                       "--repeats", "1", "--micro-batch-size", "4"])
     out = capsys.readouterr().out
-    assert "| 2 x 2 |" in out and "bare vLLM" in out and "| bare forward + backward" in out and "(actor.ppo_update) |" in out
+    assert ("| 2 x 2 |" in out and "bare vLLM" in out and "| bare forward + backward" in out
+            and "(actor.ppo_update) |" in out)

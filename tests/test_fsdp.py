@@ -21,8 +21,9 @@ def test_fsdp2_two_ranks_match_one_process(tiny_model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, sharded = tmp_path / "single.pt", tmp_path / "fsdp.pt"
     subprocess.run([sys.executable, str(WORKER), tiny_model, str(single)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                    str(WORKER), tiny_model, str(sharded)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    f"--master_port={_free_port()}", str(WORKER), tiny_model, str(sharded)],
+                   check=True, env=env, timeout=300)
     a, b = torch.load(single), torch.load(sharded)
     from transformers import AutoModelForCausalLM
     start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
@@ -41,11 +42,13 @@ def test_torchrun_two_ranks_with_per_rank_vllm_engines(tiny_model, tmp_path):
     pytest.importorskip("vllm")
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                           str(root / "train.py"), "--model", tiny_model, "--steps", "2", "--prompts-per-step", "4",
-                           "--rollouts-per-prompt", "2", "--max-new-tokens", "8", "--no-eval", "--dtype", "fp32",
-                           "--engine-dtype", "float32", "--out", str(out)],
-                          cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", str(root / "train.py"), "--model", tiny_model,
+                           "--steps", "2", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
+                           "--max-new-tokens", "8", "--no-eval", "--dtype", "fp32", "--engine-dtype", "float32",
+                           "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

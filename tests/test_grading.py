@@ -41,7 +41,8 @@ def test_pairs_cover_every_category(pairs):
 def test_grading_accuracy_on_labelled_pairs(pairs):
     verifier = MathVerifier(workers=2, timeout_s=5.0)
     try:
-        rewards, stats = score_responses([r["response"] for r in pairs], [Problem("q", r["gold"]) for r in pairs], verifier)
+        rewards, stats = score_responses([r["response"] for r in pairs], [Problem("q", r["gold"]) for r in pairs],
+                                         verifier)
     finally:
         verifier.close()
     wrong = [(r, got) for r, got in zip(pairs, rewards) if (got == 1.0) != r["correct"]]

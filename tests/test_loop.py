@@ -23,7 +23,8 @@ TINY_FLAGS = {
 def _train(tiny_model, out, *flags):
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", tiny_model, "--out", str(out), "--prompts-per-step", "2",
            "--rollouts-per-prompt", "2", "--max-new-tokens", "8", *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -37,8 +38,9 @@ def test_one_step_of_every_algorithm(algo, tiny_model, tmp_path):
     assert [r["phase"] for r in rows] == ["warmup"] * (len(rows) - 1) + ["rl"]
     assert algo != "vcppo" or len(rows) == 2  # its one warm-up step (--critic-warmup-steps 1), then RL
     last = rows[-1]
-    for key in ("reward", "response_length", "policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm", "adv_mean",
-                "adv_std", "zero_adv_frac", "rollouts", "generated_tokens", "time/generate", "time/score", "time/update", "time/sync"):
+    for key in ("reward", "response_length", "policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm",
+                "adv_mean", "adv_std", "zero_adv_frac", "rollouts", "generated_tokens", "time/generate", "time/score",
+                "time/update", "time/sync"):
         assert key in last, key
     assert last["rollouts"] >= 4 and 0.0 <= last["reward"] <= 1.0
     own = {"ppo": "critic/value_loss", "vcppo": "critic/value_loss", "genac": "genac/critic_loss", "v05": "prior_mse",
@@ -66,13 +68,14 @@ def test_algorithm_flags_belong_to_their_algorithm():
         train.parse_args(["--algo", "grpo", "--critic-warmup-steps", "3"])
     for name in train.ALGORITHMS:
         cls = train.algorithm_class(name)
-        for method in ("add_arguments", "check_arguments", "sample", "advantages", "after_update", "state_dict", "load_state_dict", "save", "close"):
+        for method in ("add_arguments", "check_arguments", "sample", "advantages", "after_update", "state_dict",
+                       "load_state_dict", "save", "close"):
             assert callable(getattr(cls, method, None)), (name, method)
 
 
 def _our_imports() -> dict[str, set[str]]:
-    """Every module of the repository (top level and tools/, as "name" and "tools.name") -> the modules of ours it imports,
-    at any depth of the file (imports inside functions count too)."""
+    """Every module of the repository (top level and tools/, as "name" and "tools.name") -> the modules of ours it
+    imports, at any depth of the file (imports inside functions count too)."""
     files = {p.stem: p for p in ROOT.glob("*.py")} | {f"tools.{p.stem}": p for p in (ROOT / "tools").glob("*.py")
                                                           if p.stem != "__init__"}
     imports = {}
@@ -88,9 +91,10 @@ def _our_imports() -> dict[str, set[str]]:
 
 
 def test_imports_run_one_way():
-    """Layers, walked over EVERY module (a new file is checked without editing this test): entry points on top; research
-    tools (tools/) below them; the algorithm files (whatever flags.ALGORITHMS names) use only the shared parts; the shared
-    parts use only each other; flags.py, reward.py and trackers.py are the ground; nothing imports train or eval; no circle."""
+    """Layers, walked over EVERY module (a new file is checked without editing this test): entry points on top;
+    research tools (tools/) below them; the algorithm files (whatever flags.ALGORITHMS names) use only the shared parts;
+    the shared parts use only each other; flags.py, reward.py and trackers.py are the ground; nothing imports train or
+    eval; no circle."""
     imports = _our_imports()
     entry_points, tools = {"train", "eval", "genac_stages"}, {m for m in imports if m.startswith("tools.")}
     algorithm_files = {path.rsplit(".", 1)[0] for path in train.ALGORITHMS.values()}
@@ -123,7 +127,8 @@ def test_imports_run_one_way():
 
 
 def test_resuming_a_run_that_spent_its_token_budget_trains_no_more(tiny_model, tmp_path):
-    """A budget-stopped run killed after its final checkpoint (before run.json's done) resumes to nothing: no extra step."""
+    """A budget-stopped run killed after its final checkpoint (before run.json's done) resumes to nothing: no extra
+    step."""
     first = _train(tiny_model, tmp_path, "--token-budget", "20", "--steps", "50", "--no-eval")
     steps = [r["step"] for r in first if "reward" in r]
     assert steps[-1] < 50 and first[-1]["generated_tokens_total"] >= 20

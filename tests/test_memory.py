@@ -41,8 +41,8 @@ def test_shape_counts_the_parameters_without_weights(tiny_model, qwen3_8b):
     assert tiny.parameters == sum(p.numel() for p in real.parameters())  # the tied LM head once
     assert tiny.layer == sum(p.numel() for p in real.model.layers[0].parameters()) and tiny.layers == 2
     big = memory.model_shape(str(qwen3_8b))  # a config.json path; the folder works too
-    H, I, V, kv = 4096, 12288, 151936, 8 * 128
-    layer = H * H * 2 + 2 * H * kv + 3 * H * I + 2 * H + 2 * 128  # q, o, k, v, MLP, 2 norms, q/k norms
+    H, ffn, V, kv = 4096, 12288, 151936, 8 * 128
+    layer = H * H * 2 + 2 * H * kv + 3 * H * ffn + 2 * H + 2 * 128  # q, o, k, v, MLP, 2 norms, q/k norms
     assert (
         big.layer == layer and big.parameters == 36 * layer + 2 * V * H + H
     )  # untied embedding and LM head, final norm

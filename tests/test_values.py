@@ -45,7 +45,8 @@ def test_ground_truth_is_the_mean_of_sampled_continuations(default_model):
     assert states[0]["continuation_rewards"] == [1.0, 0.0, 0.0, 1.0] * 2
     assert states[0]["value"] == pytest.approx(sum(states[0]["continuation_rewards"]) / 8) == 0.5
     assert states[1]["value"] == 0.0 and states[1]["continuation_rewards"] == [0.0]  # finished: its own reward
-    [(asked, n, budgets)] = engine.calls  # ONE call, only for the open state, from prompt + prefix, with the budget left
+    # ONE call, only for the open state, from prompt + prefix, with the budget left
+    [(asked, n, budgets)] = engine.calls
     assert asked == [prompt_ids[0] + open_prefix] and n == 8 and budgets == [64 - len(open_prefix)]
 
 
@@ -71,8 +72,9 @@ def test_value_quality_metrics():
 def test_values_cli_builds_caches_and_scores(tiny_model, tmp_path):
     pytest.importorskip("vllm")
     cache = tmp_path / "states.json"
-    base = [sys.executable, str(ROOT / "eval.py"), "values", "--policy", tiny_model, "-n", "3", "-m", "2", "--candidates", "2",
-            "--rank-prompts", "2", "--max-new-tokens", "12", "--segment-tokens", "4", "--cache", str(cache)]
+    base = [sys.executable, str(ROOT / "eval.py"), "values", "--policy", tiny_model, "-n", "3", "-m", "2",
+            "--candidates", "2", "--rank-prompts", "2", "--max-new-tokens", "12", "--segment-tokens", "4",
+            "--cache", str(cache)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(base + ["--critic", "init"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
