@@ -176,8 +176,9 @@ def extract_integer_answer(text: str) -> int | None:
     return None if boxes_are_alternatives(text) else integer_in_box(box)
 
 
-def reward_for(response: str, problem: Problem) -> float:
-    """1.0 if the response's answer equals the integer reference (kind "int"), else 0.0."""
+def reward_for(response: str, problem) -> float:
+    """1.0 if the response's answer equals the integer reference (kind "int"), else 0.0. problem: a rollout.Problem
+    (its .answer; this module imports nothing of the project's)."""
     got = extract_integer_answer(response)
     return float(got is not None and got == integer_in_box(problem.answer.strip()))
 
@@ -382,9 +383,10 @@ class ScoreStats:
     truncated: int = 0
 
 
-def score_responses(responses: list[str], problems: list[Problem], verifier: MathVerifier | None,
+def score_responses(responses: list[str], problems: list, verifier: MathVerifier | None,
                     finish_reasons: list[str] | None = None) -> tuple[list[float], ScoreStats]:
-    """Reward 1/0 for each response. Integer tasks are compared in-process; math ones via workers."""
+    """Reward 1/0 for each response (problems: rollout.Problem, by .kind and .answer). Integer tasks are compared
+    in-process; math ones via workers."""
     stats = ScoreStats()
     rewards = [0.0] * len(responses)
     math_idx = []

@@ -66,7 +66,7 @@ import sys
 import time
 from pathlib import Path
 
-from flags import ALGORITHMS, add_run_arguments, algorithm_class, check_run_arguments_early, number, run_argument_error
+from flags import add_run_arguments, algorithm_class, check_run_arguments_early, number, run_argument_error
 
 if __name__ == "__main__":  # a bad shared flag stops here in < 2 s, before the heavy imports below (5-10 s)
     check_run_arguments_early(sys.argv[1:], prog="train.py")

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import actor  # noqa: E402
 import train  # noqa: E402
+from _helpers import full_state_dict  # noqa: E402
 from test_genac import critic_states_batch  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def main():
         owners = [step + 2 * r for r in range(2)] if world == 1 else [step + 2 * rank]
         rows = torch.nonzero(torch.isin(batch.group_index, torch.tensor(owners))).flatten()
         actor.ppo_update(model, opt, batch.select(rows), args, device, world, share_prefixes=mode == "packed")
-    weights = actor.full_state_dict(model)
+    weights = full_state_dict(model)
     if rank == 0:
         torch.save({k: v.clone() for k, v in weights.items()}, out)
     if world > 1:

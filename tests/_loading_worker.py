@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import actor  # noqa: E402
 import train  # noqa: E402
+from _helpers import full_state_dict  # noqa: E402
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
@@ -24,7 +25,7 @@ if __name__ == "__main__":
 
         model = actor.load_actor(sys.argv[2], torch.device("cpu"), dist.get_world_size())
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        full = actor.full_state_dict(model)
+        full = full_state_dict(model)
         buffers = {name: (b.full_tensor() if hasattr(b, "full_tensor") else b) for name, b in model.named_buffers()}
         if rank == 0:
             ref = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)

@@ -120,8 +120,11 @@ def test_gradient_independent_of_micro_batch_split(tiny_model, mode):
                                    clip_high=0.2, kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0, share_prompts=share,
                                    temperature=1.0, clip_ratio_c=3.0)
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            # the gradient as the optimizer step sees it (the update frees gradients after its last step)
+            opt.register_step_pre_hook(
+                lambda o, *_: grads.append(torch.cat([p.grad.flatten() for p in o.param_groups[0]["params"]])))
             actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1)
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            assert all(p.grad is None for p in model.parameters())  # freed: not held through generation and sync
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-5)

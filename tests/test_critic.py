@@ -122,11 +122,14 @@ def test_critic_update_is_the_same_with_shared_prompt_packing(tiny_model):
     results = []
     for share in (True, False):
         critic = _ppo(tiny_model, share_prompts=share, micro_batch_size=3)
-        critic.optimizer = torch.optim.SGD(critic.model.parameters(), lr=0.0)  # keep the gradients to compare
+        critic.optimizer = torch.optim.SGD(critic.model.parameters(), lr=0.0)
+        steps = []  # the gradient each optimizer step sees (the update frees gradients after its last step)
+        critic.optimizer.register_step_pre_hook(
+            lambda o, *_: steps.append(torch.cat([p.grad.flatten() for p in o.param_groups[0]["params"]])))
         batch, _, _ = _batch()
         critic.advantages(batch, problems=None)
         metrics = critic.after_update(batch)
-        results.append((torch.cat([p.grad.flatten() for p in critic.model.parameters()]), metrics))
+        results.append((torch.cat(steps), metrics))
     (grad_a, m_a), (grad_b, m_b) = results
     assert grad_a.abs().max() > 1e-3 and torch.allclose(grad_a, grad_b, atol=1e-6)
     for name in ("critic/value_loss", "critic/mse_to_returns", "critic/grad_norm"):

@@ -520,9 +520,12 @@ def test_packed_critic_update_has_the_gradients_of_unpacked_rows(tiny_model, min
                                clip_low=0.2, clip_high=0.2, kl_coef=0.0, grad_clip=1e9, dtype="fp32", seed=0,
                                share_prompts=False, temperature=1.0, clip_ratio_c=3.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        steps = []  # the gradient each optimizer step sees (the update frees gradients after its last step)
+        opt.register_step_pre_hook(
+            lambda o, *_: steps.append(torch.cat([p.grad.flatten() for p in o.param_groups[0]["params"]])))
         stats = actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1, share_prefixes=packed)
-        assert stats["optimizer_steps"] == mini_batches
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert stats["optimizer_steps"] == mini_batches == len(steps)
+        grads.append(torch.cat(steps))
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
         assert (g - grads[0]).abs().max() <= 1e-5 * max(1.0, float(grads[0].abs().max()))

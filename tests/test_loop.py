@@ -1,4 +1,4 @@
-"""The loop runs every algorithm of train.ALGORITHMS end to end, and the house keeps its shape (imports run one way)."""
+"""The loop runs every algorithm of flags.ALGORITHMS end to end, and the house keeps its shape (imports run one way)."""
 import ast
 import json
 import os
@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 import train
+from flags import ALGORITHMS, algorithm_class
 
 ROOT = Path(__file__).resolve().parents[1]
 # Flags that make an algorithm's own parts tiny enough for a seconds-long step; an algorithm not listed runs with its
-# defaults, so a new entry of train.ALGORITHMS is tested here without editing this file.
+# defaults, so a new entry of ALGORITHMS is tested here without editing this file.
 TINY_FLAGS = {
     "vcppo": ["--critic-warmup-steps", "1"],
     "genac": ["--segment-tokens", "4", "--critic-max-new-tokens", "8"],
@@ -29,7 +30,7 @@ def _train(tiny_model, out, *flags):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo", list(train.ALGORITHMS))
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_one_step_of_every_algorithm(algo, tiny_model, tmp_path):
     """One RL step (after the algorithm's warm-up steps) through train.main: the metrics every algorithm logs, a
     checkpoint."""
@@ -66,11 +67,12 @@ def test_algorithm_flags_belong_to_their_algorithm():
     assert train.parse_args(["--algo", "ppo"]).critic_warmup_steps == 0
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "grpo", "--critic-warmup-steps", "3"])
-    for name in train.ALGORITHMS:
-        cls = train.algorithm_class(name)
+    for name in ALGORITHMS:
+        cls = algorithm_class(name)
         for method in ("add_arguments", "check_arguments", "sample", "advantages", "after_update", "state_dict",
                        "load_state_dict", "save", "close"):
             assert callable(getattr(cls, method, None)), (name, method)
+        assert cls.memory_parts <= {"value critic", "generative critic", "prior embedder", "hidden states"}, name
 
 
 def _our_imports() -> dict[str, set[str]]:
@@ -97,7 +99,7 @@ def test_imports_run_one_way():
     eval; no circle."""
     imports = _our_imports()
     entry_points, tools = {"train", "eval", "genac_stages"}, {m for m in imports if m.startswith("tools.")}
-    algorithm_files = {path.rsplit(".", 1)[0] for path in train.ALGORITHMS.values()}
+    algorithm_files = {path.rsplit(".", 1)[0] for path in ALGORITHMS.values()}
     shared_parts = {"actor", "rollout", "reward", "advantage", "checkpoint", "flags", "trackers"}
     run_parts = {"memory", "runrecord"}  # the loop's own infrastructure: the memory plan, the run record
     unplaced = set(imports) - entry_points - tools - algorithm_files - shared_parts - run_parts
