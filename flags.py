@@ -38,6 +38,8 @@ def algorithm_class(name: str) -> type:
     module, cls = ALGORITHMS[name].rsplit(".", 1)
     return getattr(importlib.import_module(module), cls)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # verl's names (advantage.aggregate_loss)
+MARGIN_GB = 8.0  # what the memory plan's chosen defaults leave free in every phase (memory.py)
+ENGINE_MAX_NUM_SEQS, ENGINE_MAX_NUM_BATCHED_TOKENS = 256, 8192  # GPU defaults (vLLM's on >= 70 GB: 1024 / 16384)
 SYNC_BUCKET_MB = 64  # per all-gather of the weight sync: bandwidth-bound on NVLink, < 0.1% of an 80 GB GPU
 
 
@@ -99,8 +101,30 @@ def add_run_arguments(parser) -> None:
       help="stop after this many generated tokens (0: none): equal-cost comparisons")
     a("--save-every", type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep-checkpoints", type=number(int, 1), default=2)
+    add_engine_arguments(parser)
+    a("--gpu-gb", type=number(float, 0, low_open=True), default=None,
+      help="each GPU's capacity for the memory plan (default: the device's, torch.cuda.mem_get_info; on the CPU "
+           "unset: the plan is printed, not checked)")
+    a("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+      help="default: from the plan on a GPU")
+    a("--dist-timeout", type=number(float, 0, low_open=True), default=3600.0,
+      help="seconds a collective may wait (uneven judge phases, rank 0's export)")
     a("--report-to", nargs="+", default=["none"], choices=("none", *TRACKERS),
       help="also log every metrics.jsonl record to these trackers (offline by default; docs/trackers.md)")
+
+
+def add_engine_arguments(parser) -> None:
+    """The generation engine's memory and batch limits (train.py; eval.py memory plans with the same flags)."""
+    a = parser.add_argument
+    a("--gpu-memory-utilization", type=number(float, 0, 1, low_open=True), default=None,
+      help="the engine's share of the GPU (vLLM's budget; GenAC's critic is served by the same engine). Default: "
+           "from the plan on a GPU, 0.3 on the CPU")
+    a("--engine-max-num-seqs", type=number(int, 1), default=None,
+      help=f"vLLM max_num_seqs (default: {ENGINE_MAX_NUM_SEQS} on a GPU, vLLM's on the CPU)")
+    a("--engine-max-num-batched-tokens", type=number(int, 1), default=None,
+      help=f"vLLM max_num_batched_tokens (default: {ENGINE_MAX_NUM_BATCHED_TOKENS} on a GPU, vLLM's on the CPU)")
+    a("--margin-gb", type=number(float, 0), default=MARGIN_GB,
+      help="GB the defaults chosen from the plan leave free in every phase")
 
 
 def add_update_arguments(parser) -> None:

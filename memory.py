@@ -48,7 +48,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from flags import ALGORITHMS, SYNC_BUCKET_MB, algorithm_class
+from flags import (ALGORITHMS, ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQS, MARGIN_GB, SYNC_BUCKET_MB,
+                   add_engine_arguments, algorithm_class)
 
 GB = 1e9
 CONTEXT_GB = 2.0  # CUDA context, NCCL buffers, allocator slack: a round figure
@@ -61,8 +62,6 @@ SAMPLER_COPIES = (
 LOGIT_BYTES = 12  # per (response token, vocab entry) in the update: bf16 logits + fp32 logits / T + softmax in backward
 EMBEDDER_PARAMETERS = 22_713_216  # V0.5's prior embedder, all-MiniLM-L6-v2
 PHASES = ("generate", "judge", "actor update", "critic update", "sync")
-MARGIN_GB = 8.0  # what the chosen defaults leave free in every phase
-ENGINE_MAX_NUM_SEQS, ENGINE_MAX_NUM_BATCHED_TOKENS = 256, 8192  # GPU defaults (vLLM's on >= 70 GB: 1024 / 16384)
 CPU_DEFAULTS = {"micro_batch_size": 16, "gradient_checkpointing": False, "gpu_memory_utilization": 0.3}
 
 
@@ -368,31 +367,7 @@ def add_plan_arguments(parser, model_flags: bool) -> None:
         )
         a("--sync-bucket-mb", type=float, default=SYNC_BUCKET_MB)
         a("--gpu-gb", type=float, default=80.0, help="each GPU's capacity")
-    a(
-        "--gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="the engine's share of the GPU (vLLM's budget; GenAC's critic "
-        "is served by the same engine). Default: from the plan on a GPU, 0.3 on the CPU",
-    )
-    a(
-        "--engine-max-num-seqs",
-        type=int,
-        default=None,
-        help=f"vLLM max_num_seqs (default: {ENGINE_MAX_NUM_SEQS} on a GPU, vLLM's on the CPU)",
-    )
-    a(
-        "--engine-max-num-batched-tokens",
-        type=int,
-        default=None,
-        help=f"vLLM max_num_batched_tokens (default: {ENGINE_MAX_NUM_BATCHED_TOKENS} on a GPU, vLLM's on the CPU)",
-    )
-    a(
-        "--margin-gb",
-        type=float,
-        default=MARGIN_GB,
-        help="GB the defaults chosen from the plan leave free in every phase",
-    )
+    add_engine_arguments(parser)  # --gpu-memory-utilization, --engine-max-num-*, --margin-gb (flags.py)
 
 
 def memory_main(argv=None) -> None:

@@ -66,7 +66,7 @@ import sys
 import time
 from pathlib import Path
 
-from flags import add_run_arguments, algorithm_class, check_run_arguments_early, number, run_argument_error
+from flags import add_run_arguments, algorithm_class, check_run_arguments_early, run_argument_error
 
 if __name__ == "__main__":  # a bad shared flag stops here in < 2 s, before the heavy imports below (5-10 s)
     check_run_arguments_early(sys.argv[1:], prog="train.py")
@@ -81,7 +81,7 @@ from transformers import AutoTokenizer
 
 from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from memory import add_plan_arguments, run_plan
+from memory import run_plan
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
                      load_problems, make_engine, quiet_third_party_output, resolve_model_path)
@@ -94,16 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 add_help=False)
     add_run_arguments(p)  # flags.py: the shared flags with their types and ranges
-    add_plan_arguments(p, model_flags=False)  # --gpu-memory-utilization, --engine-max-num-*, --margin-gb (memory.py)
-    p.add_argument("--gpu-gb", type=number(float, 0, low_open=True), default=None,
-                   help="each GPU's capacity for the memory plan (default: the device's, torch.cuda.mem_get_info; "
-                        "on the CPU unset: the plan is printed, not checked)")
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                   help="default: from the plan on a GPU")
-    p.add_argument("--dist-timeout", type=number(float, 0, low_open=True), default=3600.0,
-                   help="seconds a collective may wait (uneven judge phases, rank 0's export)")
-    # None: chosen from the memory plan (memory.run_plan)
-    p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)
+    p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)  # None: chosen from the memory plan (memory.py)
     algo = p.parse_known_args(argv)[0].algo  # a key of ALGORITHMS (checked by flags.algorithm_name)
     algorithm_class(algo).add_arguments(p.add_argument_group(f"--algo {algo}"))
     p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
