@@ -65,6 +65,7 @@ def test_bad_numbers_fail_when_parsed_not_after_loading():
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (flags, p.stderr[-500:])
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_damaged_checkpoint_is_named_with_the_older_one_that_works(tmp_path):
     for step, content in ((1, b"an older checkpoint's state"), (2, b"\x00" * 64)):
         (tmp_path / f"checkpoint-00000{step}").mkdir()
@@ -102,6 +103,7 @@ BAD_FLAGS = [  # (flags, the one line train.py prints), each stopped by the pars
 ]
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_bad_flags_stop_at_parse_time_before_the_heavy_imports():
     for flags, message in BAD_FLAGS:
         p = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train.py"), *flags], cwd=ROOT,

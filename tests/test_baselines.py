@@ -173,6 +173,7 @@ def test_judged_values_counts_critic_tokens_and_falls_back_to_tau():
 # The command
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_baselines_cli_rejects_bad_sizes():
     for flags, message in ((["--prompts", "1"], "--prompts must be >= 2"),
                            (["--truth-samples", "1"], "--truth-samples must be >= 2"),

@@ -41,6 +41,7 @@ def test_two_ranks_load_the_checkpoint_from_rank_0(tiny_model, tmp_path):
     assert result["weights_equal"] and result["buffers_equal"] and result["sharded"], result
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_ranks_that_see_different_out_folders_stop(tmp_path):
     """One filesystem for --out: rank 0's marker must be visible to every rank."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()

@@ -130,6 +130,7 @@ def test_a_plan_that_does_not_fit_names_the_phase_the_bytes_and_the_flag(qwen3_8
     assert not fits and line.startswith("DOES NOT FIT: generate") and "--gpu-memory-utilization" in line
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_eval_memory_prints_the_table(qwen3_8b):
     run = lambda *flags: subprocess.run(
         [sys.executable, str(ROOT / "eval.py"), "memory", "--model", str(qwen3_8b), *flags],  # noqa: E731

@@ -297,6 +297,7 @@ def test_policy_forward_returns_the_chosen_layers_output(tiny_model):
     assert torch.allclose(hidden[real], reference[real], atol=1e-6)
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_two_first_runs_at_once_convert_the_offline_model_once(tmp_path):
     """Two processes resolving the offline default into an empty cache: one converts, the other waits for it; both get
     the complete folder (without the lock both converted, and one deleted the folder the other had just written)."""

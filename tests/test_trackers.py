@@ -196,6 +196,7 @@ def test_resume_continues_the_same_tensorboard_run(tiny_model, tmp_path):
         assert sorted(wandb_history(files[1])[0]) == [3]
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_a_missing_tracker_package_stops_at_parse_time(tmp_path):
     """wandb and trackio hidden by an import blocker: rc 2 before any work, naming both (and not an installed
     tensorboard) and how to install them."""
@@ -217,6 +218,7 @@ def test_a_missing_tracker_package_stops_at_parse_time(tmp_path):
     assert not (tmp_path / "run").exists()  # stopped before the run folder was made
 
 
+@pytest.mark.slow  # starts processes that import torch / train.py
 def test_wandb_with_a_key_but_no_reachable_server_logs_offline(tmp_path):
     """An API key and a server that refuses connections: offline after one refused connect, not wandb's 90 s of
     retries and a stopped run."""
