@@ -111,7 +111,8 @@ def shard_with_fsdp2(model, world: int, args=None):
     if world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         bf16 = args is not None and args.dtype == "bf16" and next(model.parameters()).is_cuda
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+                  else MixedPrecisionPolicy())
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -124,7 +125,8 @@ def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
 
 
-def stream_full_parameters(model, bucket_mb: float = SYNC_BUCKET_MB, dtype: torch.dtype | None = None, tied: bool = True):
+def stream_full_parameters(model, bucket_mb: float = SYNC_BUCKET_MB, dtype: torch.dtype | None = None,
+                           tied: bool = True):
     """-> (name, full tensor) of every weight in state_dict order, cast to `dtype` (None: as stored), one at a time.
 
     Under FSDP2 the shards of about `bucket_mb` MB of consecutive parameters (counted in `dtype`; a bigger one goes
@@ -177,7 +179,8 @@ def _gather_bucket(bucket: list, dtype: torch.dtype | None) -> list:
     out, offset = [], 0
     for (name, v), width in zip(bucket, widths):
         rows = -(-v.shape[0] // world)
-        out.append((name, gathered[:, offset:offset + width].reshape(world * rows, *v.shape[1:])[:v.shape[0]]))  # a copy (alone: a view)
+        # a copy (alone: a view)
+        out.append((name, gathered[:, offset:offset + width].reshape(world * rows, *v.shape[1:])[:v.shape[0]]))
         offset += width
     return out
 
@@ -208,7 +211,8 @@ def policy_forward(model, mb: RolloutBatch, hidden_layer: int | None = None, wit
     -> logprobs [b, R], entropy [b, R] or None, hidden [b, T, H] (output of decoder layer `hidden_layer`) or None.
     """
     if (share_prompts or share_prefixes) and hidden_layer is not None:
-        raise ValueError("policy_forward: hidden states are per rollout row; share_prompts packs rows (use one or the other)")
+        raise ValueError("policy_forward: hidden states are per rollout row; share_prompts packs rows "
+                         "(use one or the other)")
     if share_prefixes and mb.group_index.unique().numel() < len(mb):
         return _prefix_packed_policy_forward(model, mb, with_entropy, temperature)
     if share_prompts and mb.group_index.unique().numel() < len(mb):  # some prompt has several rollouts here
@@ -601,7 +605,8 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
     temperature = args.temperature  # of the sampling engine: log-probs of logits / T
     t, own_forward = time.time(), batch.old_logprobs is None  # own_forward: step 0 is pi_theta_old itself
     if own_forward:
-        batch.old_logprobs, batch.entropies = torch.zeros_like(batch.response_mask), torch.zeros_like(batch.response_mask)
+        batch.old_logprobs, batch.entropies = (torch.zeros_like(batch.response_mask),
+                                               torch.zeros_like(batch.response_mask))
         later = torch.ones(len(batch), dtype=torch.bool)
         later[steps[0]] = False  # [N] rollouts that no forward of step 0 sees
         if all_reduce(torch.tensor([float(later.any())]), dist.ReduceOp.MAX).item() > 0:  # FSDP2: every rank or none
@@ -621,8 +626,8 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
             if len(rows):
                 batch.old_logprobs[rows, :mask.shape[1]] = mb.old_logprobs.float().cpu()
                 batch.entropies[rows, :mask.shape[1]] = (entropy * mask).float().cpu()
-        token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low, args.clip_high,
-                                                        args.clip_ratio_c)
+        token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low,
+                                                        args.clip_high, args.clip_ratio_c)
         sums = {}
         if args.kl_coef > 0:
             with torch.no_grad():
@@ -640,5 +645,5 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
                         args.share_prompts, share_prefixes)
     tokens = max(s["tokens"], 1.0)
     return {"policy_loss": s["loss"], "clip_frac": s["clip_frac"] / tokens, "approx_kl": s["approx_kl"] / tokens,
-            "kl_ref": s.get("kl_ref", 0.0) / tokens, "grad_norm": s["grad_norm"], "optimizer_steps": s["optimizer_steps"],
-            "time/old_logprob": seconds_old}
+            "kl_ref": s.get("kl_ref", 0.0) / tokens, "grad_norm": s["grad_norm"],
+            "optimizer_steps": s["optimizer_steps"], "time/old_logprob": seconds_old}

@@ -102,7 +102,8 @@ def unreachable(url: str, timeout_s: float = 5.0) -> str | None:
     """Why a TCP connection to the server of `url` fails within timeout_s, or None when it connects."""
     parts = urlparse(url)
     try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s).close()
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout_s).close()
     except OSError as e:
         return f"{parts.hostname}: {e}"
     return None
