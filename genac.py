@@ -6,7 +6,7 @@ a state — the problem and the actor's partial solution — and reasons before 
 (value v = n / 10). One iteration of `python train.py --algo genac`:
 
     1. the actor samples responses y; the verifier scores them (r ∈ {0, 1}); the ICC hint tau follows
-       the actor's success rate:  tau <- c tau + (1 - c) r                          (Alg. 1 l. 7)  `GenAC.segment_values`
+       the actor's success rate:  tau <- c tau + (1 - c) r                          (Alg. 1 l. 7) `GenAC.segment_values`
     2. each response is cut into segments y_1 .. y_T (~ --segment-tokens each, token-exact); the
        critic states are s_k = x ∘ y_<k (s_1 = the bare prompt)                     (l. 12)  `segment_boundaries`
     3. ONE engine call: the critic answers the ICC prompt (Fig. 3) of every state -> v_k = n / 10
@@ -94,9 +94,10 @@ def parse_critic_value(text: str) -> float | None:
 
 
 def answer_regex(max_new_tokens: int) -> str:
-    """The critic's answer format as a regex for the engine's guided decoding (`--critic-guided`, and the SFT teacher by default):
-    reasoning without backslashes, at most 2 characters per token of budget, then \\boxed{0..10}. Small models rarely box a score
-    unprompted (SmolLM2-135M: 0 of 372); this makes every answer parse, except one out of tokens first (a counted parse failure)."""
+    """The critic's answer format as a regex for the engine's guided decoding (`--critic-guided`, and the SFT
+    teacher by default): reasoning without backslashes, at most 2 characters per token of budget, then
+    \\boxed{0..10}. Small models rarely box a score unprompted (SmolLM2-135M: 0 of 372); this makes every answer
+    parse, except one out of tokens first (a counted parse failure)."""
     return r"[^\\]{0,%d}\\boxed\{(10|[0-9])\}" % (2 * max_new_tokens)
 
 
@@ -105,12 +106,14 @@ def critic_reward(actor_reward: float, value: float | None) -> float:
     return 0.0 if value is None else 1.0 - (actor_reward - value) ** 2
 
 
-def critic_advantages(critic_rewards: torch.Tensor, baseline: str = "mean", batch_mean: float | None = None) -> torch.Tensor:
+def critic_advantages(critic_rewards: torch.Tensor, baseline: str = "mean",
+                      batch_mean: float | None = None) -> torch.Tensor:
     """REINFORCE-with-baseline advantage of each critic answer: R_v - b with b the batch mean of R_v ('mean'; pass
     `batch_mean` when the batch spans ranks), or R_v ('none'). [M] -> [M]."""
     if baseline not in ("mean", "none"):
         raise ValueError(f"unknown critic baseline {baseline!r}; choose 'mean' or 'none'")
-    return critic_rewards - (critic_rewards.mean() if batch_mean is None else batch_mean) if baseline == "mean" else critic_rewards.clone()
+    return (critic_rewards - (critic_rewards.mean() if batch_mean is None else batch_mean) if baseline == "mean"
+            else critic_rewards.clone())
 
 
 class RunningSuccessRate:
@@ -227,7 +230,8 @@ def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tens
     for t in reversed(range(R)):
         next_value = values[:, t + 1] if t + 1 < R else torch.zeros(N, dtype=values.dtype)
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]  # padding contributes nothing and resets nothing after the end
+        # padding contributes nothing and resets nothing after the end
+        running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
 
@@ -253,7 +257,8 @@ def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
     var = float(centred_sq[0]) / max(n - 1, 1.0)
     whitened = (advantages - mean) * (var + 1e-8) ** -0.5 * mask  # = masked_whiten on one rank
     returns_var = float(s[3]) / n - (float(s[2]) / n) ** 2
-    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n, "critic/values_mse": float(s[4]) / n}
+    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n,
+               "critic/values_mse": float(s[4]) / n}
     if returns_var > 1e-6:  # R^2 of the values against the returns (undefined when every reward is equal)
         metrics["critic/r2"] = 1.0 - float(s[4]) / n / returns_var
     return whitened, returns, metrics
@@ -283,26 +288,35 @@ class GenAC:
     @staticmethod
     def add_arguments(parser) -> None:
         a = parser.add_argument
-        a("--critic-model", "--critic", default=None, help="critic to start from: a genac_stages.py folder (default: the actor)")
+        a("--critic-model", "--critic", default=None,
+          help="critic to start from: a genac_stages.py folder (default: the actor)")
         a("--critic-lr", type=float, default=1e-6, help="[Table 5]")
         a("--gamma", type=float, default=1.0, help="GAE discount")
         a("--lam", type=float, default=1.0, help="GAE lambda")
-        a("--segment-tokens", type=int, default=None, help="segment length L1 (default: 120 as App. C; offline default model: 32)")
-        a("--max-segments", type=int, default=None, help="segments per response at most; 0: no cap (default: none; offline default: 8)")
-        a("--critic-max-new-tokens", type=int, default=None, help="critic reasoning budget (default: 1024, Table 5; offline default: 128)")
-        a("--critic-max-prompt-tokens", type=int, default=None, help="default: the actor's --max-prompt-tokens + --max-new-tokens + "
+        a("--segment-tokens", type=int, default=None,
+          help="segment length L1 (default: 120 as App. C; offline default model: 32)")
+        a("--max-segments", type=int, default=None,
+          help="segments per response at most; 0: no cap (default: none; offline default: 8)")
+        a("--critic-max-new-tokens", type=int, default=None,
+          help="critic reasoning budget (default: 1024, Table 5; offline default: 128)")
+        a("--critic-max-prompt-tokens", type=int, default=None,
+          help="default: the actor's --max-prompt-tokens + --max-new-tokens + "
           "the ICC template; a smaller value cuts prompts from the left, counted in genac/critic_prompts_cut")
         a("--critic-temperature", type=float, default=1.0)
-        a("--critic-mini-batches", type=int, default=1, help="optimizer steps of the critic per iteration (1: one REINFORCE step)")
+        a("--critic-mini-batches", type=int, default=1,
+          help="optimizer steps of the critic per iteration (1: one REINFORCE step)")
         a("--icc-momentum", type=float, default=0.999, help="c in tau <- c tau + (1 - c) r, per sample")
-        a("--icc-carry-over", action="store_true", help="take tau from the --critic folder (default: tau_0 = 0, Alg. 1 l. 1; "
+        a("--icc-carry-over", action="store_true",
+          help="take tau from the --critic folder (default: tau_0 = 0, Alg. 1 l. 1; "
           "resuming a train.py checkpoint always restores it)")
-        a("--no-icc", action="store_true", help="drop the ICC hints (actor size, success rate): the paper's Table 2 ablation")
+        a("--no-icc", action="store_true",
+          help="drop the ICC hints (actor size, success rate): the paper's Table 2 ablation")
         a("--critic-baseline", default="mean", choices=("mean", "none"), help="REINFORCE baseline of the critic update")
         a("--no-pack-critic-states", dest="pack_critic_states", action="store_false", help="train the critic on one "
           "row per state (default: the states of one response in one row, their shared prefix once; the same "
           "log-probs and gradients)")
-        a("--critic-guided", action="store_true", help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with "
+        a("--critic-guided", action="store_true",
+          help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with "
           "the engine's guided decoding (vLLM); the update still uses the model's unconstrained log-probs")
 
     @staticmethod
@@ -312,10 +326,11 @@ class GenAC:
         (the offline default model; call before it is resolved), else the 'paper' one (120, no cap, 1024; App. C,
         Table 5); args.genac_profile names it. --max-segments 0 -> None (no cap). Any G >= 1 works."""
         args.genac_profile = "cpu" if args.model is None else "paper"
-        for name, value in zip(("segment_tokens", "max_segments", "critic_max_new_tokens"), GenAC.PROFILES[args.genac_profile]):
+        for name, value in zip(("segment_tokens", "max_segments", "critic_max_new_tokens"),
+                               GenAC.PROFILES[args.genac_profile]):
             setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-        for name, low in (("segment_tokens", 1), ("max_segments", 0), ("critic_max_new_tokens", 1), ("critic_mini_batches", 1),
-                          ("critic_max_prompt_tokens", 1)):
+        for name, low in (("segment_tokens", 1), ("max_segments", 0), ("critic_max_new_tokens", 1),
+                          ("critic_mini_batches", 1), ("critic_max_prompt_tokens", 1)):
             if getattr(args, name) is not None and getattr(args, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
         args.max_segments = args.max_segments or None
@@ -328,17 +343,20 @@ class GenAC:
         self.args, self.device, self.world, self.actor_tokenizer = args, device, world, tokenizer
         path = resolve_model_path(args.critic_model or args.model)  # a resumed run's shards are read over it below
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                       else self.tokenizer.eos_token_id)
         self.reads_actor_tokens = self.tokenizer.get_vocab() == tokenizer.get_vocab()  # else: retokenized_prefixes
         actor_parameters = sum(p.numel() for p in actor.parameters())
         self.actor_size = None if args.no_icc or not actor_parameters else format_actor_size(actor_parameters)
         template = len(self.chat_ids(icc_prompt("", "", self.actor_size, None if args.no_icc else 0.0)))
-        self.max_prompt_tokens = args.critic_max_prompt_tokens or args.max_prompt_tokens + args.max_new_tokens + template
+        self.max_prompt_tokens = (args.critic_max_prompt_tokens
+                                  or args.max_prompt_tokens + args.max_new_tokens + template)
         self.max_model_len, self.prompts_cut = self.max_prompt_tokens + args.critic_max_new_tokens, 0
         limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
         if limit and self.max_model_len > limit:
-            raise ValueError(f"critic prompts of {self.max_prompt_tokens} tokens (--critic-max-prompt-tokens; default: --max-prompt-"
-                             f"tokens + --max-new-tokens + {template} ICC template tokens) + --critic-max-new-tokens "
+            raise ValueError(f"critic prompts of {self.max_prompt_tokens} tokens (--critic-max-prompt-tokens; "
+                             f"default: --max-prompt-tokens + --max-new-tokens + {template} ICC template tokens) "
+                             f"+ --critic-max-new-tokens "
                              f"{args.critic_max_new_tokens} > the critic's {limit} positions (max_position_embeddings)")
         self.model = load_actor(path, device, world, args)
         self.optimizer = adamw(self.model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
@@ -348,24 +366,27 @@ class GenAC:
         # the actor's architecture (the default: it starts from the actor's base model) judges on the training loop's
         # engine with its weights swapped in (`judge`): no second KV cache, nothing of the critic's on the GPU in the
         # actor's update. That engine must hold the critic's prompts too: args.engine_max_model_len tells train.py
-        # (it builds the engine after this). Tools without a loop engine (genac_stages.py, tools/values.py), or a critic of
-        # another architecture on the CPU, get an engine of their own, built at first use (`engine`); on a GPU the
-        # latter is refused there.
+        # (it builds the engine after this). Tools without a loop engine (genac_stages.py, tools/values.py), or a
+        # critic of another architecture on the CPU, get an engine of their own, built at first use (`engine`); on a
+        # GPU the latter is refused there.
         self.path, self._engine, self.shares_engine = path, None, False
         self.same_architecture = same_architecture(path, resolve_model_path(args.model))
         if self.same_architecture:
             args.engine_max_model_len = max(getattr(args, "engine_max_model_len", 0) or 0, self.max_model_len)
         self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        icc_state = Path(checkpoint / "critic" if checkpoint else path) / "genac_state.json"  # tau: resumed; a stage's: --icc-carry-over
+        # tau: resumed; a stage's: --icc-carry-over
+        icc_state = Path(checkpoint / "critic" if checkpoint else path) / "genac_state.json"
         self.success_rate = RunningSuccessRate(args.icc_momentum)
         carry = icc_state.is_file() and (checkpoint is not None or args.icc_carry_over)
         if carry:
             self.success_rate.load_state_dict(json.loads(icc_state.read_text())["success_rate"])
-        self.warmup_steps, self.hidden_features, self.answers = 0, None, None  # answers: this iteration's, from `segment_values`
+        # answers: this iteration's, from `segment_values`
+        self.warmup_steps, self.hidden_features, self.answers = 0, None, None
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"[genac] {args.genac_profile} profile: segment_tokens={args.segment_tokens} max_segments={args.max_segments} "
-                  f"critic_max_new_tokens={args.critic_max_new_tokens} critic_max_prompt_tokens={self.max_prompt_tokens} (ICC template "
-                  f"{template}); tau {'from ' + str(icc_state) if carry else 'starts at 0'}", file=sys.stderr, flush=True)
+            print(f"[genac] {args.genac_profile} profile: segment_tokens={args.segment_tokens} "
+                  f"max_segments={args.max_segments} critic_max_new_tokens={args.critic_max_new_tokens} "
+                  f"critic_max_prompt_tokens={self.max_prompt_tokens} (ICC template {template}); "
+                  f"tau {'from ' + str(icc_state) if carry else 'starts at 0'}", file=sys.stderr, flush=True)
 
     @property
     def engine(self):
@@ -399,7 +420,8 @@ class GenAC:
         return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})
 
     def chat_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=True)
         return list(ids["input_ids"] if not isinstance(ids, list) else ids)
 
     def icc_text(self, problem: str, partial_solution: str) -> str:
@@ -420,8 +442,9 @@ class GenAC:
     def prompt_parts(self, problem: str) -> tuple[list[int], list[int]]:
         """The chat-formatted ICC prompt cut where the partial solution goes -> (head ids, closing ids), each tokenized
         alone: the prompt of state k is head + y_<k + closing, token-exact, so all states of a response (and all
-        responses to one problem) share the prefix head + y_<k. Tokenizing each state's text differs: SmolLM2's BPE reads
-        the empty partial solution's '></' as one token, and a decoded prefix need not re-encode to the actor's tokens."""
+        responses to one problem) share the prefix head + y_<k. Tokenizing each state's text differs: SmolLM2's BPE
+        reads the empty partial solution's '></' as one token, and a decoded prefix need not re-encode to the actor's
+        tokens."""
         slot = "\x00partial-solution\x00"
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": self.icc_text(problem, slot)}],
                                                   add_generation_prompt=True, tokenize=False)
@@ -435,7 +458,8 @@ class GenAC:
             return [list(response_ids[:s]) for s in starts]
         return retokenized_prefixes(self.actor_tokenizer, self.tokenizer, response_ids, starts)
 
-    def judge(self, problems: list[str], partials: list[str], seed: int, temperature: float | None = None, guided: bool | None = None):
+    def judge(self, problems: list[str], partials: list[str], seed: int, temperature: float | None = None,
+              guided: bool | None = None):
         """Step 3 on states given as text -> judge_prompts of their tokenized ICC prompts."""
         prompts = [self.prompt_ids(q, y) for q, y in zip(problems, partials)]
         return self.judge_prompts(prompts, seed, temperature, guided)
@@ -498,15 +522,17 @@ class GenAC:
             length = int(batch.response_lens[i])
             token_values[i, :length] = segment_values_to_tokens(values[k:k + len(ends)], ends, length)
             k += len(ends)
-        totals = all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards), int(batch.attention_mask.sum()),
-                                          sum(map(len, prompts)), sum(len(s.token_ids) for s in samples), cut, cached],
+        totals = all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards),
+                                          int(batch.attention_mask.sum()), sum(map(len, prompts)),
+                                          sum(len(s.token_ids) for s in samples), cut, cached],
                                          dtype=torch.float64))
         states, failures, reward_sum, actor_tokens, critic_prompt_tokens, critic_generated_tokens, cut, cached = (
             totals.tolist())
         self.answers["judged_tokens"] = critic_prompt_tokens - cached + critic_generated_tokens  # all ranks'
         self.answers["actor_tokens"] = actor_tokens
         return token_values, {
-            "genac/states": int(states), "genac/parse_failures": int(failures), "genac/parse_rate": 1.0 - failures / max(states, 1),
+            "genac/states": int(states), "genac/parse_failures": int(failures),
+            "genac/parse_rate": 1.0 - failures / max(states, 1),
             "genac/critic_reward": reward_sum / max(states, 1), "genac/icc_success_rate": self.fallback_value(),
             "genac/critic_prompts_cut": int(cut), "time/critic_generate": t_judge, "cost/actor_tokens": actor_tokens,
             "cost/critic_prompt_tokens": int(critic_prompt_tokens), "cost/critic_prompt_tokens_cached": int(cached),
@@ -518,7 +544,8 @@ class GenAC:
         args = self.args
         seed = batch.extras["step"] * 31 + 5 + 1_000_003 * self._rank  # per rank: ranks judge different states
         token_values, metrics = self.segment_values(batch, problems, seed=seed)  # [N, R]
-        advantages, _, gae = whitened_gae(token_values, batch.rewards, batch.response_mask, args.gamma, args.lam, args.lam, all_reduce)
+        advantages, _, gae = whitened_gae(token_values, batch.rewards, batch.response_mask, args.gamma, args.lam,
+                                          args.lam, all_reduce)
         return advantages, {**metrics, **gae}
 
     def after_update(self, batch) -> dict:
@@ -533,15 +560,19 @@ class GenAC:
         per state at the paper's profile (App. C: the critic reads the response once)."""
         t = time.time()
         rewards = torch.tensor(self.answers["critic_rewards"], dtype=torch.float32)  # [M]
-        critic_batch = build_rollout_batch(self.answers["prompts"], [[s] for s in self.answers["samples"]], rewards.tolist(), self.pad_id)
+        critic_batch = build_rollout_batch(self.answers["prompts"], [[s] for s in self.answers["samples"]],
+                                           rewards.tolist(), self.pad_id)
         critic_batch.group_index = torch.tensor(self.answers["owners"], dtype=torch.long)  # [M] each state's response
         critic_batch.extras["step"] = batch.extras.get("step", 0)
         trained = self.trained_tokens(critic_batch)
         totals = all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards)), trained], dtype=torch.float64))
         batch_mean, trained = float(totals[0]) / max(float(totals[1]), 1.0), float(totals[2])
-        critic_batch.advantages = critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None] * critic_batch.response_mask
-        update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1, "mini_batches": self.args.critic_mini_batches,
-                                         "temperature": self.args.critic_temperature, "share_prompts": False})  # one answer per prompt
+        critic_batch.advantages = (critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None]
+                                   * critic_batch.response_mask)
+        # one answer per prompt
+        update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1,
+                                         "mini_batches": self.args.critic_mini_batches,
+                                         "temperature": self.args.critic_temperature, "share_prompts": False})
         stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world,
                            share_prefixes=self.args.pack_critic_states)
         t_update, t = time.time() - t, time.time()
@@ -570,10 +601,12 @@ class GenAC:
     def load_state_dict(self, state: dict) -> None: pass  # __init__ read them
 
     def save(self, folder: Path, name: str = "critic", optimizer: bool = True) -> None:
-        """folder/name + genac_state.json (tau), renamed into place; all ranks call. A checkpoint's: weights and optimizer
-        as shards, every rank its own. optimizer=False (the stages): a model folder transformers and vLLM load."""
+        """folder/name + genac_state.json (tau), renamed into place; all ranks call. A checkpoint's: weights and
+        optimizer as shards, every rank its own. optimizer=False (the stages): a model folder transformers and vLLM
+        load."""
         tau = json.dumps({"success_rate": self.success_rate.state_dict(), "actor_size": self.actor_size})
-        save_model_folder(Path(folder) / name, self.model, self.tokenizer, self.optimizer if optimizer else None, {"genac_state.json": tau})
+        save_model_folder(Path(folder) / name, self.model, self.tokenizer, self.optimizer if optimizer else None,
+                          {"genac_state.json": tau})
 
     def close(self) -> None:
         if self._engine is not None and not self.shares_engine:  # the loop closes its own engine
