@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import advantage as A
-from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, flops_vs_ppo, format_actor_size,
-                   gae_advantages, icc_prompt, parse_critic_value, segment_boundaries, segment_values_to_tokens, token_texts)
+from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, flops_vs_ppo,
+                   format_actor_size, gae_advantages, icc_prompt, parse_critic_value, segment_boundaries,
+                   segment_values_to_tokens, token_texts)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,8 @@ def test_icc_prompt_with_and_without_hints():
     with_icc = icc_prompt("What is 2 + 3?", "2 + 3 is", "135M", 0.2912)
     assert "A 135M language model is solving a math problem" in with_icc
     assert "average success rate of the model on the dataset is 0.29." in with_icc
-    assert "<problem>What is 2 + 3?</problem>" in with_icc and "<partial_solution>2 + 3 is</partial_solution>" in with_icc
+    assert ("<problem>What is 2 + 3?</problem>" in with_icc
+            and "<partial_solution>2 + 3 is</partial_solution>" in with_icc)
     assert "Recover the capabilities of the model" in with_icc and "\\boxed{}" in with_icc
     without = icc_prompt("What is 2 + 3?", "2 + 3 is", None, None)
     assert "A language model is solving" in without and "135M" not in without and "success rate" not in without
@@ -113,7 +115,8 @@ def test_running_success_rate_and_bias_correction():
 
 
 def test_segment_values_and_gae_give_r_minus_v_per_segment():
-    # rollout 0: 5 tokens, segments [0,2) [2,5) with values 0.3, 0.8, reward 1; rollout 1: 2 tokens, one segment, reward 0
+    # rollout 0: 5 tokens, segments [0,2) [2,5) with values 0.3, 0.8, reward 1;
+    # rollout 1: 2 tokens, one segment, reward 0
     v0 = segment_values_to_tokens([0.3, 0.8], [2, 5], 5)
     v1 = segment_values_to_tokens([0.6], [2], 2)
     values = torch.zeros(2, 5)
@@ -146,7 +149,8 @@ def test_critic_reinforce_loss_raises_above_baseline_answers():
 def _run(cmd, timeout=600):
     import os
     import subprocess
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -157,19 +161,21 @@ def test_joint_training_step_logs_cost_and_checkpoints_critic(tiny_model, tmp_pa
     import sys
     pytest.importorskip("vllm")
     out = tmp_path / "genac"
-    proc = _run([sys.executable, "train.py", "--algo", "genac", "--model", tiny_model, "--steps", "1", "--no-eval", "--prompts-per-step",
-                 "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "12", "--segment-tokens", "4", "--critic-max-new-tokens", "8",
-                 "--out", str(out)])
+    proc = _run([sys.executable, "train.py", "--algo", "genac", "--model", tiny_model, "--steps", "1", "--no-eval",
+                 "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "12",
+                 "--segment-tokens", "4", "--critic-max-new-tokens", "8", "--out", str(out)])
     assert "[genac] paper profile: segment_tokens=4 max_segments=None critic_max_new_tokens=8" in proc.stderr
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["genac/states"] >= 4 and row["genac/parse_failures"] == row["genac/states"]  # counted, not crashed on
-    assert row["cost/critic_prompt_tokens"] > 0 and row["cost/critic_generated_tokens"] > 0 and row["cost/flops_vs_ppo"] > 1
+    assert (row["cost/critic_prompt_tokens"] > 0 and row["cost/critic_generated_tokens"] > 0
+            and row["cost/flops_vs_ppo"] > 1)
     assert row["cost/critic_prompt_tokens_cached"] % 128 == 0  # whole KV blocks (vLLM's CPU backend: 128 tokens)
     T, J = row["cost/actor_tokens"], row["cost/critic_prompt_tokens"] - row["cost/critic_prompt_tokens_cached"]
     J += row["cost/critic_generated_tokens"]
     assert row["cost/flops_vs_ppo"] == pytest.approx(flops_vs_ppo(T, J, row["cost/critic_trained_tokens"]))
     assert row["cost/critic_trained_tokens"] < row["cost/critic_prompt_tokens"]  # packed: each response's prefix once
-    assert row["cost/flops_vs_ppo_paper_estimate"] == pytest.approx(flops_vs_ppo(T, T + row["cost/critic_generated_tokens"]))
+    assert row["cost/flops_vs_ppo_paper_estimate"] == pytest.approx(
+        flops_vs_ppo(T, T + row["cost/critic_generated_tokens"]))
     assert row["genac/critic_prompts_cut"] == 0 and row["genac/critic_optimizer_steps"] == 1
     for key in ("time/critic_generate", "time/critic_update", "time/critic_sync", "genac/icc_success_rate"):
         assert key in row
@@ -190,18 +196,20 @@ def test_sft_stage_fits_teacher_answers(tiny_model, tmp_path):
                                          add_generation_prompt=True, tokenize=True)
         prompt = list(prompt["input_ids"] if not isinstance(prompt, list) else prompt)
         answer = f"Easy. \\boxed{{{n}}}"
-        rows.append({"prompt_ids": prompt, "response": answer, "response_ids": tok.encode(answer, add_special_tokens=False),
+        rows.append({"prompt_ids": prompt, "response": answer,
+                     "response_ids": tok.encode(answer, add_special_tokens=False),
                      "value": n / 10, "actor_reward": 0.0, "problem": "", "partial_response": ""})
     data = tmp_path / "teacher.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "sft"
-    proc = _run([sys.executable, "genac_stages.py", "sft", "--actor", tiny_model, "-n", "2", "--sft-data", str(data), "--epochs", "12",
-                 "--sft-lr", "1e-3", "--micro-batch-size", "2", "--max-new-tokens", "8", "--critic-max-new-tokens", "8",
-                 "--segment-tokens", "4", "--out", str(out)])
+    proc = _run([sys.executable, "genac_stages.py", "sft", "--actor", tiny_model, "-n", "2", "--sft-data", str(data),
+                 "--epochs", "12", "--sft-lr", "1e-3", "--micro-batch-size", "2", "--max-new-tokens", "8",
+                 "--critic-max-new-tokens", "8", "--segment-tokens", "4", "--out", str(out)])
     assert "reusing 6 teacher answers" in proc.stderr
     report = json.loads((out / "sft_report.json").read_text())
     assert report["sft_loss_last"] < 0.8 * report["sft_loss_first"]  # 10.9 -> 7.2 measured
-    assert set(report["before"]) == {"parse_rate", "critic_reward", "guided_parse_rate", "guided_critic_reward", "states"}
+    assert set(report["before"]) == {"parse_rate", "critic_reward", "guided_parse_rate", "guided_critic_reward",
+                                     "states"}
     assert report["teacher_guided"] is True
     assert (out / "critic" / "model.safetensors").is_file() and (out / "critic" / "genac_state.json").is_file()
 
@@ -243,7 +251,8 @@ def test_guided_decoding_makes_the_real_model_answer_in_format(default_model):
     from genac import answer_regex, icc_prompt, parse_critic_value
     from rollout import VLLMEngine
     tok = AutoTokenizer.from_pretrained(default_model)
-    states = [("What is 17 + 25?", "17 + 25 = 42, so"), ("Compute 8 * 7 - 5.", "8 * 7 = 56"), ("What is 144 / 12 + 3?", "")]
+    states = [("What is 17 + 25?", "17 + 25 = 42, so"), ("Compute 8 * 7 - 5.", "8 * 7 = 56"),
+              ("What is 144 / 12 + 3?", "")]
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": icc_prompt(q, y, "135M", 0.3)}],
                                             add_generation_prompt=True, tokenize=True)["input_ids"]) for q, y in states]
     engine = VLLMEngine(default_model, max_model_len=1024)
@@ -269,7 +278,8 @@ def test_defaults_are_the_papers_for_a_given_model_and_cpu_sized_for_the_offline
     cpu = train.parse_args(["--algo", "genac"])
     assert (cpu.segment_tokens, cpu.max_segments, cpu.critic_max_new_tokens, cpu.genac_profile) == (32, 8, 128, "cpu")
     paper = train.parse_args(["--algo", "genac", "--model", "/some/path"])
-    assert (paper.segment_tokens, paper.max_segments, paper.critic_max_new_tokens, paper.genac_profile) == (120, None, 1024, "paper")
+    assert ((paper.segment_tokens, paper.max_segments, paper.critic_max_new_tokens, paper.genac_profile)
+            == (120, None, 1024, "paper"))
     assert len(segment_boundaries([" w"] * 2400, paper.segment_tokens, paper.max_segments)) == 20  # no cap
     explicit = ["--segment-tokens", "7", "--max-segments", "3", "--critic-max-new-tokens", "9"]
     for model in ([], ["--model", "/some/path"]):
@@ -340,26 +350,31 @@ def _actor_batch(tokenizer):
     """2 rollouts of one prompt, ~40 response tokens each, rewards 1 and 0 -> (batch, problems)."""
     from rollout import Problem, Sample, build_rollout_batch
     problem = Problem("What is 19 * 2?", "38", "int", "p0")
-    text = "First, 19 + 19 = 38.\n\nThen 38 is twice 19. So we get 38.\nThe answer is \\boxed{38}. Done, and checked twice."
+    text = ("First, 19 + 19 = 38.\n\nThen 38 is twice 19. So we get 38.\nThe answer is \\boxed{38}. "
+            "Done, and checked twice.")
     ids = tokenizer.encode(text, add_special_tokens=False)
-    samples = [[Sample(ids, [0.0] * len(ids), text, "stop"), Sample(ids[:20], [0.0] * 20, tokenizer.decode(ids[:20]), "length")]]
+    samples = [[Sample(ids, [0.0] * len(ids), text, "stop"),
+                Sample(ids[:20], [0.0] * 20, tokenizer.decode(ids[:20]), "length")]]
     batch = build_rollout_batch([tokenizer.encode(problem.problem)], samples, [1.0, 0.0], tokenizer.eos_token_id)
     batch.extras["step"] = 0
     return batch, [problem]
 
 
 def test_critic_prompts_fit_by_default_and_a_smaller_limit_is_counted(tiny_model, monkeypatch, capsys):
-    """Default --critic-max-prompt-tokens: the actor's prompt + response limits + the ICC template, so nothing is cut;
-    an explicit smaller value cuts from the left, counted in genac/critic_prompts_cut; too long for the critic: refused."""
+    """Default --critic-max-prompt-tokens: the actor's prompt + response limits + the ICC template, so nothing is
+    cut; an explicit smaller value cuts from the left, counted in genac/critic_prompts_cut; too long for the critic:
+    refused."""
     critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8")
-    assert "[genac] paper profile: segment_tokens=8 max_segments=None critic_max_new_tokens=1024" in capsys.readouterr().err
+    assert ("[genac] paper profile: segment_tokens=8 max_segments=None critic_max_new_tokens=1024"
+            in capsys.readouterr().err)
     template = len(critic.chat_ids(icc_prompt("", "", "1M", 0.0)))
     assert critic.max_prompt_tokens == 512 + 40 + template
     assert critic.engine.kwargs["max_model_len"] == critic.max_prompt_tokens + 1024  # the paper profile's critic budget
     batch, problems = _actor_batch(critic.actor_tokenizer)
     _, m = critic.segment_values(batch, problems, seed=0)
     assert m["genac/states"] >= 4 and m["genac/critic_prompts_cut"] == 0
-    small = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", "--critic-max-prompt-tokens", "40")
+    small = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8",
+                   "--critic-max-prompt-tokens", "40")
     _, m = small.segment_values(batch, problems, seed=0)
     assert m["genac/critic_prompts_cut"] == m["genac/states"] and all(len(p) == 40 for p in small.answers["prompts"])
     with pytest.raises(ValueError, match="max_position_embeddings"):  # 512 + 1000 + template + 1024 > 2048 positions
@@ -399,7 +414,8 @@ def test_tau_starts_at_zero_unless_carried_over_and_a_checkpoint_restores_it(tin
     assert carried.success_rate.state_dict() == saved
     fresh.success_rate.update([1.0, 0.0, 1.0])
     fresh.save(tmp_path / "checkpoint-000001")  # as train.save_checkpoint does
-    resumed = _genac(tiny_model, monkeypatch, "--critic", str(stage / "critic"), checkpoint=tmp_path / "checkpoint-000001")
+    resumed = _genac(tiny_model, monkeypatch, "--critic", str(stage / "critic"),
+                     checkpoint=tmp_path / "checkpoint-000001")
     assert resumed.success_rate.state_dict() == fresh.success_rate.state_dict()
     assert not train.parse_args(["--algo", "genac"]).icc_carry_over
     assert S._parse(S.pretrain_parser(), []).icc_carry_over and S._parse(S.sft_parser(), []).icc_carry_over
@@ -427,7 +443,8 @@ def test_critic_takes_one_reinforce_step_per_iteration_unless_asked(tiny_model, 
 
 
 def test_sft_states_are_held_out_and_disjoint_from_pretraining_validation():
-    """With the default flags SFT takes held-out prompts [32, 96), pretrain validates on [0, 32); neither is a training prompt."""
+    """With the default flags SFT takes held-out prompts [32, 96), pretrain validates on [0, 32); neither is a
+    training prompt."""
     import genac_stages as S
     from rollout import load_problems
     heldout = load_problems("arithmetic", "heldout", 0)
