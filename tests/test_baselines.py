@@ -1,4 +1,5 @@
-"""`eval.py baselines`: the truth's noise correction, the bootstrap and its pairing, each method's baselines and costs."""
+"""`eval.py baselines`: the truth's noise correction, the bootstrap and its pairing, each method's baselines and
+costs."""
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tools.baselines import (Method, bootstrap_summary, critic_method, group_mean_methods, judged_values, per_prompt_terms,
+from tools.baselines import (Method, bootstrap_summary, critic_method, group_mean_methods, judged_values,
+                             per_prompt_terms,
                        poise_method, spearman_rows, truth_from_rewards, v05_methods)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,8 @@ def test_corrected_mse_of_the_exact_value_is_zero_and_of_a_replica_is_its_sampli
     again = per_prompt_terms(Method("replica", "mc", [[x] for x in replica], [[0.0]] * P, [0] * P, [0] * P), truth, se2)
     assert abs(exact["sq_error"].mean()) < 0.0015
     assert again["sq_error"].mean() == pytest.approx(sampling_error, abs=0.0015)
-    assert (exact["sq_error"] + se2).mean() == pytest.approx(sampling_error, abs=0.0015)  # uncorrected: the truth's noise
+    # uncorrected: the truth's noise
+    assert (exact["sq_error"] + se2).mean() == pytest.approx(sampling_error, abs=0.0015)
     assert abs(exact["error"].mean()) < 0.003  # the truth's noise has mean 0: no bias
 
 
@@ -177,7 +180,8 @@ def test_judged_values_counts_critic_tokens_and_falls_back_to_tau():
 def test_baselines_cli_rejects_bad_sizes():
     for flags, message in ((["--prompts", "1"], "--prompts must be >= 2"),
                            (["--truth-samples", "1"], "--truth-samples must be >= 2"),
-                           (["--prompts", "10", "--path-prompts", "11"], "--path-prompts (11) must be <= --prompts (10)"),
+                           (["--prompts", "10", "--path-prompts", "11"],
+                            "--path-prompts (11) must be <= --prompts (10)"),
                            (["--fit-prompts", "8", "--critic-iterations", "3"], "must cover --critic-iterations")):
         r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "baselines", *flags], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
@@ -188,10 +192,12 @@ def test_baselines_cli_end_to_end(tiny_model, tmp_path):
     """Real vLLM, a tiny random policy: every algorithm in the table, JSON with intervals, the plot."""
     pytest.importorskip("vllm")
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(ROOT / "eval.py"), "baselines", "--policy", tiny_model, "--prompts", "6", "--truth-samples", "4",
+    cmd = [sys.executable, str(ROOT / "eval.py"), "baselines", "--policy", tiny_model, "--prompts", "6",
+           "--truth-samples", "4",
            "--fit-prompts", "8", "--critic-iterations", "1", "--path-prompts", "2", "--path-samples", "2",
            "--max-new-tokens", "12", "--bootstrap", "50", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((out / "baselines.json").read_text())
     algorithms = {m["algorithm"] for m in doc["methods"].values()}

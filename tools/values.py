@@ -61,7 +61,8 @@ def value_targets(engine, tokenizer, problems: list[Problem], prompt_ids: list[l
 
 
 def build_value_states(engine, tokenizer, problems: list[Problem], verifier, m: int = 16, candidates: int = 8,
-                       rank_prompts: int = 24, segment_tokens: int = 32, max_segments: int = 8, max_new_tokens: int = 128,
+                       rank_prompts: int = 24, segment_tokens: int = 32, max_segments: int = 8,
+                       max_new_tokens: int = 128,
                        seed: int = 0) -> list[dict]:
     """-> states: path states of one policy response per problem, candidate groups for the first `rank_prompts`."""
     import random
@@ -82,13 +83,16 @@ def build_value_states(engine, tokenizer, problems: list[Problem], verifier, m: 
             prefixes_for_ranking.append((i, path[rng.randrange(len(path))]))
     if prefixes_for_ranking and candidates > 1:  # C first segments from the same prefix
         outs = engine.generate([prompt_ids[i] + prefix for i, prefix in prefixes_for_ranking], candidates,
-                               [max(max_new_tokens - len(prefix), 1) for _, prefix in prefixes_for_ranking], 1.0, 1.0, seed + 1)
+                               [max(max_new_tokens - len(prefix), 1) for _, prefix in prefixes_for_ranking], 1.0, 1.0,
+                               seed + 1)
         for g, ((i, prefix), group) in enumerate(zip(prefixes_for_ranking, outs)):
             for c in group:
                 first = segment_boundaries(token_texts(tokenizer, c.token_ids), segment_tokens, max_segments)[:1] or [0]
                 cut = first[0]
-                finished = cut == len(c.token_ids) and (c.finish_reason == "stop" or len(prefix) + cut >= max_new_tokens)
-                states.append({"problem_index": i, "kind": "candidate", "group": g, "prefix_ids": prefix + c.token_ids[:cut],
+                finished = cut == len(c.token_ids) and (c.finish_reason == "stop"
+                                                        or len(prefix) + cut >= max_new_tokens)
+                states.append({"problem_index": i, "kind": "candidate", "group": g,
+                               "prefix_ids": prefix + c.token_ids[:cut],
                                "finished": finished})
     value_targets(engine, tokenizer, problems, prompt_ids, states, m, max_new_tokens, verifier, seed + 2)
     for s in states:
@@ -148,7 +152,8 @@ def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved["meta"] != meta:
-            raise ValueError(f"{cache} was built with other settings {saved['meta']}; pass another --cache or --rebuild")
+            raise ValueError(f"{cache} was built with other settings {saved['meta']}; "
+                             "pass another --cache or --rebuild")
         print(f"[values] {len(saved['states'])} cached states from {cache}", file=sys.stderr)
         return saved["states"]
     states = build()
@@ -186,7 +191,8 @@ def load_generative_critic(path: str, args, guided: bool = False, critic_max_new
     return GenAC(critic_args, actor, AutoTokenizer.from_pretrained(args.policy_path), torch.device("cpu"), 1)
 
 
-def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str], args) -> list[float]:
+def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str],
+                      args) -> list[float]:
     """GenAC's critic through the value-model interface: the mean of --genac-samples answers per state (temperature
     0.6), an unparsable answer valued at tau and counted. Its ICC hint tau is the one it was trained with
     (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value)
@@ -201,8 +207,10 @@ def generative_values(path: str, states: list[dict], problems_text: list[str], p
         for i, v in enumerate(parsed):
             failures += v is None
             per_state[i].append(critic.fallback_value() if v is None else v)
-    print(f"[values] generative critic {path}: {failures / max(len(parsed) * args.genac_samples, 1):.1%} of answers unparsable "
-          f"(valued at tau = {critic.fallback_value():.2f}); {critic.prompts_cut} critic prompts cut to fit", file=sys.stderr)
+    unparsable = failures / max(len(parsed) * args.genac_samples, 1)
+    print(f"[values] generative critic {path}: {unparsable:.1%} of answers unparsable "
+          f"(valued at tau = {critic.fallback_value():.2f}); {critic.prompts_cut} critic prompts cut to fit",
+          file=sys.stderr)
     critic.close()
     return [sum(v) / len(v) for v in per_state]
 
@@ -211,7 +219,8 @@ def values_main(argv: list[str]) -> None:
     """`python eval.py values`: the value-model benchmark (see the section comment above)."""
     ap = argparse.ArgumentParser(prog="eval.py values", description="Value-model quality against Monte-Carlo values.")
     ap.add_argument("--policy", default=None, help="policy whose values are measured (default: offline SmolLM2-135M)")
-    ap.add_argument("--data", default="arithmetic", help="'arithmetic[:levels]' (held-out split) or a JSONL file: OOD is one flag away")
+    ap.add_argument("--data", default="arithmetic",
+                    help="'arithmetic[:levels]' (held-out split) or a JSONL file: OOD is one flag away")
     ap.add_argument("-n", type=int, default=64, help="held-out prompts (one policy response each)")
     ap.add_argument("-m", type=int, default=16, help="Monte-Carlo continuations per state")
     ap.add_argument("--candidates", type=int, default=8, help="candidate segments per ranking prefix")
@@ -225,7 +234,8 @@ def values_main(argv: list[str]) -> None:
     ap.add_argument("--genac", action="append", default=[], help="generative critic folder (`genac.py sft/pretrain`), "
                     "or 'base' (the policy's base model, untrained); repeatable")
     ap.add_argument("--genac-samples", type=int, default=1, help="critic answers averaged per state")
-    ap.add_argument("--cache", default=None, help="state-set cache (default: runs/values/<data>-<policy>-n<n>-m<m>.json)")
+    ap.add_argument("--cache", default=None,
+                    help="state-set cache (default: runs/values/<data>-<policy>-n<n>-m<m>.json)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached state set")
     ap.add_argument("--problem-key", default="problem")
     ap.add_argument("--answer-key", default="answer")
@@ -273,7 +283,10 @@ def values_main(argv: list[str]) -> None:
     problems_text, partials = [s["problem"] for s in states], [s["partial_response"] for s in states]
     for spec in critic_paths:
         from critic import discriminative_value_fn, load_value_model
-        path = resolve_model_path(args.critic_base) if spec == "init" and args.critic_base else policy if spec == "init" else spec
+        if spec == "init":
+            path = resolve_model_path(args.critic_base) if args.critic_base else policy
+        else:
+            path = spec
         model = load_value_model(path, torch.device("cpu"), 1, seed=args.seed)
         name = f"critic {'init (fresh head)' if spec == 'init' else spec}"
         models[name] = discriminative_value_fn(model, tokenizer, torch.device("cpu"))(problems_text, partials)
@@ -282,7 +295,8 @@ def values_main(argv: list[str]) -> None:
         models[f"generative critic {spec}"] = generative_values(path, states, problems_text, partials, args)
     n_path = sum(s["kind"] == "path" for s in states)
     n_groups = len({s["group"] for s in states if s["kind"] == "candidate"})
-    print(f"{n_path} path states from {len(problems)} prompts of {args.data}, {n_groups} ranking groups of {args.candidates}; "
+    print(f"{n_path} path states from {len(problems)} prompts of {args.data}, {n_groups} ranking groups of "
+          f"{args.candidates}; "
           f"ground truth = mean reward of {args.m} continuations")
     print("| value model | MSE | MAE | Pearson r | top-1@2 | top-1@4 | top-1@8 |\n|---|---|---|---|---|---|---|")
     results = {}
@@ -324,7 +338,8 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
         raise ValueError(f"{ckpt} was not trained with --algo poise (no probe in its trainer_state.pt)")
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=samples, probe_standardize_hidden=False), model, tokenizer, None, 1)
+    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=samples,
+                                  probe_standardize_hidden=False), model, tokenizer, None, 1)
     poise.load_state_dict(state)
     problems = load_problems(data, "benchmark", seed)[:num_prompts]
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
@@ -345,7 +360,8 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
             "mae_of_constant": float((observed - observed.mean()).abs().mean())}
 
 
-def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int = 45, response_tokens: int = 40) -> dict[str, float]:
+def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int = 45,
+                       response_tokens: int = 40) -> dict[str, float]:
     """Seconds of the old-log-prob pass without and with feature extraction on the default workload
     shape (default model, bf16 autocast), alternating to share the machine's noise."""
     import time
@@ -361,11 +377,13 @@ def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(None))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 40000, (prompt_tokens,), generator=g).tolist() for _ in range(rollouts // 2)]
-    samples = [[Sample(torch.randint(10, 40000, (response_tokens,), generator=g).tolist(), [0.0] * response_tokens, "", "stop")
+    samples = [[Sample(torch.randint(10, 40000, (response_tokens,), generator=g).tolist(), [0.0] * response_tokens,
+                       "", "stop")
                 for _ in range(2)] for _ in prompts]
     batch = build_rollout_batch(prompts, samples, [0.0] * rollouts, pad_id=2)
     args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
-    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=16, rollouts_per_prompt=2, probe_standardize_hidden=False), model, tokenizer, None, 1)
+    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=16, rollouts_per_prompt=2,
+                                  probe_standardize_hidden=False), model, tokenizer, None, 1)
     plain, with_features = [], []
     actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), None)  # warm-up
     for _ in range(repeats):
