@@ -299,14 +299,21 @@ def _packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool, temperat
     B = inputs["input_ids"].shape[1] - mb.prompt_width
     out = model(**inputs, logits_to_keep=B + 1, use_cache=False)
     logits = out.logits[:, :-1].float() / temperature  # [g, B, V]: column P-1+k
-    log_normaliser = logits.logsumexp(-1)  # [g, B]
+    return (*_packed_logprobs(logits, packed_row, where, mb.response_ids, with_entropy), None)
+
+
+def _packed_logprobs(logits: torch.Tensor, packed_row: torch.Tensor, where: torch.Tensor, response_ids: torch.Tensor,
+                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [g, K, V] of packed rows -> each rollout's log-probs [n, R] of its response tokens, read at the columns
+    `where` [n, R] of its packed row `packed_row` [n], and the entropies there (no grad) or None."""
+    log_normaliser = logits.logsumexp(-1)  # [g, K]
     rows = packed_row[:, None].expand_as(where)  # [n, R]
-    logprobs = logits[rows, where, mb.response_ids] - log_normaliser[rows, where]  # [n, R]
+    logprobs = logits[rows, where, response_ids] - log_normaliser[rows, where]  # [n, R]
     entropy = None
     if with_entropy:
         with torch.no_grad():
             entropy = (log_normaliser - (logits.softmax(-1) * logits).sum(-1))[rows, where]  # [n, R]
-    return logprobs, entropy, None
+    return logprobs, entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,14 +404,7 @@ def _prefix_packed_policy_forward(model, mb: RolloutBatch, with_entropy: bool, t
     inputs, packed_row, where = pack_shared_prefixes(mb)
     out = model(**inputs, use_cache=False)
     logits = out.logits.float() / temperature  # [g, K, V]
-    log_normaliser = logits.logsumexp(-1)  # [g, K]
-    rows = packed_row[:, None].expand_as(where)  # [n, R]
-    logprobs = logits[rows, where, mb.response_ids] - log_normaliser[rows, where]  # [n, R]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = (log_normaliser - (logits.softmax(-1) * logits).sum(-1))[rows, where]  # [n, R]
-    return logprobs, entropy, None
+    return (*_packed_logprobs(logits, packed_row, where, mb.response_ids, with_entropy), None)
 
 
 def shared_prefix_tokens(batch: RolloutBatch, rows: torch.Tensor) -> int:

@@ -267,19 +267,18 @@ def verdict(rows, facts, margin_gb: float = 0.0) -> tuple[bool, str]:
     return True, f"fits: the fullest phase ({worst}) leaves {(gpu - total[worst]) / GB:.1f} GB"
 
 
+# The flags the plan chooses when they are left unset (train.py prints what it chose)
+PLANNED_FLAGS = ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization", "engine_max_num_seqs",
+                 "engine_max_num_batched_tokens")
+
+
 def choose_defaults(args, margin_gb: float = MARGIN_GB) -> list[str]:
     """Fill the flags left None from the plan: the largest micro-batch without gradient checkpointing whose updates
     leave `margin_gb` (else with checkpointing), then the largest engine share (<= 0.85) whose generate/judge/sync
     leave it, and vLLM's batch limits (ENGINE_MAX_NUM_SEQS / _BATCHED_TOKENS). -> the names it chose."""
     chosen = [
         k
-        for k in (
-            "micro_batch_size",
-            "gradient_checkpointing",
-            "gpu_memory_utilization",
-            "engine_max_num_seqs",
-            "engine_max_num_batched_tokens",
-        )
+        for k in PLANNED_FLAGS
         if getattr(args, k) is None
     ]
     if args.engine_max_num_seqs is None:
@@ -400,16 +399,7 @@ def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, on
         response_tokens=args.max_new_tokens,
         critic_new_tokens=getattr(args, "critic_max_new_tokens", None) or 0,
         sync_bucket_mb=args.sync_bucket_mb,
-        **{
-            k: getattr(args, k)
-            for k in (
-                "micro_batch_size",
-                "gradient_checkpointing",
-                "gpu_memory_utilization",
-                "engine_max_num_seqs",
-                "engine_max_num_batched_tokens",
-            )
-        },
+        **{k: getattr(args, k) for k in PLANNED_FLAGS},
     )
     if gpu_gb is None:
         for key, value in CPU_DEFAULTS.items():

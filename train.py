@@ -81,7 +81,7 @@ from transformers import AutoTokenizer
 
 from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from memory import run_plan
+from memory import PLANNED_FLAGS, run_plan
 from reward import MathVerifier, score_responses
 from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
                      load_problems, make_engine, quiet_third_party_output, resolve_model_path)
@@ -255,8 +255,7 @@ def main(argv=None) -> None:
     plan_args = argparse.Namespace(**{**vars(args), "model": base_model})
     critic = resolve_model_path(critic_path) if critic_path else None
     line = run_plan(plan_args, world, gpu_gb, critic, device.type == "cuda")
-    for key in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization", "engine_max_num_seqs",
-                "engine_max_num_batched_tokens"):
+    for key in PLANNED_FLAGS:  # the flags left unset, as the plan chose them
         setattr(args, key, getattr(plan_args, key))
     if master:
         print(line, file=sys.stderr, flush=True)
