@@ -46,6 +46,7 @@ class RecordingLLM:
         logprobs = [{t: SimpleNamespace(logprob=-1.0)} for t in self.answer_ids]
         return [
             SimpleNamespace(
+                num_cached_tokens=0,  # vLLM's RequestOutput reports the prompt tokens its prefix cache held
                 outputs=[
                     SimpleNamespace(
                         token_ids=self.answer_ids, logprobs=logprobs, text=self.answer_text, finish_reason="stop"

@@ -40,7 +40,7 @@ def test_ground_truth_is_the_mean_of_sampled_continuations(default_model):
     done_prefix = tok.encode("2 + 3 = \\boxed{6}", add_special_tokens=False)
     states = [{"problem_index": 0, "prefix_ids": open_prefix, "finished": False},
               {"problem_index": 0, "prefix_ids": done_prefix, "finished": True}]
-    engine = ScriptedEngine(tok, [" \\boxed{5}", " \\boxed{6}", " 6", " so 5."])  # correct, wrong, wrong, correct
+    engine = ScriptedEngine(tok, [" \\boxed{5}", " \\boxed{6}", " 6", " 5."])  # correct, wrong, wrong, correct
     value_targets(engine, tok, problems, prompt_ids, states, m=8, max_new_tokens=64, verifier=None, seed=0)
     assert states[0]["continuation_rewards"] == [1.0, 0.0, 0.0, 1.0] * 2
     assert states[0]["value"] == pytest.approx(sum(states[0]["continuation_rewards"]) / 8) == 0.5
