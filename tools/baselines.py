@@ -172,10 +172,26 @@ def per_prompt_terms(method: Method, truth: np.ndarray, truth_se2: np.ndarray) -
             "critic_generated": np.asarray(method.critic_generated, dtype=np.float64)}
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..P along the last axis of x [B, P], ties given the mean of their ranks (scipy's rankdata) -> [B, P]."""
+    B, P = x.shape
+    order = np.argsort(x, axis=-1, kind="stable")  # [B, P]
+    ordered = np.take_along_axis(x, order, -1)
+    starts = np.ones((B, P), dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = np.cumsum(starts, -1) - 1 + np.arange(B)[:, None] * P  # [B, P]: a tie group's id, unique over rows
+    position = np.broadcast_to(np.arange(1, P + 1, dtype=float), (B, P))
+    total, count = np.zeros(B * P), np.zeros(B * P)
+    np.add.at(total, group.ravel(), position.ravel())
+    np.add.at(count, group.ravel(), 1.0)
+    ranks = np.empty((B, P))
+    np.put_along_axis(ranks, order, (total / np.maximum(count, 1.0))[group], -1)
+    return ranks
+
+
 def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman correlation of each row pair of x, y [B, P] (average ranks for ties) -> [B]; nan for a constant row."""
-    from scipy.stats import rankdata
-    rx, ry = rankdata(x, axis=-1), rankdata(y, axis=-1)  # [B, P]
+    rx, ry = average_ranks(x), average_ranks(y)  # [B, P]
     rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
     norm = np.sqrt((rx ** 2).sum(-1) * (ry ** 2).sum(-1))
     with np.errstate(invalid="ignore", divide="ignore"):
