@@ -10,7 +10,8 @@ One step of `python train.py --algo v05` (class `V05`):
            σ̂²_k = 1/k                         (Eq. 6)  variance bound of s̄_k (Var s ≤ 1)
            Δ̂²   = max(0, (s̄_k − V)² − 1/k)    (Eq. 7)  prior bias; 0 = the hypothesis test accepts V
            ŵ    = Δ̂² / (Δ̂² + 1/k)             (Eq. 8)  weight of the empirical mean
-           b̂    = ŵ·s̄_k + (1 − ŵ)·V           (Eq. 9)  fused baseline; |b̂ − s̄_k| ≤ 1/√k always (Thm 3.4)
+           b̂    = ŵ·s̄_k + (1 − ŵ)·V           (Eq. 9)  fused baseline;
+                                                        |b̂ − s̄_k| ≤ 1/√k always (Thm 3.4)
     3. OSLA (Eq. 11-12, App. A.6): MSE(k) = Δ²/(kΔ² + 1) gives the target k* = 1/√c − 1/Δ̂², clipped to
        [n0, K_max = ⌊1/√c⌋] (16 for c = 0.0039); prompts below k* get more rollouts, padded to a multiple of
        `pad` (§4.1.3); rounds stop when fewer than `min_frac` of all ranks' prompts want more  `sample_with_osla`
@@ -377,7 +378,8 @@ class V05:
         return all_samples, [r for rs in res.rewards for r in rs], metrics
 
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
-        """Eq. 10: A_i = (s_i − b̂)/sqrt(max(1 − b̂², 1e-2)) on every token of rollout i. -> ([N, R], metrics)."""
+        """Eq. 10: A_i = (s_i − b̂)/sqrt(max(1 − b̂², 1e-2)) on every token of rollout i.
+        -> ([N, R], metrics)."""
         scores = 2 * batch.rewards.double() - 1  # [N] ±1 scale
         sequence_advantages = v05_advantages(scores, batch.group_index, self.fused_baseline, self.args.v05_std).float()
         return broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
@@ -443,9 +445,11 @@ def simulate(num_prompts: int = 4000, noise: float = 0.05, seed: int = 0, n0: in
           f"n0 {n0}, pad {pad}, min_frac {min_frac}, c {cost}, seed {seed}\n\n| prior | empirical 4 | empirical 8 | "
           "empirical 16 | prior alone | fusion fixed 4 | fusion + OSLA |\n|---|---|---|---|---|---|---|\n"
           + "\n".join(rows))
-    print("\nWorst-case bound (Thm 3.4): max √k·|b̂ − s̄_k| ≤ 1, so RMSE(b̂) ≤ RMSE(s̄_k) + sqrt(mean 1/k)\n\n"
+    print("\nWorst-case bound (Thm 3.4): max √k·|b̂ − s̄_k| ≤ 1, "
+          "so RMSE(b̂) ≤ RMSE(s̄_k) + sqrt(mean 1/k)\n\n"
           "| prior | estimator "
-          "| mean k | MSE(b̂) | MSE(s̄_k), same rollouts | max √k·|b̂−s̄_k| | RMSE(b̂) ≤ RMSE(s̄_k) + √mean(1/k) "
+          "| mean k | MSE(b̂) | MSE(s̄_k), same rollouts | max √k·|b̂−s̄_k| "
+          "| RMSE(b̂) ≤ RMSE(s̄_k) + √mean(1/k) "
           "| rejected share "
           "| rounds |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(bound_rows))
 

@@ -22,9 +22,10 @@ For a fixed policy and N held-out prompts x:
                prior's embedder reads, plus tokens a generative critic writes)
     statistics per method, each with a 95% percentile bootstrap interval over prompts (the same resamples for every
                method, so paired differences to GRPO G = 8 are exact pairs)                      `bootstrap_summary`
-               MSE      mean_x mean_i (b_i(x) − V(x))² − se²(x): every estimate is independent of the truth's samples
-                        (fresh samples, disjoint fitting prompts), so E(b − V̂)² = E(b − V)² + se² and the subtraction
-                        leaves an unbiased estimate of the MSE to the true value (it can come out below 0)
+               MSE      mean_x mean_i (b_i(x) − V(x))² − se²(x): every estimate is independent of the truth's
+                        samples (fresh samples, disjoint fitting prompts), so E(b − V̂)² = E(b − V)² + se²
+                        and the subtraction leaves an unbiased estimate of the MSE to the true value (it can come out
+                        below 0)
                bias     mean_x (mean_i b_i(x) − V(x))   (the truth's noise has mean 0: no correction needed)
                Spearman rank correlation of mean_i b_i(x) with V(x) over prompts (attenuated by the truth's noise;
                         not corrected)
@@ -110,7 +111,8 @@ def v05_methods(prior_values: list[float], prior_tokens: list[int], pool_rewards
                 pool_tokens: list[list[int]], **osla) -> list[Method]:
     """V0.5 (prior.py): the prior alone; prior + shrinkage fusion with 4 rollouts; prior + fusion + OSLA at its default
     budget (n0 = 4, c = 0.0039 -> K_max = 16, pad 4). Rollouts come from each prompt's pool in order, so a method's
-    cost is the tokens of exactly the rollouts it asked for. The fused b̂ (±1 scale) is mapped back to (b̂ + 1) / 2."""
+    cost is the tokens of exactly the rollouts it asked for. The fused b̂ (±1 scale) is mapped back to
+    (b̂ + 1) / 2."""
     served = [0] * len(pool_rewards)
 
     def sample_round(wanted: list[int]) -> list[list[float]]:
@@ -537,7 +539,8 @@ def write_report(doc: dict, out: Path) -> str:
     header = (f"{meta['prompts']} prompts of {meta['data']}, policy {meta['policy']}; truth V(x) = mean of "
               f"{meta['truth_samples']} samples (mean V {truth['mean_value']:.3f}, mean standard error "
               f"{truth['mean_se']:.3f}, mean se² {truth['mean_se2']:.4f} subtracted from every MSE); 95% bootstrap "
-              f"intervals over prompts ({meta['bootstrap']} resamples), Δ = method − {meta['reference']} on the same "
+              f"intervals over prompts ({meta['bootstrap']} resamples), "
+              f"Δ = method − {meta['reference']} on the same "
               f"resamples; {meta['total_seconds'] / 60:.1f} min.")
     lines = [header, "", markdown_table(doc["methods"], meta["reference"])]
     if doc["path_states"]["results"]:
