@@ -33,6 +33,28 @@ def test_rloo_hand_computed():
     assert torch.allclose(A.rloo_advantages(r, g), torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0]), atol=1e-6)
 
 
+@pytest.mark.parametrize("flags", [[], ["--no-std"]])
+def test_grpo_class_follows_no_std_flag_as_train_parses_it(flags):
+    """GRPO.advantages with train.py's parsed flags: (r - mean) / (std + 1e-6) by default, Dr.GRPO's r - mean under
+    --no-std, on every real response token. Two groups of unequal spread, so std-normalisation changes the values."""
+    import train
+    from rollout import Sample, build_rollout_batch
+    args = train.parse_args(["--algo", "grpo", *flags])
+    assert args.no_std == bool(flags)
+    lengths = [3, 1, 2, 4, 2, 3, 1, 4]
+    samples = [[Sample([7] * n, [0.0] * n, "", "stop") for n in lengths[:4]],
+               [Sample([7] * n, [0.0] * n, "", "stop") for n in lengths[4:]]]
+    batch = build_rollout_batch([[1, 2], [3]], samples, [1, 0, 0, 0, 1, 0, 1, 0], pad_id=0)
+    centred = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.5, -0.5, 0.5, -0.5])  # group means 0.25 and 0.5
+    std = torch.tensor([0.5] * 4 + [math.sqrt(1 / 3)] * 4)  # unbiased: sqrt(0.75 / 3), sqrt(1 / 3)
+    expected = centred if flags else centred / (std + 1e-6)
+    adv, metrics = A.GRPO(args, None, None, torch.device("cpu"), 1).advantages(batch, problems=None)
+    assert adv.shape == (8, 4) and metrics == {}
+    for i, n in enumerate(lengths):
+        assert torch.allclose(adv[i, :n], expected[i].expand(n), atol=1e-6), (i, adv[i])
+        assert float(adv[i, n:].abs().sum()) == 0  # padding carries no advantage
+
+
 def test_ppo_token_losses_and_clipping():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]]))
     old = torch.zeros(1, 4)
