@@ -361,6 +361,44 @@ def _actor_batch(tokenizer):
     return batch, [problem]
 
 
+class _RecordingEngine(_FakeEngine):
+    """A fake critic engine that keeps every call's prompts; it scores the first state of a call \\boxed{3} and
+    answers every other state with no score (a parse failure)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = []
+
+    def generate(self, prompts, n, max_tokens, temperature, top_p, seed, regex=None):
+        from rollout import Sample
+        self.calls.append([list(p) for p in prompts])
+        return [[Sample([5, 6, 7], [0.0] * 3, "I think \\boxed{3}" if j == 0 else "no idea", "stop")]
+                for j in range(len(prompts))]
+
+
+def test_tau_takes_this_batchs_rewards_before_the_critic_judges(tiny_model, monkeypatch):
+    """Alg. 1 l. 7 before the judging: tau is updated with the batch's rewards first, so the ICC hint of every
+    judged prompt and the value of an unparsable answer are tau after this batch. --icc-momentum 0.5, tau_0 = 0:
+    rewards [1, 1] -> tau 0.75, bias-corrected 0.75 / (1 - 0.5^2) = 1.00 (not the empty tau's 0.00 / 0.5); then
+    [0, 0] -> 0.1875 / (1 - 0.5^4) = 0.20 (not the previous batch's 1.00)."""
+    critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", "--icc-momentum", "0.5")
+    engine = critic.engine = _RecordingEngine()
+    batch, problems = _actor_batch(critic.actor_tokenizer)
+    for step, (rewards, tau) in enumerate((([1.0, 1.0], 1.0), ([0.0, 0.0], 0.2))):
+        batch.rewards = torch.tensor(rewards)
+        values, m = critic.segment_values(batch, problems, seed=step)  # [N, R]
+        assert len(engine.calls) == step + 1 and engine.calls[-1] == critic.answers["prompts"]
+        hint = f"the average success rate of the model on the dataset is {tau:.2f}."
+        assert all(hint in critic.tokenizer.decode(p) for p in engine.calls[-1]), hint
+        assert m["genac/states"] >= 4 and m["genac/parse_failures"] == m["genac/states"] - 1
+        assert float(values[0, 0]) == pytest.approx(0.3)  # the one parsed answer: response 0's first segment
+        for i in range(len(batch)):
+            real = values[i, : int(batch.response_lens[i])]
+            assert float(real[-1]) == pytest.approx(tau), (step, i)  # a last segment's answer did not parse
+            assert all(v == pytest.approx(0.3) or v == pytest.approx(tau) for v in real.tolist())
+            assert float(values[i, int(batch.response_lens[i]):].abs().sum()) == 0
+
+
 def test_critic_prompts_fit_by_default_and_a_smaller_limit_is_counted(tiny_model, monkeypatch, capsys):
     """Default --critic-max-prompt-tokens: the actor's prompt + response limits + the ICC template, so nothing is
     cut; an explicit smaller value cuts from the left, counted in genac/critic_prompts_cut; too long for the critic:
