@@ -93,6 +93,36 @@ def test_discriminative_value_fn_in_unit_interval(tiny_model, default_model):
     assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
 
 
+def test_discriminative_value_fn_reads_each_states_last_real_token_in_a_padded_batch(tiny_model):
+    """The value benchmarks' critic values (tools/values.py and tools/baselines.critic_values call
+    critic.discriminative_value_fn at its default batch size): states of different lengths batched together (padded)
+    get the value each gets alone, the head's output at the state's last real token (fp32, 1e-5)."""
+    from transformers import AutoTokenizer
+
+    from critic import load_value_model
+    from rollout import Problem, format_prompt
+    from tools.baselines import critic_values
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = load_value_model(tiny_model, torch.device("cpu"), 1)  # fp32, fresh head, as tools/values.py loads it
+    with torch.no_grad():
+        model.score.bias.fill_(0.5)  # values inside (0, 1): the [0, 1] clip hides no difference
+    problems = ["What is 2 + 2?", "What is 123 * 45 + 6789 - 10?", "What is 1 + 1?", "Compute 7 * 8."]
+    partials = ["", "First, 123 * 45 = 5535. Then 5535 + 6789 = 12324, minus 10 is 12314.", "Let me think", "56"]
+    value_fn = discriminative_value_fn(model, tok, torch.device("cpu"))
+    batched = value_fn(problems, partials)
+    assert critic_values(model, tok, problems, partials) == batched
+    states = [format_prompt(tok, Problem(problem=q, answer="")) + tok.encode(y, add_special_tokens=False)
+              for q, y in zip(problems, partials)]
+    assert len({len(s) for s in states}) == len(states)  # every state padded differently in the batch
+    for i, (state, value) in enumerate(zip(states, batched)):
+        with torch.no_grad():
+            last = float(model(input_ids=torch.tensor([state])).logits[0, -1, 0])
+        assert 0.0 < last < 1.0, (i, last)
+        assert value == pytest.approx(last, abs=1e-5), i
+        assert value_fn([problems[i]], [partials[i]])[0] == pytest.approx(value, abs=1e-5), i  # a batch of one
+    assert max(batched) - min(batched) > 1e-3  # the states' values differ: a mix-up would show
+
+
 def test_vcppo_warmup_trains_only_the_critic(tiny_model, tmp_path):
     """--steps 0 with 2 warmup iterations: the actor's weights are untouched, the critic's moved, and the
     value-pretrained critic is saved as a model folder next to the checkpoint."""
