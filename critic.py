@@ -285,7 +285,7 @@ def discriminative_value_fn(model, tokenizer, device, batch_size: int = 16):
     The state is the chat-formatted problem followed by the partial response's tokens; its value is
     the head's output at the state's last token (V of the next token), clipped to [0, 1].
     """
-    from rollout import Problem, format_prompt
+    from data import Problem, format_prompt
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()

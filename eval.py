@@ -28,8 +28,9 @@ import json
 import sys
 from pathlib import Path
 
+from data import DataError, load_problems
 from reward import MathVerifier
-from rollout import DataError, evaluate, load_problems
+from rollout import evaluate
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def extract_integer_answer(text: str) -> int | None:
 
 
 def reward_for(response: str, problem) -> float:
-    """1.0 if the response's answer equals the integer reference (kind "int"), else 0.0. problem: a rollout.Problem
+    """1.0 if the response's answer equals the integer reference (kind "int"), else 0.0. problem: a data.Problem
     (its .answer; this module imports nothing of the project's)."""
     got = extract_integer_answer(response)
     return float(got is not None and got == integer_in_box(problem.answer.strip()))
@@ -385,7 +385,7 @@ class ScoreStats:
 
 def score_responses(responses: list[str], problems: list, verifier: MathVerifier | None,
                     finish_reasons: list[str] | None = None) -> tuple[list[float], ScoreStats]:
-    """Reward 1/0 for each response (problems: rollout.Problem, by .kind and .answer). Integer tasks are compared
+    """Reward 1/0 for each response (problems: data.Problem, by .kind and .answer). Integer tasks are compared
     in-process; math ones via workers."""
     stats = ScoreStats()
     rewards = [0.0] * len(responses)

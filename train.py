@@ -81,10 +81,11 @@ from transformers import AutoTokenizer
 
 from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from data import DataError, Problem, format_prompt, load_problems
 from memory import PLANNED_FLAGS, run_plan
 from reward import MathVerifier, score_responses
-from rollout import (DataError, Problem, build_rollout_batch, default_engine, evaluate, format_prompt,
-                     load_problems, make_engine, quiet_third_party_output, resolve_model_path)
+from rollout import (build_rollout_batch, default_engine, evaluate, make_engine, quiet_third_party_output,
+                     resolve_model_path)
 from runrecord import load as load_run_record, mark_done, write_start
 from trackers import Trackers, install_line, missing_packages
 

@@ -76,7 +76,7 @@ def test_damaged_checkpoint_is_named_with_the_older_one_that_works(tmp_path):
 
 
 def test_a_file_has_no_heldout_split_and_train_says_what_is_held_out(tmp_path):
-    from rollout import DataError, load_problems
+    from data import DataError, load_problems
     f = tmp_path / "d.jsonl"
     f.write_text("".join(f'{{"problem": "What is {a} + 1?", "answer": "{a + 1}"}}\n' for a in range(5)))
     with pytest.raises(DataError, match="no held-out split"):
@@ -122,7 +122,7 @@ def test_flags_that_are_fine_still_parse():
 
 
 def test_a_data_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
-    from rollout import DataError, load_jsonl
+    from data import DataError, load_jsonl
     f = tmp_path / "latin1.jsonl"
     f.write_bytes(b'{"problem": "What is 1 + 1?", "answer": "2"}\n{"problem": "caf\xe9 costs?", "answer": "3"}\n')
     with pytest.raises(DataError) as e:

@@ -8,7 +8,7 @@ import pytest
 
 from tools import compare
 import runrecord
-from rollout import Problem
+from data import Problem
 
 GRPO_ARGS = {"algo": "grpo", "model": None, "data": "arithmetic", "lr": 2e-5, "rollouts_per_prompt": 8, "eval_k": 4,
              "token_budget": 1000, "steps": 100000, "out": "x", "seed": 0, "resume": False, "save_every": 10}

@@ -100,7 +100,7 @@ def test_discriminative_value_fn_reads_each_states_last_real_token_in_a_padded_b
     from transformers import AutoTokenizer
 
     from critic import load_value_model
-    from rollout import Problem, format_prompt
+    from data import Problem, format_prompt
     from tools.baselines import critic_values
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = load_value_model(tiny_model, torch.device("cpu"), 1)  # fp32, fresh head, as tools/values.py loads it

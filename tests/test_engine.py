@@ -3,7 +3,8 @@ trainer's (fp32), at T = 1 and T = 0.7."""
 import pytest
 import torch
 
-from rollout import build_rollout_batch, format_prompt, load_problems
+from data import format_prompt, load_problems
+from rollout import build_rollout_batch
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (bash install_cpu.sh)")
 

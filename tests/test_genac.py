@@ -349,7 +349,8 @@ def _genac(tiny_model, monkeypatch, *flags, checkpoint=None):
 
 def _actor_batch(tokenizer):
     """2 rollouts of one prompt, ~40 response tokens each, rewards 1 and 0 -> (batch, problems)."""
-    from rollout import Problem, Sample, build_rollout_batch
+    from data import Problem
+    from rollout import Sample, build_rollout_batch
     problem = Problem("What is 19 * 2?", "38", "int", "p0")
     text = ("First, 19 + 19 = 38.\n\nThen 38 is twice 19. So we get 38.\nThe answer is \\boxed{38}. "
             "Done, and checked twice.")
@@ -485,7 +486,7 @@ def test_sft_states_are_held_out_and_disjoint_from_pretraining_validation():
     """With the default flags SFT takes held-out prompts [32, 96), pretrain validates on [0, 32); neither is a
     training prompt."""
     import genac_stages as S
-    from rollout import load_problems
+    from data import load_problems
     heldout = load_problems("arithmetic", "heldout", 0)
     sft_args, pre_args = S._parse(S.sft_parser(), []), S._parse(S.pretrain_parser(), [])
     sft = {p.id for p in S.sft_prompts(heldout, sft_args)}

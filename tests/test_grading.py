@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from data import Problem
 from reward import MathVerifier, score_responses
-from rollout import Problem
 
 sys.path.insert(0, str(Path(__file__).parent))
 from grading_pairs import PAIRS  # noqa: E402

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data import DataError, Problem, arithmetic_problems, load_jsonl, load_problems
 from reward import MathVerifier, _math_verify_worker, extract_integer_answer, last_boxed, reward_for, score_responses
-from rollout import DataError, Problem, Sample, arithmetic_problems, build_rollout_batch, load_jsonl, load_problems
+from rollout import Sample, build_rollout_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tools.values import ranking_top1, value_quality, value_targets
-from rollout import Problem, Sample, format_prompt
+from data import Problem, format_prompt
+from rollout import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

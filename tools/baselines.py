@@ -304,7 +304,7 @@ def plot_mse_vs_tokens(methods: dict[str, dict], target: Path, title: str) -> No
 def split_prompts(data: str, num_prompts: int, num_fit: int, seed: int, problem_key: str, answer_key: str):
     """-> (benchmark problems, fitting problems), disjoint: arithmetic's held-out and train splits, or a JSONL's first
     num_prompts rows and the num_fit rows after them."""
-    from rollout import load_problems
+    from data import load_problems
     if data == "arithmetic" or data.startswith("arithmetic:"):
         bench, fit = load_problems(data, "benchmark", seed)[:num_prompts], load_problems(data, "train", seed)[:num_fit]
     else:
@@ -318,8 +318,8 @@ def split_prompts(data: str, num_prompts: int, num_fit: int, seed: int, problem_
 
 def sample_and_score(engine, tokenizer, problems, n, max_new_tokens: int, verifier, seed: int):
     """n samples per prompt (int or per-prompt list), one engine call -> (prompt ids, samples[x][i], rewards[x][i])."""
+    from data import format_prompt
     from reward import score_responses
-    from rollout import format_prompt
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     samples = engine.generate(prompt_ids, n, max_new_tokens, 1.0, 1.0, seed)
     flat, _ = score_responses([s.text for g in samples for s in g], [p for p, g in zip(problems, samples) for _ in g],
@@ -600,7 +600,8 @@ def baselines_main(argv: list[str]) -> None:
                  f"{4 * args.critic_iterations} prompts")
     if args.path_prompts > args.prompts:
         ap.error(f"--path-prompts ({args.path_prompts}) must be <= --prompts ({args.prompts})")
-    from rollout import DataError, resolve_model_path
+    from data import DataError
+    from rollout import resolve_model_path
     try:
         args.policy_path = resolve_model_path(args.policy)
         args.critic = resolve_model_path(args.critic) if args.critic else None

@@ -55,8 +55,9 @@ def speed_main(argv: list[str]) -> None:
     from transformers import AutoTokenizer
 
     import actor
+    from data import DataError, format_prompt, load_problems
     from reward import MathVerifier, score_responses
-    from rollout import DataError, build_rollout_batch, format_prompt, load_problems, make_engine, resolve_model_path
+    from rollout import build_rollout_batch, make_engine, resolve_model_path
     ap = argparse.ArgumentParser(prog="eval.py speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)

@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from data import DataError, Problem, format_prompt, load_problems
 from reward import MathVerifier, score_responses
-from rollout import DataError, Problem, format_prompt, load_problems
 
 # ---------------------------------------------------------------------------------------------
 # Value-model quality (GenAC, arXiv:2604.10701, §4 and Tables 2-4)
