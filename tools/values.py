@@ -24,7 +24,7 @@ from reward import MathVerifier, score_responses
 # Value-model quality (GenAC, arXiv:2604.10701, §4 and Tables 2-4)
 #
 # A state is a held-out prompt plus a partial response of the policy cut at a segment boundary (the
-# segmentation GenAC uses: genac.segment_boundaries). Its ground-truth value is the Monte-Carlo mean
+# segmentation GenAC uses: genac_segments.segment_boundaries). Its ground-truth value is the Monte-Carlo mean
 # reward of M continuations sampled from it by the engine. "path" states (every segment start of one
 # response per prompt) measure MSE / MAE / Pearson r; "candidate" states (C continuations of one
 # prefix, each cut after its first segment) measure relative ranking: top-1 accuracy of picking the
@@ -67,7 +67,7 @@ def build_value_states(engine, tokenizer, problems: list[Problem], verifier, m: 
     """-> states: path states of one policy response per problem, candidate groups for the first `rank_prompts`."""
     import random
 
-    from genac import critic_state_prefixes, segment_boundaries, token_texts
+    from genac_segments import critic_state_prefixes, segment_boundaries, token_texts
     rng = random.Random(seed)
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     responses = engine.generate(prompt_ids, 1, max_new_tokens, 1.0, 1.0, seed)  # the policy's own samples
