@@ -40,6 +40,7 @@ def algorithm_class(name: str) -> type:
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # verl's names (advantage.aggregate_loss)
 MARGIN_GB = 8.0  # what the memory plan's chosen defaults leave free in every phase (memory.py)
 ENGINE_MAX_NUM_SEQS, ENGINE_MAX_NUM_BATCHED_TOKENS = 256, 8192  # GPU defaults (vLLM's on >= 70 GB: 1024 / 16384)
+PROMPTS_PER_STEP = 4  # --prompts-per-step's CPU-sized default (an algorithm may set its own: POISE 16)
 SYNC_BUCKET_MB = 64  # per all-gather of the weight sync: bandwidth-bound on NVLink, < 0.1% of an 80 GB GPU
 
 
@@ -81,7 +82,9 @@ def add_run_arguments(parser) -> None:
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a("--seed", type=number(int), default=0)
     a("--steps", type=number(int, 0), default=30, help="RL iterations")
-    a("--prompts-per-step", type=number(int, 1), default=4, help="prompts per iteration (over all ranks)")
+    a("--prompts-per-step", type=number(int, 1), default=PROMPTS_PER_STEP,
+      help="prompts per iteration over all ranks (left unset: this default, or the algorithm's, rounded up to a "
+           "multiple of the ranks)")
     a("--rollouts-per-prompt", type=number(int, 1), default=8,
       help="G (poise: 2; v05 samples --v05-n0 first, then OSLA)")
     a("--max-new-tokens", type=int, default=128)
@@ -156,18 +159,41 @@ def add_update_arguments(parser) -> None:
       "(0: one parameter at a time)")
 
 
-def run_argument_error(args) -> str | None:
-    """The first shared flag (or combination) that cannot work, as a one-line message; None when all can."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the prompts are split evenly over the ranks
+def world_size() -> int:
+    """torchrun's WORLD_SIZE (plain python: 1): the prompts of a step are split evenly over the ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def flag_given(argv: list[str], flag: str) -> bool:
+    """Whether `flag` is on the command line (`--flag V` or `--flag=V`; abbreviations are off in train.py)."""
+    return any(token == flag or token.startswith(flag + "=") for token in argv)
+
+
+def follow_world_size(args, argv: list[str], world: int) -> str | None:
+    """A --prompts-per-step left unset (this file's default or the algorithm's) is rounded up to a multiple of the
+    `world` ranks, so the design card's `torchrun --nproc_per_node=8 train.py --algo genac` starts as written; a
+    value the user gave is kept, and run_argument_error checks it. -> the line to print, or None."""
+    default = args.prompts_per_step
+    if flag_given(argv, "--prompts-per-step") or default % world == 0:
+        return None
+    args.prompts_per_step = -(-default // world) * world
+    return f"[world] --prompts-per-step {args.prompts_per_step}: the default {default} rounded up to the {world} ranks"
+
+
+def run_argument_error(args, world: int | None = None) -> str | None:
+    """The first shared flag (or combination) that cannot work, as a one-line message; None when all can (after
+    follow_world_size has rounded an unset --prompts-per-step)."""
+    world = world_size() if world is None else world
+    prompts = args.prompts_per_step
     for message, ok in (("--max-new-tokens must be >= 1", args.max_new_tokens >= 1),
                         ("--temperature must be > 0", math.isfinite(args.temperature) and args.temperature > 0),
                         ("--top-p must be in (0, 1]", 0 < args.top_p <= 1),
                         ("--eval-k must be >= 1", args.eval_k >= 1),
                         ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",
                          min(args.micro_batch_size or 1, args.mini_batches, args.ppo_epochs) >= 1),
-                        (f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks "
-                         "(WORLD_SIZE)",
-                         args.prompts_per_step % world == 0)):
+                        (f"--prompts-per-step {prompts} must be a multiple of the {world} ranks (WORLD_SIZE); "
+                         f"use {-(-prompts // world) * world}, or leave it unset",
+                         prompts % world == 0)):
         if not ok:
             return message
     return None
@@ -177,9 +203,11 @@ def check_run_arguments_early(argv: list[str], prog: str) -> None:
     """The shared flags alone (an algorithm's own are left for later), checked before any heavy import:
     a bad value exits with status 2 and one line (no usage block)."""
     parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False, exit_on_error=False)
-    add_run_arguments(parser)  # abbreviated flags are left to the full parse
+    add_run_arguments(parser)  # abbreviated flags are refused by the full parse
     try:
-        message = run_argument_error(parser.parse_known_args(argv)[0])
+        args = parser.parse_known_args(argv)[0]
+        follow_world_size(args, argv, world_size())  # an algorithm's own default is rounded in the full parse
+        message = run_argument_error(args)
     except argparse.ArgumentError as e:
         message = str(e)
     if message is not None:

@@ -66,7 +66,8 @@ import sys
 import time
 from pathlib import Path
 
-from flags import add_run_arguments, algorithm_class, check_run_arguments_early, run_argument_error
+from flags import (add_run_arguments, algorithm_class, check_run_arguments_early, follow_world_size,
+                   run_argument_error, world_size)
 
 if __name__ == "__main__":  # a bad shared flag stops here in < 2 s, before the heavy imports below (5-10 s)
     check_run_arguments_early(sys.argv[1:], prog="train.py")
@@ -92,14 +93,18 @@ from trackers import Trackers, install_line, missing_packages
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Shared flags, then the chosen algorithm's own (`--algo X --help` lists them)."""
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=False)
+                                add_help=False, allow_abbrev=False)
     add_run_arguments(p)  # flags.py: the shared flags with their types and ranges
     p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)  # None: chosen from the memory plan (memory.py)
     algo = p.parse_known_args(argv)[0].algo  # a key of ALGORITHMS (checked by flags.algorithm_name)
     algorithm_class(algo).add_arguments(p.add_argument_group(f"--algo {algo}"))
     p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
     args = p.parse_args(argv)
+    world_line = follow_world_size(args, argv, world_size())  # an unset --prompts-per-step follows WORLD_SIZE
+    if world_line and os.environ.get("RANK", "0") == "0":
+        print(world_line, file=sys.stderr, flush=True)
     if (message := run_argument_error(args)) is not None:
         p.error(message)
     if missing := missing_packages(t for t in args.report_to if t != "none"):
