@@ -53,28 +53,32 @@ def all_gather_objects(obj) -> list:
 # Loading and weights
 
 
-def load_actor(model_path: str, device: torch.device, world: int, args=None):
+def load_actor(model_path: str, device: torch.device, world: int, args=None, model_class=None,
+               target: str | None = None, **config_overrides):
     """fp32 master weights; FSDP2 `fully_shard` per decoder layer, then the root, when world > 1 (shard_with_fsdp2;
-    args: --dtype and --gradient-checkpointing, None: neither).
+    args: --dtype and --gradient-checkpointing, None: neither). model_class: AutoModelForCausalLM (default) or
+    another Auto class (the value critic's AutoModelForTokenClassification, with config_overrides num_labels=1).
 
     Sharded (world > 1), as verl loads: rank 0 alone reads the checkpoint (on the CPU); every rank builds the model on
     the meta device, shards it, allocates only its shards on `device`, and receives them from rank 0
     (set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)). So a rank > 0 holds its shard, not
     the whole fp32 model (8B: ~33 GB of host RAM per rank otherwise). Buffers no checkpoint holds (rotary inv_freq)
-    are computed on the CPU at build time and copied back after the shards are allocated."""
+    are computed on the CPU at build time and copied back after the shards are allocated. target: the device type
+    the run trains on (None: `device`'s; the rehearsal shards fake tensors on the CPU for a CUDA target,
+    tools/rehearse.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    model_class = model_class or AutoModelForCausalLM
+    target = target or device.type
+    config = AutoConfig.from_pretrained(model_path, **config_overrides)
     if world == 1:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-        return shard_with_fsdp2(model, world, args)
+        model = model_class.from_pretrained(model_path, config=config, dtype=torch.float32).to(device)
+        return shard_with_fsdp2(model, world, args, target)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    full = {}  # the full fp32 state dict: rank 0 only
-    if dist.get_rank() == 0:
-        full = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).state_dict()
-    config = AutoConfig.from_pretrained(model_path)
+    full = read_full_state_dict(model_class, model_path, config) if dist.get_rank() == 0 else {}  # rank 0 only
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model_class.from_config(config, dtype=torch.float32)
     buffers = {name: _real_buffer(model, name, config) for name, _ in model.named_buffers()}
-    shard_with_fsdp2(model, world, args)
+    shard_with_fsdp2(model, world, args, target)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, value in buffers.items():
@@ -82,6 +86,12 @@ def load_actor(model_path: str, device: torch.device, world: int, args=None):
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     return model
+
+
+def read_full_state_dict(model_class, model_path: str, config) -> dict:
+    """Rank 0's read of the checkpoint: the full fp32 state dict, on the CPU. The one question load_actor asks of the
+    weights; the rehearsal (tools/rehearse.py) answers it from the config alone."""
+    return model_class.from_pretrained(model_path, config=config, dtype=torch.float32).state_dict()
 
 
 def _real_buffer(model, name: str, config) -> torch.Tensor:
@@ -97,26 +107,37 @@ def _real_buffer(model, name: str, config) -> torch.Tensor:
     return getattr(fresh, buffer_name).detach().clone()
 
 
-def shard_with_fsdp2(model, world: int, args=None):
-    """FSDP2 `fully_shard` per decoder layer, then the root (one process: unchanged). Actor and critic alike.
+def mixed_precision_policy(dtype: str, target: str):
+    """FSDP2's MixedPrecisionPolicy, a function of --dtype and the device type the run trains on (never of where a
+    tensor sits: a meta-built model is on no device yet). bf16 on CUDA: the all-gathered parameters are bf16 in
+    forward and backward, gradients reduce-scattered in fp32, the optimizer steps the fp32 shards (master weights).
+    On the CPU it stays off (fp32 parameters under bf16 autocast, as in one process), so CPU runs are unchanged."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if dtype == "bf16" and target == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_with_fsdp2(model, world: int, args=None, target: str = "cpu"):
+    """FSDP2 `fully_shard` per decoder layer, then the root (one process: unchanged). Actor and critics alike.
 
     args.gradient_checkpointing: each decoder layer's activations are recomputed in the backward (HF's non-reentrant
-    checkpointing) instead of kept. On GPU with args.dtype bf16, FSDP2's MixedPrecisionPolicy: the all-gathered
-    parameters are cast to bf16 for forward and backward, gradients are reduce-scattered in fp32 and the optimizer
-    steps the fp32 shards (master weights). On CPU the policy stays off (fp32 parameters under bf16 autocast, as
-    in one process), so CPU runs are unchanged."""
+    checkpointing) instead of kept. args.dtype with `target` (the device type trained on): mixed_precision_policy."""
     model.config.use_cache = False
     if args is not None and args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        bf16 = args is not None and args.dtype == "bf16" and next(model.parameters()).is_cuda
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
-                  else MixedPrecisionPolicy())
-        for layer in model.model.layers:
+        from torch.distributed.fsdp import fully_shard
+        policy = mixed_precision_policy(args.dtype if args is not None else "fp32", target)
+        for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     return model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM or of a value model built on one (`model.model.layers`)."""
+    return model.model.layers
 
 
 def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -174,7 +195,7 @@ def _gather_bucket(bucket: list, dtype: torch.dtype | None) -> list:
         local[offset:offset + shard.numel()].copy_(shard)  # copy_ casts
         offset += width
     gathered = torch.empty(world * len(local), dtype=dtype, device=local.device)  # [world * E] (gloo wants it flat)
-    dist.all_gather_into_tensor(gathered, local, group=group)
+    dist.all_gather_single(gathered, local, group=group)  # torch 2.13 name of all_gather_into_tensor
     gathered = gathered.view(world, len(local))  # [world, E]
     out, offset = [], 0
     for (name, v), width in zip(bucket, widths):

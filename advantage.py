@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from flags import LOSS_AGG_MODES
+from flags import LOSS_AGG_MODES, GRPOFlags, RLOOFlags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,21 +67,13 @@ def broadcast_to_tokens(sequence_advantages: torch.Tensor, mask: torch.Tensor) -
 # The value-free algorithms, as train.py's algorithm interface: no model of their own
 
 
-class GRPO:
+class GRPO(GRPOFlags):
     """GRPO (arXiv:2402.03300 §4.1.2): A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6) over the G rollouts of a
     prompt, unbiased std (verl); --no-std gives Dr.GRPO's r_i - mean_j r_j (arXiv:2503.20783). Same A_i on
-    every token of response i; no model of its own."""
+    every token of response i; no model of its own. Its flags (add_arguments, check_arguments): flags.GRPOFlags,
+    torch-free so that train.py checks them before importing this file."""
 
     memory_parts = frozenset()  # what the memory plan (memory.py) counts beside the actor: nothing
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        parser.add_argument("--no-std", action="store_true", help="no std normalisation (Dr.GRPO)")
-
-    @staticmethod
-    def check_arguments(args) -> None:
-        if args.rollouts_per_prompt < 2:
-            raise ValueError("--rollouts-per-prompt must be >= 2 for a group baseline")
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
         self.args, self.warmup_steps, self.hidden_features = args, 0, None
@@ -100,11 +92,9 @@ class GRPO:
     def close(self) -> None: pass
 
 
-class RLOO(GRPO):
-    """RLOO (arXiv:2402.14740): A_i = r_i - mean_{j != i} r_j, the leave-one-out mean of the siblings."""
-
-    @staticmethod
-    def add_arguments(parser) -> None: pass  # no flags of its own
+class RLOO(RLOOFlags, GRPO):
+    """RLOO (arXiv:2402.14740): A_i = r_i - mean_{j != i} r_j, the leave-one-out mean of the siblings. GRPO's
+    sampling; its flags: flags.RLOOFlags (none of its own, GRPO's G >= 2 check)."""
 
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
         sequence_advantages = rloo_advantages(batch.rewards, batch.group_index)  # [N]

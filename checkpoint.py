@@ -244,19 +244,24 @@ def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, stream, a
     return final_dir
 
 
-def read_trainer_state(folder: Path, out: Path) -> dict:
-    """trainer_state.pt of a checkpoint, or exit with an error naming it, what is wrong and the older checkpoints."""
+def read_trainer_state(folder: Path, out: Path, required: tuple[str, ...] = ()) -> dict:
+    """trainer_state.pt of a checkpoint, or exit with an error naming it, what is wrong and the older checkpoints.
+    required: files the resuming algorithm keeps in each checkpoint (PPO's critic/sharded/.metadata): without them
+    the checkpoint is another algorithm's. Reads only: a refused resume leaves the run folder as it was."""
     older = [p.name for p in sorted(out.glob("checkpoint-*")) if p != folder and (p / "trainer_state.pt").is_file()]
     hint = (f"Older checkpoints: {', '.join(older)}; move {folder.name} away to resume from {older[-1]}." if older
             else "No older checkpoint in this folder.")
     try:
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated, zeroed, not a torch file: all unreadable
-        sys.exit(f"error: cannot resume: {folder / 'trainer_state.pt'} is damaged "
+        sys.exit(f"train.py: error: cannot resume: {folder / 'trainer_state.pt'} is damaged "
                  f"({type(e).__name__}: {str(e)[:200]}). " + hint)
     if not (folder / "sharded" / ".metadata").is_file():
-        sys.exit(f"error: cannot resume: {folder} has no sharded/.metadata (a checkpoint of an older train.py, "
-                 "which kept full weights and optimizer, or a damaged one). " + hint)
+        sys.exit(f"train.py: error: cannot resume: {folder} has no sharded/.metadata (a checkpoint of an older "
+                 "train.py, which kept full weights and optimizer, or a damaged one). " + hint)
+    if missing := [name for name in required if not (folder / name).is_file()]:
+        sys.exit(f"train.py: error: cannot resume: {folder} has no {', '.join(missing)}: it was written by another "
+                 "--algo; resume with the --algo that wrote it, or start this run in another --out")
     return state
 
 

@@ -31,27 +31,28 @@ from pathlib import Path
 import torch
 
 from actor import (adamw, all_reduce, autocast_context, mini_batch_indices, optimizer_steps, pack_shared_prompts,
-                   rollout_micro_batches, shard_with_fsdp2, to_device)
+                   load_actor, rollout_micro_batches, to_device)
 from checkpoint import load_sharded, save_model_folder
+from flags import PPOFlags, VCPPOFlags
 from rollout import RolloutBatch, resolve_model_path
 
 # ---------------------------------------------------------------------------------------------
 # 1. The value model: a causal LM body with a scalar head
 
 
-def load_value_model(model_path: str, device: torch.device, world: int, seed: int = 0, args=None):
-    """A causal LM body + fresh scalar head (or a saved critic, head included). fp32; FSDP2 when world > 1
-    (args: --dtype, --gradient-checkpointing as for the actor, actor.shard_with_fsdp2).
+def load_value_model(model_path: str, device: torch.device, world: int, seed: int = 0, args=None,
+                     target: str | None = None):
+    """A causal LM body + fresh scalar head (or a saved critic, head included). fp32; FSDP2 when world > 1, loaded
+    as the actor is (actor.load_actor: rank 0 reads, the others receive their shards; --dtype and
+    --gradient-checkpointing as for the actor).
 
-    The head is initialised like every transformers head (normal(0, initializer_range)); dropout on
-    the head is switched off (a value regressor, verl does the same).
+    The head is initialised like every transformers head (normal(0, initializer_range)) on the rank that reads the
+    checkpoint, under `seed`; dropout on the head is switched off (a value regressor, verl does the same).
     """
-    from transformers import AutoConfig, AutoModelForTokenClassification
-    config = AutoConfig.from_pretrained(model_path, num_labels=1)
-    config.classifier_dropout = 0.0
+    from transformers import AutoModelForTokenClassification
     torch.manual_seed(seed)  # the fresh head's initialisation is part of the run's seed
-    model = AutoModelForTokenClassification.from_pretrained(model_path, config=config, dtype=torch.float32).to(device)
-    return shard_with_fsdp2(model, world, args)
+    return load_actor(model_path, device, world, args, AutoModelForTokenClassification, target,
+                      num_labels=1, classifier_dropout=0.0)
 
 
 def value_forward(model, mb: RolloutBatch, share_prompts: bool = False) -> torch.Tensor:
@@ -152,27 +153,11 @@ def value_clip_active(values: torch.Tensor, old_values: torch.Tensor, returns: t
 # 3. The algorithm: GAE advantages from the critic, then the critic's clipped value update
 
 
-class PPO:
-    """PPO with a discriminative critic (see the module docstring); the algorithm interface of train.py."""
+class PPO(PPOFlags):
+    """PPO with a discriminative critic (see the module docstring); the algorithm interface of train.py. Its flags
+    (critic model, lr, GAE, value clip, warm-up): flags.PPOFlags, torch-free."""
 
     memory_parts = frozenset({"value critic"})  # what the memory plan (memory.py) counts beside the actor
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        a = parser.add_argument
-        a("--critic-model", "--critic", default=None, help="critic to start from (default: the actor's base model, "
-          "its LM head replaced by a fresh scalar head)")
-        a("--critic-lr", type=float, default=5e-6)
-        a("--gamma", type=float, default=1.0, help="GAE discount")
-        a("--lam", type=float, default=1.0, help="GAE lambda of the actor's advantages")
-        a("--critic-lam", type=float, default=None,
-          help="GAE lambda of the critic's returns (default: --lam; VC-PPO: 1)")
-        a("--value-clip", type=float, default=0.5)
-        a("--critic-warmup-steps", type=int, default=0, help="critic-only iterations on the frozen actor before RL "
-          "(value pretraining; VC-PPO: 6)")
-
-    @staticmethod
-    def check_arguments(args) -> None: pass  # any G >= 1 works: the critic is the baseline
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint: Path | None = None):
         self.args, self.device, self.world, self.tokenizer = args, device, world, tokenizer
@@ -259,14 +244,9 @@ class PPO:
     def close(self) -> None: pass
 
 
-class VCPPO(PPO):
+class VCPPO(VCPPOFlags, PPO):
     """VC-PPO (arXiv:2503.01491): PPO with 6 value-pretraining iterations, Monte-Carlo critic targets (lambda 1)
-    and actor advantages at lambda 0.95."""
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        PPO.add_arguments(parser)
-        parser.set_defaults(critic_warmup_steps=6, critic_lam=1.0, lam=0.95)  # decoupled GAE as the paper sets it
+    and actor advantages at lambda 0.95 (the defaults of flags.VCPPOFlags)."""
 
 
 def save_value_model(model, folder: Path, tokenizer) -> None:

@@ -141,6 +141,8 @@ def load_jsonl(path: str, problem_key: str = "problem", answer_key: str = "answe
     A null, empty or non-scalar answer, or a problem that is not a non-empty string, is an error (it
     would otherwise train silently on reward 0). Numeric answers become strings: 42 -> "42".
     """
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; give a JSONL file (one JSON object per line)")
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     problems = []
@@ -177,7 +179,10 @@ def load_problems(spec: str, split: str = "train", seed: int = 0, problem_key: s
     if split not in ("train", "heldout", "benchmark"):
         raise ValueError(f"split must be 'train', 'heldout' or 'benchmark', got {split!r}")
     if spec == "arithmetic" or spec.startswith("arithmetic:"):
-        levels = (1, 2) if spec == "arithmetic" else tuple(int(x) for x in spec.split(":", 1)[1].split(","))
+        given = spec.split(":", 1)[1].split(",") if ":" in spec else ["1", "2"]
+        if not all(x.strip().isdigit() for x in given):
+            raise DataError(f"{spec!r}: levels are integers, e.g. 'arithmetic:1,2' (levels {ARITHMETIC_LEVELS})")
+        levels = tuple(int(x) for x in given)
         return arithmetic_problems(levels, "train" if split == "train" else "heldout", seed)
     if split == "heldout":
         raise DataError(f"{spec!r} has no held-out split (only the built-in arithmetic task has one); "

@@ -8,6 +8,8 @@
                                                       # (tools/compare.py)
     python eval.py speed                              # each phase next to its bare counterpart (tools/speed.py)
     python eval.py memory --model CONFIG --world 8    # per-GPU memory plan, any HF config, no weights read (memory.py)
+    python eval.py memory --rehearse --model CONFIG --algo genac --world 8   # the trainer's phases on fake tensors,
+                                                      # measured beside the plan (tools/rehearse.py)
     python eval.py export runs/grpo/checkpoint-000010 OUT   # sharded checkpoint -> Hugging Face folder (checkpoint.py)
     python eval.py values --critic init --critic runs/vcppo/critic-pretrained   # value-model quality (GenAC §4)
     python eval.py probe runs/poise                   # POISE's probe value vs held-out avg@8; --cost: its overhead
@@ -25,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from data import DataError, load_problems
-from reward import MathVerifier
-from rollout import evaluate
+from flags import OneLineParser, model_error, number
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,17 +143,18 @@ def print_summary(run_dir: str) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:  # python eval.py probe RUN_DIR [--data D -n N -k K] | python eval.py probe --cost
-        ap = argparse.ArgumentParser(prog="eval.py probe",
-                                     description="POISE probe vs held-out avg@k; --cost: feature overhead")
+        ap = OneLineParser(prog="eval.py probe", description="POISE probe vs held-out avg@k; --cost: feature overhead")
         ap.add_argument("run_dir", nargs="?")
         ap.add_argument("--data", default="arithmetic")
-        ap.add_argument("-n", type=int, default=100, help="held-out prompts")
-        ap.add_argument("-k", type=int, default=8, help="samples per prompt")
+        ap.add_argument("-n", type=number(int, 1), default=100, help="held-out prompts")
+        ap.add_argument("-k", type=number(int, 1), default=8, help="samples per prompt")
         ap.add_argument("--cost", action="store_true",
                         help="seconds the features add to the old-log-prob pass, refit at 4096 rows")
         pa = ap.parse_args(argv[1:])
         if not pa.cost and not pa.run_dir:
             ap.error("give a --algo poise run folder, or --cost")
+        if pa.run_dir and not Path(pa.run_dir).is_dir():
+            sys.exit(f"eval.py probe: error: {pa.run_dir}: no such run folder; give a --algo poise run's --out")
         from tools.values import probe_feature_cost, probe_heldout_quality
         print(json.dumps(probe_feature_cost() if pa.cost else probe_heldout_quality(pa.run_dir, pa.data, pa.n, pa.k),
                          indent=1))
@@ -166,6 +169,9 @@ def main(argv=None) -> None:
     if argv[:1] == ["speed"]:
         from tools.speed import speed_main
         return speed_main(argv[1:])
+    if argv[:1] == ["memory"] and "--rehearse" in argv:  # the plan beside the trainer's code on fake tensors
+        from tools.rehearse import main as rehearse_main
+        return rehearse_main([a for a in argv[1:] if a != "--rehearse"])
     if argv[:1] == ["memory"]:  # the per-GPU memory plan of a configuration (memory.py)
         from memory import memory_main
         return memory_main(argv[1:])
@@ -173,6 +179,9 @@ def main(argv=None) -> None:
     if argv[:1] == ["export"]:
         if len(argv) not in (2, 3):
             sys.exit("usage: python eval.py export CHECKPOINT [OUT]   (default OUT: the checkpoint itself)")
+        if not (Path(argv[1]) / "sharded" / ".metadata").is_file():
+            sys.exit(f"eval.py export: error: {argv[1]} is no train.py checkpoint (no sharded/.metadata); give a "
+                     "run's checkpoint-N folder")
         from checkpoint import export_checkpoint
         try:
             for folder in export_checkpoint(argv[1], argv[2] if len(argv) == 3 else None):
@@ -198,13 +207,13 @@ def main(argv=None) -> None:
             except FileNotFoundError as e:
                 sys.exit(f"error: {e}")
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF model folder (default: offline SmolLM2-135M-Instruct)")
     ap.add_argument("--data", action="append", default=None,
                     help="'arithmetic[:levels]' (held-out split) or a JSONL file; repeatable")
-    ap.add_argument("-k", type=int, default=4, help="samples per problem")
-    ap.add_argument("-n", type=int, default=200, help="problems per data set (0: all)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("-k", type=number(int, 1), default=4, help="samples per problem")
+    ap.add_argument("-n", type=number(int, 0), default=200, help="problems per data set (0: all)")
+    ap.add_argument("--max-new-tokens", type=number(int, 1), default=128)
     ap.add_argument("--engine", default=None, choices=("vllm", "hf"))
     ap.add_argument("--engine-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--problem-key", default="problem")
@@ -212,15 +221,22 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    from transformers import AutoTokenizer
-
-    from rollout import default_engine, make_engine, resolve_model_path
+    # every input checked before the heavy imports (torch, vLLM: seconds) and before evaluating (minutes)
+    if message := model_error("--model", args.model) or json_target_error(args.json):
+        sys.exit(f"eval.py: error: {message}")
     try:
-        model_path = resolve_model_path(args.model)
         datasets = {spec: load_problems(spec, "benchmark", args.seed, args.problem_key, args.answer_key)
                     for spec in (args.data or ["arithmetic"])}
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except DataError as e:
+        sys.exit(f"eval.py: error: --data: {e}")
+    from transformers import AutoTokenizer
+
+    from reward import MathVerifier
+    from rollout import default_engine, evaluate, make_engine, resolve_model_path
+    try:
+        model_path = resolve_model_path(args.model)
+    except FileNotFoundError as e:
+        sys.exit(f"eval.py: error: {e}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine = make_engine(args.engine or default_engine(), model_path, dtype=args.engine_dtype, seed=args.seed,
                          max_model_len=4096 if args.max_new_tokens < 3000 else args.max_new_tokens + 1024)
@@ -240,6 +256,20 @@ def main(argv=None) -> None:
     if verifier is not None:
         verifier.close()
     engine.close()
+
+
+def json_target_error(path: str | None) -> str | None:
+    """Why --json could not be written after the evaluation (a missing or read-only folder, a folder in its place)."""
+    if path is None:
+        return None
+    target, folder = Path(path), Path(path).absolute().parent
+    if target.is_dir():
+        return f"--json {path} is a folder; give a file name"
+    if not folder.is_dir():
+        return f"--json {path}: no folder {folder}; create it first or write elsewhere"
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"--json {path}: cannot write there; choose another file"
+    return None
 
 
 if __name__ == "__main__":

@@ -7,17 +7,27 @@ bad value stops in well under 2 s with one line naming it:
     $ python train.py --lr nan
     train.py: error: argument --lr: expected a finite number > 0, got 'nan'
 
-An algorithm's own flags are added and checked after its module is imported (train.parse_args).
+An algorithm's own flags live here too, torch-free (`GRPOFlags` ... `POISEFlags`, registered in ALGORITHM_FLAGS); each
+algorithm class inherits its flags class (`class GRPO(GRPOFlags)` in advantage.py), so `GRPO.add_arguments` is the
+same function whether train.py parses the command line (no torch yet) or a tool calls it. Every error is one line
+(`OneLineParser`, no usage block):
+
+    $ python train.py --algo grpo --critic-warmup-steps 3
+    train.py: error: unrecognized arguments: --critic-warmup-steps 3 (a flag of --algo ppo, vcppo; this run is
+    --algo grpo: `python train.py --algo grpo --help` lists its flags)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
+import sys
+from pathlib import Path
 
-from trackers import TRACKERS
+from trackers import TRACKERS, install_line, missing_packages
 
 # Every algorithm, by its --algo name: the class that implements train.py's algorithm interface, as "module.Class".
 # The ONE list (train.py, tools/sweep.py, the memory planner and the tests read it); adding an algorithm is a file + a
@@ -37,6 +47,8 @@ def algorithm_class(name: str) -> type:
     """The class registered under `name` in ALGORITHMS (its module is imported now)."""
     module, cls = ALGORITHMS[name].rsplit(".", 1)
     return getattr(importlib.import_module(module), cls)
+
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # verl's names (advantage.aggregate_loss)
 MARGIN_GB = 8.0  # what the memory plan's chosen defaults leave free in every phase (memory.py)
 ENGINE_MAX_NUM_SEQS, ENGINE_MAX_NUM_BATCHED_TOKENS = 256, 8192  # GPU defaults (vLLM's on >= 70 GB: 1024 / 16384)
@@ -144,11 +156,14 @@ def add_update_arguments(parser) -> None:
       help="dual-clip bound on negative advantages (verl's default)")
     a("--loss-agg", default="token-mean", choices=LOSS_AGG_MODES)
     a("--kl-coef", type=number(float, 0), default=0.0, help="k3 KL to the initial model (0: no reference model loaded)")
-    a("--ppo-epochs", type=int, default=1)
-    a("--mini-batches", type=int, default=2, help="optimizer steps per epoch (verl: batch / ppo_mini_batch_size)")
-    a("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward")
-    a("--no-share-prompts", dest="share_prompts", action="store_false", help="run every rollout's prompt in the "
-      "trainer's forward passes (default: a prompt once per micro-batch for all its rollouts; same log-probs)")
+    a("--ppo-epochs", type=number(int, 1), default=1)
+    a("--mini-batches", type=number(int, 1), default=2,
+      help="optimizer steps per epoch (verl: batch / ppo_mini_batch_size)")
+    a("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward")
+    a("--share-prompts", action=argparse.BooleanOptionalAction, default=True, help="run a prompt once per "
+      "micro-batch for all its rollouts (same log-probs; actor.pack_shared_prompts); --no-share-prompts: every "
+      "rollout's prompt in the trainer's forward passes. train.py's default: on the CPU, off on a GPU "
+      "(memory.share_prompts_default)")
     a("--dtype", default="bf16", choices=("bf16", "fp32"), help="training compute dtype (master weights fp32): "
       "autocast; on GPU under FSDP2 also bf16 parameters in forward/backward with fp32 gradient reduction "
       "(MixedPrecisionPolicy)")
@@ -189,8 +204,9 @@ def run_argument_error(args, world: int | None = None) -> str | None:
                         ("--temperature must be > 0", math.isfinite(args.temperature) and args.temperature > 0),
                         ("--top-p must be in (0, 1]", 0 < args.top_p <= 1),
                         ("--eval-k must be >= 1", args.eval_k >= 1),
-                        ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",
-                         min(args.micro_batch_size or 1, args.mini_batches, args.ppo_epochs) >= 1),
+                        ("--micro-batch-size, --mini-batches and --ppo-epochs must be >= 1",  # None: planned
+                         min(1 if args.micro_batch_size is None else args.micro_batch_size, args.mini_batches,
+                             args.ppo_epochs) >= 1),
                         (f"--prompts-per-step {prompts} must be a multiple of the {world} ranks (WORLD_SIZE); "
                          f"use {-(-prompts // world) * world}, or leave it unset",
                          prompts % world == 0)):
@@ -199,16 +215,270 @@ def run_argument_error(args, world: int | None = None) -> str | None:
     return None
 
 
-def check_run_arguments_early(argv: list[str], prog: str) -> None:
-    """The shared flags alone (an algorithm's own are left for later), checked before any heavy import:
-    a bad value exits with status 2 and one line (no usage block)."""
-    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False, exit_on_error=False)
-    add_run_arguments(parser)  # abbreviated flags are refused by the full parse
+# ---------------------------------------------------------------------------------------------
+# Parsing: one line per error, an algorithm's own flags without importing it
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with every error as ONE line, `prog: error: message`, status 2: no usage block above the line that
+    matters (`-h` shows the usage). An unknown flag that belongs to another algorithm says which (`algo`: the run's)."""
+
+    algo: str | None = None
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:") and self.algo is not None:
+            message += flag_owner_hint(message, self.algo, self.prog)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_train_args(argv: list[str], prog: str = "train.py", description: str | None = None) -> argparse.Namespace:
+    """train.py's command line: the shared flags, then the chosen algorithm's own (from its torch-free flags class,
+    `algorithm_flags`), each checked. Imports nothing heavy; a bad flag exits with status 2 and one line. An unset
+    --prompts-per-step follows the world size (`follow_world_size`, printed)."""
+    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      add_help=False, allow_abbrev=False)
+    add_run_arguments(p)  # the shared flags with their types and ranges
+    # None: chosen from the memory plan for the target device (memory.run_plan)
+    p.set_defaults(micro_batch_size=None, gradient_checkpointing=None, share_prompts=None)
+    p.algo = algo = p.parse_known_args(argv)[0].algo  # a key of ALGORITHMS (checked by algorithm_name)
+    flags = algorithm_flags(algo)
+    flags.add_arguments(p.add_argument_group(f"--algo {algo}"))
+    p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
+    args = p.parse_args(argv)
+    world_line = follow_world_size(args, argv, world_size())  # an unset --prompts-per-step follows WORLD_SIZE
+    if world_line and os.environ.get("RANK", "0") == "0":
+        print(world_line, file=sys.stderr, flush=True)
+    if (message := run_argument_error(args)) is not None:
+        p.error(message)
+    if missing := missing_packages(t for t in args.report_to if t != "none"):
+        p.error(f"--report-to {' '.join(missing)} needs its package: {install_line(missing)}")
     try:
-        args = parser.parse_known_args(argv)[0]
-        follow_world_size(args, argv, world_size())  # an algorithm's own default is rounded in the full parse
-        message = run_argument_error(args)
-    except argparse.ArgumentError as e:
-        message = str(e)
-    if message is not None:
-        parser.exit(2, f"{prog}: error: {message}\n")
+        flags.check_arguments(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def check_run_arguments_early(argv: list[str], prog: str) -> None:
+    """Every flag of train.py checked without importing torch (parse_train_args): a bad value exits with status 2
+    and one line (no usage block)."""
+    parse_train_args(argv, prog)
+
+
+class _FlagNames:
+    """A stand-in parser that only collects the option strings an add_arguments declares."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+
+    def add_argument(self, *names, **_) -> None:
+        self.names.update(names)
+
+    def set_defaults(self, **_) -> None:
+        pass
+
+
+def flag_owner_hint(message: str, algo: str, prog: str) -> str:
+    """For "unrecognized arguments: --x 3": which algorithms own --x, and the command that lists this run's flags."""
+    owners = {}
+    for name in ALGORITHMS:
+        declared = _FlagNames()
+        algorithm_flags(name).add_arguments(declared)
+        for flag in declared.names:
+            owners.setdefault(flag, []).append(name)
+    unknown = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
+    known = [(flag, owners[flag]) for flag in unknown if flag in owners]
+    where = "; ".join(f"{flag} is a flag of --algo {', '.join(names)}" for flag, names in known)
+    return f" ({where + '; ' if where else ''}`python {prog} --algo {algo} --help` lists this run's flags)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models named by a flag, checked without loading anything
+
+
+def model_error(flag: str, value: str | None, hub_names: bool = True) -> str | None:
+    """Why `value`, given to `flag`, is no model folder a run can load, told from the filesystem alone: a path to
+    nothing, a file, a folder without config.json, a sharded train.py checkpoint without Hugging Face weights.
+    None when it may be one: a folder, None (the offline default), or with `hub_names` an "org/name" (resolved
+    when it loads)."""
+    if not value:
+        return None
+    path = Path(value).expanduser() if not hub_names else Path(value)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"{flag} {value}: the folder has no config.json (not a Hugging Face model folder)"
+        if (path / "sharded" / ".metadata").is_file() and not any(path.glob("*.safetensors")):
+            return (f"{flag} {value}: a sharded train.py checkpoint without Hugging Face weights; write them with "
+                    f"`python eval.py export {value}` (in place)")
+        return None
+    if path.exists():
+        return f"{flag} {value}: a file, not a model folder"
+    if not hub_names or value.startswith(("/", ".", "~")) or value.count("/") != 1:  # a local path, not "org/name"
+        return f"{flag} {value}: no such folder; give a Hugging Face model folder"
+    return None
+
+
+def context_error(model_dir: str | None, args) -> str | None:
+    """--max-prompt-tokens + --max-new-tokens over the positions of the model folder (config.json's
+    max_position_embeddings): the engine could not hold a prompt and its response. None when they fit or unknown."""
+    config = Path(model_dir or "") / "config.json"
+    if not model_dir or not config.is_file():
+        return None
+    try:
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    need = args.max_prompt_tokens + args.max_new_tokens
+    if isinstance(limit, int) and need > limit:
+        return (f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} = {need} "
+                f"tokens, over the {limit} positions of {model_dir} (max_position_embeddings); lower them")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Each algorithm's own flags (torch-free: checked before train.py imports torch). The algorithm class inherits its
+# flags class; a new algorithm copies GRPOFlags and adds a line to ALGORITHM_FLAGS (README, "Add an algorithm").
+
+
+class AlgorithmFlags:
+    """No flags of its own. The attributes say what else a start checks before anything is loaded or written."""
+
+    model_flags: tuple[str, ...] = ()  # dests of flags that name a model: a folder or a hub name (model_error)
+    folder_flags: tuple[str, ...] = ()  # dests of flags that name a local model folder
+    resume_fixed: tuple[str, ...] = ()  # dests a --resume must keep: the checkpoint's state depends on them
+    checkpoint_files: tuple[str, ...] = ()  # files every checkpoint of this algorithm holds (checked on --resume)
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """Its own flags, and its defaults for shared ones (parser.set_defaults)."""
+
+    @staticmethod
+    def check_arguments(args) -> None:
+        """Raise ValueError naming a bad flag (one line); may fill defaults that depend on other flags."""
+
+
+class GRPOFlags(AlgorithmFlags):
+    """advantage.GRPO: --no-std is Dr.GRPO; a group baseline needs G >= 2."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--no-std", action="store_true", help="no std normalisation (Dr.GRPO)")
+
+    @staticmethod
+    def check_arguments(args) -> None:
+        if args.rollouts_per_prompt < 2:
+            raise ValueError(f"--rollouts-per-prompt must be >= 2 for a group baseline, got "
+                             f"{args.rollouts_per_prompt}; use 2 or more (default 8)")
+
+
+class RLOOFlags(GRPOFlags):
+    """advantage.RLOO: GRPO's check (a leave-one-out mean needs a sibling), no flags of its own."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        pass
+
+
+class PPOFlags(AlgorithmFlags):
+    """critic.PPO: the critic's model, lr, GAE and value clip; any G >= 1 works (the critic is the baseline)."""
+
+    model_flags = resume_fixed = ("critic_model",)
+    checkpoint_files = ("critic/sharded/.metadata",)
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        a = parser.add_argument
+        a("--critic-model", "--critic", default=None, help="critic to start from (default: the actor's base model, "
+          "its LM head replaced by a fresh scalar head)")
+        a("--critic-lr", type=number(float, 0, low_open=True), default=5e-6)
+        a("--gamma", type=number(float, 0, 1), default=1.0, help="GAE discount")
+        a("--lam", type=number(float, 0, 1), default=1.0, help="GAE lambda of the actor's advantages")
+        a("--critic-lam", type=number(float, 0, 1), default=None,
+          help="GAE lambda of the critic's returns (default: --lam; VC-PPO: 1)")
+        a("--value-clip", type=number(float, 0, low_open=True), default=0.5)
+        a("--critic-warmup-steps", type=number(int, 0), default=0, help="critic-only iterations on the frozen actor "
+          "before RL (value pretraining; VC-PPO: 6)")
+
+
+class VCPPOFlags(PPOFlags):
+    """critic.VCPPO: PPO's flags with the paper's defaults (value pretraining, decoupled GAE)."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        PPOFlags.add_arguments(parser)
+        parser.set_defaults(critic_warmup_steps=6, critic_lam=1.0, lam=0.95)  # decoupled GAE as the paper sets it
+
+
+def effective_k_max(cost: float, k_max: int | None = None) -> int:
+    """V0.5's K_max = floor(1/sqrt(c)) (App. A.6) unless k_max is given: the one place it is derived."""
+    if cost <= 0:
+        raise ValueError(f"the OSLA cost c (--v05-cost) must be > 0, got {cost}")
+    return math.floor(1 / math.sqrt(cost)) if k_max is None else k_max
+
+
+class V05Flags(AlgorithmFlags):
+    """prior.V05: first-round rollouts, OSLA's cost and cap, the prior's embedder."""
+
+    folder_flags = resume_fixed = ("prior_embedder",)
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        a = parser.add_argument
+        a("--v05-n0", type=number(int, 1), default=4, help="first-round rollouts per prompt (App. A.8)")
+        a("--v05-kmax", type=number(int, 1), default=None,
+          help="rollout cap K_max (default: floor(1/sqrt(--v05-cost)))")
+        a("--v05-cost", type=number(float, 0, 1, low_open=True), default=0.0039,
+          help="OSLA marginal cost c per rollout")
+        a("--v05-pad", type=number(int, 1), default=4, help="extra rollouts are rounded up to a multiple of this")
+        a("--v05-min-frac", type=number(float, 0, 1), default=0.1,
+          help="stop when fewer prompts than this share want more")
+        a("--v05-fixed", type=number(int, 1), default=None,
+          help="static ablation: fuse with exactly K rollouts, no OSLA")
+        a("--v05-std", default="bernoulli", choices=("bernoulli", "none"))
+        a("--prior-embedder", default=None, help="embedding model folder for the prior (default: all-MiniLM-L6-v2)")
+        a("--prior-pooling", default="mean", choices=("mean", "last"), help="'last' for Qwen3-Embedding-style models")
+
+    @staticmethod
+    def k_max(args) -> int:
+        return effective_k_max(args.v05_cost, args.v05_kmax)  # K_max of a run
+
+    @staticmethod
+    def check_arguments(args) -> None:
+        flag, first = ("--v05-fixed", args.v05_fixed) if args.v05_fixed else ("--v05-n0", args.v05_n0)
+        if first > V05Flags.k_max(args):
+            raise ValueError(f"{flag} {first} is over K_max {V05Flags.k_max(args)} (--v05-kmax, else "
+                             f"floor(1/sqrt(--v05-cost {args.v05_cost:g}))); lower {flag} or raise --v05-kmax")
+
+
+class POISEFlags(AlgorithmFlags):
+    """probe.POISE: the probe's layer and buffer, the authors' defaults for shared flags; G >= 2."""
+
+    resume_fixed = ("probe_layer", "probe_standardize_hidden")  # the fitted probe reads these features
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        a = parser.add_argument
+        a("--probe-layer", type=number(int, 0), default=None, help="decoder layer for features (default 0.55 x depth)")
+        a("--probe-bootstrap-steps", type=number(int, 0), default=16, help="RLOO steps that fill the probe's buffer")
+        a("--probe-standardize-hidden", action="store_true", help="scale hidden dims before PCA (default: centre only)")
+        # G = 2 at GRPO's rollout budget; as the authors' launcher: clip-higher 0.28 (clip_ratio_high), dual-clip
+        # c = 10 (clip_ratio_c) and 8 optimizer steps per iteration (train batch / ppo_mini_batch_size)
+        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16, clip_high=0.28, clip_ratio_c=10.0,
+                            mini_batches=8)
+
+    @staticmethod
+    def check_arguments(args) -> None:
+        if args.rollouts_per_prompt < 2:
+            raise ValueError(f"--rollouts-per-prompt must be >= 2: POISE's baselines average the siblings, got "
+                             f"{args.rollouts_per_prompt}")
+
+
+# --algo name -> its flags class (the algorithm class in ALGORITHMS inherits it; tests/test_bad_start.py checks)
+ALGORITHM_FLAGS = {"grpo": GRPOFlags, "rloo": RLOOFlags, "ppo": PPOFlags, "vcppo": VCPPOFlags, "v05": V05Flags,
+                   "poise": POISEFlags}
+
+
+def algorithm_flags(name: str) -> type:
+    """The class holding algorithm `name`'s flags: its torch-free entry of ALGORITHM_FLAGS, else the algorithm class
+    itself (its module imported: torch included, so its flag errors take seconds)."""
+    return ALGORITHM_FLAGS.get(name) or algorithm_class(name)

@@ -17,10 +17,13 @@ a state — the problem and the actor's partial solution — and reasons before 
        takes the shared PPO update                                                  (l. 19-22) `GenAC.advantages`
     5. the critic's reward is R_v = 1 - (r - v_k)^2 (0 when unparsable); it takes ONE REINFORCE step
        -(R_v - b) log pi_phi(z_t | s_k, z_<t) (--critic-mini-batches 1), b = batch mean of R_v, all states of one
-       response in one packed row (the response once, not once per state); its engine gets the new weights
+       response in one packed row (the response once, not once per state); its engine gets the new weights.
+       Every advantage exactly 0 (all R_v equal): the optimizer steps on zero gradients, no forward or backward
                                                                                     (l. 17, 23) `GenAC.after_update`
-Defaults: `GenAC.check_arguments` picks the paper's (L1 ~ 120, no segment cap, 1024 critic tokens) for any --model,
-CPU-sized ones (32, 8, 128) for the offline default model; tau starts at 0 (Alg. 1 l. 1) unless --icc-carry-over.
+Defaults: `GenAC.check_arguments` picks the paper's (L1 ~ 120, no segment cap, 1024 critic tokens, free answers) for
+any --model, CPU-sized ones (32, 8, 128, answers guided to \boxed{0..10}: the untrained 135M critic never boxes one) for
+the offline default model; tau starts at 0 (Alg. 1 l. 1) unless --icc-carry-over. A parse rate below 0.5 for 3 steps
+in a row prints one warning naming the fix.
 
 Training pipeline (paper §5.2): SFT from a teacher and RL pretraining with the actor frozen are the
 commands of genac_stages.py; joint training is this file through the loop:
@@ -32,7 +35,9 @@ commands of genac_stages.py; joint training is this file through the loop:
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -41,11 +46,18 @@ from types import SimpleNamespace
 
 import torch
 
-from actor import (adamw, all_gather_objects, all_reduce, load_actor, ppo_update, shared_prefix_tokens,
-                   stream_full_parameters)
+from actor import (adamw, all_gather_objects, all_reduce, load_actor, mini_batch_indices, ppo_update,
+                   shared_prefix_tokens, stream_full_parameters)
 from checkpoint import load_sharded, save_model_folder
 from genac_segments import retokenized_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
 from rollout import build_rollout_batch, make_engine, resolve_model_path, same_architecture, trainer_engine
+
+# Guided answers (answer_regex) bound the reasoning by a repetition {0, 2 x budget}: xgrammar compiles the cpu profile's
+# in 1-4 s on a 2-core CPU, longer under load (measured: past 5 s with two ranks on 2 cores) and at the paper's 1024
+# tokens. vLLM refuses a regex that takes over VLLM_REGEX_COMPILATION_TIMEOUT_S (5 s, a guard against hostile
+# patterns) and the call's answers fail (parse failures). Ours is fixed: set before any engine reads it (vLLM caches its
+# environment once an engine runs); a value already set wins.
+os.environ.setdefault("VLLM_REGEX_COMPILATION_TIMEOUT_S", "120")
 
 # ---------------------------------------------------------------------------------------------
 # 1. The critic's prompt, its answer, its reward, and the ICC hint tau
@@ -212,7 +224,10 @@ class GenAC:
     """GenAC as train.py's algorithm interface; genac_stages.py uses it with the actor frozen."""
 
     memory_parts = frozenset({"generative critic"})  # what the memory plan (memory.py) counts beside the actor
-    PROFILES = {"cpu": (32, 8, 128), "paper": (120, None, 1024)}  # segment_tokens, max_segments, critic_max_new_tokens
+    # the defaults that follow --model (check_arguments): the offline default model's, the paper's (App. C, Table 5)
+    PROFILE_FIELDS = ("segment_tokens", "max_segments", "critic_max_new_tokens", "critic_guided")
+    PROFILES = {"cpu": (32, 8, 128, True), "paper": (120, None, 1024, False)}
+    PARSE_WARNING = (0.5, 3)  # parse rate below 0.5 for 3 steps in a row -> one warning line per run
 
     @staticmethod
     def add_arguments(parser) -> None:
@@ -244,20 +259,23 @@ class GenAC:
         a("--no-pack-critic-states", dest="pack_critic_states", action="store_false", help="train the critic on one "
           "row per state (default: the states of one response in one row, their shared prefix once; the same "
           "log-probs and gradients)")
-        a("--critic-guided", action="store_true",
-          help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with "
-          "the engine's guided decoding (vLLM); the update still uses the model's unconstrained log-probs")
+        a("--critic-guided", action=argparse.BooleanOptionalAction, default=None,
+          help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with the engine's guided decoding "
+          "(vLLM); the update still uses the model's unconstrained log-probs. Default: on for the offline default "
+          "model (its untrained critic never boxes a score), off (the paper's free answers) for any --model")
 
     @staticmethod
     def check_arguments(args) -> None:
         """Raises ValueError naming a bad flag, and FILLS the defaults that depend on --model: --segment-tokens,
-        --max-segments, --critic-max-new-tokens left None take the 'cpu' profile (32, 8, 128) when args.model is None
-        (the offline default model; call before it is resolved), else the 'paper' one (120, no cap, 1024; App. C,
-        Table 5); args.genac_profile names it. --max-segments 0 -> None (no cap). Any G >= 1 works."""
+        --max-segments, --critic-max-new-tokens, --critic-guided left None take the 'cpu' profile (32, 8, 128, guided
+        answers) when args.model is None (the offline default model; call before it is resolved), else the 'paper'
+        one (120, no cap, 1024, free answers; App. C, Table 5); args.genac_profile names it. Guided answers need
+        vLLM: --engine hf keeps free ones. --max-segments 0 -> None (no cap). Any G >= 1 works."""
         args.genac_profile = "cpu" if args.model is None else "paper"
-        for name, value in zip(("segment_tokens", "max_segments", "critic_max_new_tokens"),
-                               GenAC.PROFILES[args.genac_profile]):
-            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+        profile = dict(zip(GenAC.PROFILE_FIELDS, GenAC.PROFILES[args.genac_profile]))
+        profile["critic_guided"] = profile["critic_guided"] and getattr(args, "engine", None) != "hf"
+        for name, value in profile.items():
+            setattr(args, name, value if getattr(args, name, None) is None else getattr(args, name))
         for name, low in (("segment_tokens", 1), ("max_segments", 0), ("critic_max_new_tokens", 1),
                           ("critic_mini_batches", 1), ("critic_max_prompt_tokens", 1)):
             if getattr(args, name) is not None and getattr(args, name) < low:
@@ -311,10 +329,12 @@ class GenAC:
             self.success_rate.load_state_dict(json.loads(icc_state.read_text())["success_rate"])
         # answers: this iteration's, from `segment_values`
         self.warmup_steps, self.hidden_features, self.answers = 0, None, None
+        self.low_parse_steps, self.parse_warned = 0, False  # `warn_on_parse_failures`
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"[genac] {args.genac_profile} profile: segment_tokens={args.segment_tokens} "
                   f"max_segments={args.max_segments} critic_max_new_tokens={args.critic_max_new_tokens} "
-                  f"critic_max_prompt_tokens={self.max_prompt_tokens} (ICC template {template}); "
+                  f"critic_max_prompt_tokens={self.max_prompt_tokens} (ICC template {template}); answers "
+                  f"{'guided (--no-critic-guided: free, as the paper)' if args.critic_guided else 'free'}; "
                   f"tau {'from ' + str(icc_state) if carry else 'starts at 0'}", file=sys.stderr, flush=True)
 
     @property
@@ -458,6 +478,7 @@ class GenAC:
         states, failures, reward_sum, actor_tokens, critic_prompt_tokens, critic_generated_tokens, cut, cached = (
             totals.tolist())
         self.answers["judged_tokens"] = critic_prompt_tokens - cached + critic_generated_tokens  # all ranks'
+        self.warn_on_parse_failures(1.0 - failures / max(states, 1))
         self.answers["actor_tokens"] = actor_tokens
         return token_values, {
             "genac/states": int(states), "genac/parse_failures": int(failures),
@@ -467,6 +488,20 @@ class GenAC:
             "cost/critic_prompt_tokens": int(critic_prompt_tokens), "cost/critic_prompt_tokens_cached": int(cached),
             "cost/critic_generated_tokens": int(critic_generated_tokens),
             "cost/flops_vs_ppo_paper_estimate": flops_vs_ppo(actor_tokens, actor_tokens + critic_generated_tokens)}
+
+    def warn_on_parse_failures(self, parse_rate: float) -> None:
+        """One warning line per run when the parse rate (all ranks') stays below PARSE_WARNING's threshold for its
+        number of steps in a row: unparsable answers are valued at tau and rewarded 0, so the critic learns nothing."""
+        threshold, steps = self.PARSE_WARNING
+        self.low_parse_steps = self.low_parse_steps + 1 if parse_rate < threshold else 0
+        if self.low_parse_steps < steps or self.parse_warned:
+            return
+        self.parse_warned = True
+        if self._rank == 0:
+            print(f"[genac] WARNING: critic parse rate {parse_rate:.2f} < {threshold} for {steps} steps in a row: its "
+                  "states are valued at tau and its REINFORCE step has no signal. Fix: guided answers "
+                  "(--critic-guided) or a staged critic (python genac_stages.py sft, then pretrain; --critic DIR)",
+                  file=sys.stderr, flush=True)
 
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
         """Step 4: segment values -> whitened token-level GAE. -> (token advantages [N, R], metrics)."""
@@ -486,7 +521,9 @@ class GenAC:
         the problem and the response once and a branch (closing part + answer z_k) per state
         (actor.pack_shared_prefixes):
         the same log-probs and gradients for 1 + (template + problem + response) / (closing + answer) times fewer tokens
-        per state at the paper's profile (App. C: the critic reads the response once)."""
+        per state at the paper's profile (App. C: the critic reads the response once). Every advantage exactly 0 on
+        every rank: no forward or backward, the optimizer steps on zero gradients (`step_on_zero_gradients`), counted
+        in genac/critic_update_skipped; genac/critic_zero_ranks counts the ranks with no signal."""
         t = time.time()
         rewards = torch.tensor(self.answers["critic_rewards"], dtype=torch.float32)  # [M]
         critic_batch = build_rollout_batch(self.answers["prompts"], [[s] for s in self.answers["samples"]],
@@ -502,8 +539,12 @@ class GenAC:
         update_args = SimpleNamespace(**{**vars(self.args), "kl_coef": 0.0, "ppo_epochs": 1,
                                          "mini_batches": self.args.critic_mini_batches,
                                          "temperature": self.args.critic_temperature, "share_prompts": False})
-        stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world,
-                           share_prefixes=self.args.pack_critic_states)
+        zero_ranks = self.zero_advantage_ranks(critic_batch.advantages)
+        if zero_ranks == self.world:  # no signal on any rank: the gradient is exactly 0, so is what we skip
+            stats = self.step_on_zero_gradients(critic_batch, update_args)
+        else:
+            stats = ppo_update(self.model.train(), self.optimizer, critic_batch, update_args, self.device, self.world,
+                               share_prefixes=self.args.pack_critic_states)
         t_update, t = time.time() - t, time.time()
         if not self.shares_engine:  # an engine of its own gets the new weights now; a shared one at the next `judge`
             weights = stream_full_parameters(self.model, self.args.sync_bucket_mb, self.engine.dtype)
@@ -511,9 +552,31 @@ class GenAC:
         judged, actor_tokens, self.answers = self.answers["judged_tokens"], self.answers["actor_tokens"], None
         return {"genac/critic_loss": stats["policy_loss"], "genac/critic_grad_norm": stats["grad_norm"],
                 "genac/critic_optimizer_steps": stats["optimizer_steps"], "genac/critic_reward_mean": batch_mean,
+                "genac/critic_update_skipped": int(zero_ranks == self.world), "genac/critic_zero_ranks": zero_ranks,
                 "cost/critic_trained_tokens": int(trained),
                 "cost/flops_vs_ppo": flops_vs_ppo(actor_tokens, judged, trained),
                 "time/critic_update": t_update, "time/critic_sync": time.time() - t}
+
+    def zero_advantage_ranks(self, advantages: torch.Tensor) -> int:
+        """How many ranks' critic advantages [M, R] (masked) are all exactly 0 (all-reduced)."""
+        return int(all_reduce(torch.tensor([float(not advantages.count_nonzero())], dtype=torch.float64))[0])
+
+    def step_on_zero_gradients(self, critic_batch, update_args) -> dict:
+        """The critic's update when every advantage on every rank is exactly 0 (Alg. 1 l. 23: all R_v equal, e.g. no
+        answer parses): the loss -(R_v - b) log pi_phi is 0 with a gradient of exactly 0 (clipping leaves it so),
+        so ppo_update's forward and backward are skipped and the optimizer takes the steps it would take, on zero
+        gradients: AdamW's weight decay, moments and step counts move exactly as in the full update (bit for bit,
+        tested). Zeros, not None: AdamW skips a parameter whose grad is None, and every parameter of a causal LM takes
+        part in the full update's forward. -> ppo_update's stats: loss and grad norm 0, its optimizer step count."""
+        steps = update_args.ppo_epochs * len(mini_batch_indices(critic_batch, update_args.mini_batches,
+                                                                torch.Generator()))  # the count, not the order
+        for _ in range(steps):
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"policy_loss": 0.0, "grad_norm": 0.0, "optimizer_steps": steps}
 
     def trained_tokens(self, critic_batch) -> int:
         """Tokens the critic's update runs on this rank (one forward and backward each): packed, each micro-batch

@@ -10,7 +10,8 @@
 
 Held-out prompts: pretrain validates on the first --val-n (32); sft takes its -n after the first --skip (32), so no
 SFT state is a validation state. tau carries over from stage to stage (--icc-carry-over is on here; in train.py
-it starts at 0, Alg. 1 l. 1). Defaults follow --actor as in train.py (GenAC.check_arguments: cpu or paper profile).
+it starts at 0, Alg. 1 l. 1). Defaults follow --actor as in train.py (GenAC.check_arguments: the cpu profile, its critic
+answers guided to \\boxed{0..10}, or the paper profile, free answers; --critic-guided / --no-critic-guided choose).
 
     python genac_stages.py sft --teacher MODEL --out runs/genac-sft
     python genac_stages.py pretrain --critic runs/genac-sft/critic --out runs/genac-pretrain

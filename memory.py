@@ -18,8 +18,8 @@ the cheapest setting that leaves --margin-gb in every phase. Figures are estimat
     activations per micro-batch                   tokens x layers x (24 H + 6 H_kv + 8 I) bytes kept for backward
                                                   (bf16); --gradient-checkpointing keeps 2 H per token per layer plus
                                                   one layer's full set during its recompute
-    logits                                        response tokens x vocab x 12 bytes (bf16 logits, the fp32 logits / T
-                                                  kept for backward, their softmax in backward)
+    logits                                        response tokens x vocab x 20 bytes (the fp32 logits / T kept for
+                                                  backward + the backward's temporaries; FSDPMemTracker, rehearse)
     vLLM engine awake (generate, judge)           --gpu-memory-utilization x GPU (vLLM's budget): bf16 weights 2P + its
                                                   profiling peak (a forward of max_num_batched_tokens tokens: one
                                                   layer's bf16 activations; the sampler on max_num_seqs rows: fp32
@@ -53,14 +53,16 @@ from flags import (ALGORITHMS, ENGINE_MAX_NUM_BATCHED_TOKENS, ENGINE_MAX_NUM_SEQ
 
 GB = 1e9
 CONTEXT_GB = 2.0  # CUDA context, NCCL buffers, allocator slack: a round figure
-CUDA_GRAPHS_GB = (
-    1.0  # vLLM's captured decode graphs (it measures them at start; not taken out of its budget by default)
-)
+CUDA_GRAPHS_GB = 1.0  # vLLM's captured decode graphs: vLLM 0.32 estimates them in its profiling run and takes them
+# out of the --gpu-memory-utilization budget (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1, its default): counted once
 SAMPLER_COPIES = (
     6  # fp32 [max_num_seqs, vocab] tensors alive in vLLM's profiled sampler run (logits, log-probs, sort...)
 )
-LOGIT_BYTES = 12  # per (response token, vocab entry) in the update: bf16 logits + fp32 logits / T + softmax in backward
+LOGIT_BYTES = 20  # per (response token, vocab entry) at the update's peak, measured by the rehearsal (FSDPMemTracker,
+# tools/rehearse.py): the fp32 logits / T kept for backward (4) + the backward's temporaries (softmax, its grad: ~16)
 EMBEDDER_PARAMETERS = 22_713_216  # V0.5's prior embedder, all-MiniLM-L6-v2
+MASK_BYTES = 3  # per (query, key) pair of a packed row: the bool mask and SDPA's additive bf16 copy of it
+ICC_TEMPLATE_TOKENS = 200  # GenAC's ICC template around a state, in critic tokens (genac.icc_prompt: ~150-200)
 PHASES = ("generate", "judge", "actor update", "critic update", "sync")
 CPU_DEFAULTS = {"micro_batch_size": 16, "gradient_checkpointing": False, "gpu_memory_utilization": 0.3}
 
@@ -145,6 +147,20 @@ def engine_profile_peak(s: Shape, max_num_seqs: int, max_num_batched_tokens: int
     return forward + max_num_seqs * s.vocab * 4 * SAMPLER_COPIES
 
 
+def genac_critic_micro_batch(args, mb: int) -> tuple[int, int, float]:
+    """GenAC's critic update at micro-batch `mb`: the states of one response (one every --segment-tokens response
+    tokens), each reading the ICC template, the problem and y_<b_k, then answering. Packed (--pack-critic-states,
+    the default) they are one row: the longest state once + each state's closing part and answer, attending through a
+    dense [W, W] mask (bool, plus its additive copy in the compute dtype inside SDPA); unpacked, mb rows.
+    -> (tokens, answer tokens, mask bytes)."""
+    states = min(mb, -(-args.response_tokens // max(args.segment_tokens, 1)))
+    prompt = args.prompt_tokens + args.response_tokens + ICC_TEMPLATE_TOKENS  # the longest state
+    if not args.pack_critic_states:
+        return states * (prompt + args.critic_new_tokens), states * args.critic_new_tokens, 0.0
+    width = prompt + states * (ICC_TEMPLATE_TOKENS // 2 + args.critic_new_tokens)
+    return width, states * args.critic_new_tokens, MASK_BYTES * width ** 2
+
+
 def kv_bytes_per_token(s: Shape) -> int:
     return 2 * s.layers * s.kv * 2  # K and V, bf16
 
@@ -171,7 +187,7 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
             ("critic: fp32 gradients (shard; freed after its update)", {"critic update": gradients(critic, W)}),
         ]
     critic_seq = (
-        seq + args.critic_new_tokens + 200 if genac else seq
+        seq + args.critic_new_tokens + ICC_TEMPLATE_TOKENS if genac else seq
     )  # GenAC: ICC prompt (state + ~200 template) + answer
     served = (
         {"generate": actor, "judge": critic} if genac else {"generate": actor}
@@ -186,18 +202,23 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
         )
     )
     rows.append(("engine: profiling peak (batched-token forward + sampler)", peak))
+    graphs = CUDA_GRAPHS_GB * GB
+    rows.append(("engine: CUDA graphs (vLLM 0.32 takes them out of its budget)", {p: graphs for p in served}))
     rows.append(
-        ("engine: KV cache (the rest of --gpu-memory-utilization)", {p: budget - weights[p] - peak[p] for p in served})
+        ("engine: KV cache (the rest of --gpu-memory-utilization)",
+         {p: budget - weights[p] - peak[p] - graphs for p in served})
     )
-    rows.append(("engine: CUDA graphs (beyond its budget)", {p: CUDA_GRAPHS_GB * GB for p in served}))
     for name, value in update_peak(actor, mb * seq, mb * args.response_tokens, args.gradient_checkpointing).items():
         rows.append((f"actor update: {name}", {"actor update": value}))
     if critic:
-        critic_response = args.critic_new_tokens if genac else 0
-        for name, value in update_peak(
-            critic, mb * critic_seq, mb * critic_response, args.gradient_checkpointing
-        ).items():
+        if genac:  # one micro-batch of a response's critic states (Eq. 4 of arXiv:2604.10701)
+            tokens, answers, mask = genac_critic_micro_batch(args, mb)
+        else:  # the value critic reads the actor's rows; no LM head (vocab 0)
+            tokens, answers, mask = mb * seq, 0, 0
+        for name, value in update_peak(critic, tokens, answers, args.gradient_checkpointing).items():
             rows.append((f"critic update: {name}", {"critic update": value}))
+        if mask:
+            rows.append(("critic update: packed row's dense attention mask", {"critic update": mask}))
     bucket = args.sync_bucket_mb * 2**20
     rows.append(("sync: 2 buckets (gathered + unpacked)", {"sync": 2 * bucket}))
     rows.append(
@@ -217,7 +238,7 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
             )
         )
     rows.append(("CUDA context, NCCL, allocator slack", {p: CONTEXT_GB * GB for p in everywhere}))
-    kv = min(budget - weights[p] - peak[p] for p in served)
+    kv = min(budget - weights[p] - peak[p] - graphs for p in served)
     max_model_len = max(seq, critic_seq)
     facts = {
         "actor": actor,
@@ -230,6 +251,12 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
         "host_gb_rank0": 4 * actor.parameters / GB,
     }
     return rows, facts
+
+
+def engine_row(name: str) -> bool:
+    """Rows of the engine and the CUDA context: what the trainer's code does not allocate (the rehearsal leaves them
+    out of its comparison)."""
+    return name.startswith(("engine:", "CUDA context", "sync: one decoder layer"))
 
 
 def totals(rows, phases) -> dict[str, float]:
@@ -357,6 +384,9 @@ def add_plan_arguments(parser, model_flags: bool) -> None:
         a("--prompt-tokens", type=int, default=512, help="train.py --max-prompt-tokens")
         a("--response-tokens", type=int, default=2048, help="train.py --max-new-tokens")
         a("--critic-new-tokens", type=int, default=1024, help="GenAC --critic-max-new-tokens")
+        a("--segment-tokens", type=int, default=120, help="GenAC --segment-tokens (a critic state per segment)")
+        a("--pack-critic-states", action=argparse.BooleanOptionalAction, default=True,
+          help="GenAC: a response's critic states in one packed row (the default) or a row each")
         a("--micro-batch-size", type=int, default=None, help="rollouts per forward/backward (default: from the plan)")
         a(
             "--gradient-checkpointing",
@@ -383,13 +413,28 @@ def memory_main(argv=None) -> None:
     print(render(rows, facts, args) + (f"\n(chosen from the plan: {', '.join(chosen)})" if chosen else ""))
 
 
-def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, on_gpu: bool) -> str:
-    """train.py, before anything loads: fill the plan's defaults and check it. gpu_gb None (a CPU run without --gpu-gb):
-    the CPU defaults, and one line. Else the defaults chosen from the plan, and SystemExit naming the phase, the bytes
-    over and the flag when it does not fit. -> the line to print."""
-    from types import SimpleNamespace
+def share_prompts_default(target: str) -> bool:
+    """--share-prompts left unset: on for a CPU run, off on a GPU. A packed row attends through a dense [T, T] mask
+    (actor.pack_shared_prompts), which SDPA's CUDA kernels run over all T^2 pairs with the mask materialised: at
+    512 + 8 x 2048 tokens that is ~5.5x the attention FLOPs of the unpacked rows and a 0.3-0.9 GB mask per row, for
+    17% fewer tokens. On this CPU, with short responses, packing measured 2-3x fewer tokens and faster steps."""
+    return target != "cuda"
 
-    plan_args = SimpleNamespace(
+
+def device_capacity_gb(device) -> float | None:
+    """The plan's capacity for --gpu-gb left unset: the card's total as CUDA reports it (an H100 80 GB: ~85.0 GB, a
+    H200: ~150 GB; torch.cuda.mem_get_info), None on the CPU (the plan is printed, not checked). The one place the
+    plan asks the device (the rehearsal answers it with --gpu-gb)."""
+    import torch
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[1] / GB
+
+
+def plan_namespace(args, world: int, gpu_gb: float | None, critic_path: str | None):
+    """train.py's parsed flags -> the plan's inputs (eval.py memory's flags)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(
         model=args.model,
         critic=critic_path,
         algo=args.algo,
@@ -399,8 +444,20 @@ def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, on
         response_tokens=args.max_new_tokens,
         critic_new_tokens=getattr(args, "critic_max_new_tokens", None) or 0,
         sync_bucket_mb=args.sync_bucket_mb,
+        segment_tokens=getattr(args, "segment_tokens", 120),
+        pack_critic_states=getattr(args, "pack_critic_states", True),
         **{k: getattr(args, k) for k in PLANNED_FLAGS},
     )
+
+
+def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, target: str) -> str:
+    """train.py, before anything loads: fill the plan's defaults and check it. target: the device type trained on
+    ("cuda", "cpu"). gpu_gb None (a CPU run without --gpu-gb): the CPU defaults, and one line. Else the defaults chosen
+    from the plan, and SystemExit naming the phase, the bytes over and the flag when it does not fit. Fills the flags
+    left unset in `args` (PLANNED_FLAGS; --share-prompts by share_prompts_default). -> the line to print."""
+    if getattr(args, "share_prompts", None) is None:
+        args.share_prompts = share_prompts_default(target)
+    plan_args = plan_namespace(args, world, gpu_gb, critic_path)
     if gpu_gb is None:
         for key, value in CPU_DEFAULTS.items():
             setattr(plan_args, key, value if getattr(plan_args, key) is None else getattr(plan_args, key))
@@ -412,7 +469,7 @@ def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, on
     else:
         chosen = choose_defaults(plan_args, args.margin_gb)
     for key in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization") + (
-        ("engine_max_num_seqs", "engine_max_num_batched_tokens") if on_gpu else ()
+        ("engine_max_num_seqs", "engine_max_num_batched_tokens") if target == "cuda" else ()
     ):
         setattr(args, key, getattr(plan_args, key))  # on the CPU the engine keeps vLLM's batch limits
     rows, facts = plan(plan_args)
@@ -420,6 +477,7 @@ def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, on
     settings = (
         f"--micro-batch-size {args.micro_batch_size} "
         f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
+        f"--{'' if args.share_prompts else 'no-'}share-prompts "
         f"--gpu-memory-utilization {args.gpu_memory_utilization:g}"
         + (f" (chosen from the plan: {', '.join(chosen)})" if chosen else "")
     )

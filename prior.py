@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from actor import all_gather_objects, all_reduce
+from flags import V05Flags, effective_k_max  # K_max = floor(1/sqrt(c)) unless --v05-kmax (App. A.6)
 from advantage import broadcast_to_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -54,13 +55,6 @@ def shrinkage_fusion(score_sum: torch.Tensor, counts: torch.Tensor, prior_pm1: t
     weight = bias_sq / (bias_sq + noise_var)  # [P] Eq. 8
     fused_baseline = weight * mean_score + (1 - weight) * prior_pm1  # [P] Eq. 9
     return bias_sq, weight, fused_baseline
-
-
-def effective_k_max(cost: float, k_max: int | None = None) -> int:
-    """K_max = ⌊1/√c⌋ (App. A.6) unless k_max is given: the one place it is derived."""
-    if cost <= 0:
-        raise ValueError(f"the OSLA cost c (--v05-cost) must be > 0, got {cost}")
-    return math.floor(1 / math.sqrt(cost)) if k_max is None else k_max
 
 
 def osla_target_rollouts(bias_sq: torch.Tensor, n0: int = 4, cost: float = 0.0039,
@@ -315,33 +309,11 @@ def prior_metrics(prior_01: torch.Tensor, observed_rates: torch.Tensor) -> dict:
 # 4. The algorithm: prior -> OSLA rounds -> fused-baseline advantages -> the prior learns the step
 
 
-class V05:
-    """V0.5 as train.py's algorithm interface (see the module docstring for the equations)."""
+class V05(V05Flags):
+    """V0.5 as train.py's algorithm interface (see the module docstring for the equations). Its flags (n0, OSLA's
+    cost and cap, the embedder) and K_max of a run (`k_max`): flags.V05Flags, torch-free."""
 
     memory_parts = frozenset({"prior embedder"})  # what the memory plan (memory.py) counts beside the actor
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        a = parser.add_argument
-        a("--v05-n0", type=int, default=4, help="first-round rollouts per prompt (App. A.8)")
-        a("--v05-kmax", type=int, default=None, help="rollout cap K_max (default: floor(1/sqrt(--v05-cost)))")
-        a("--v05-cost", type=float, default=0.0039, help="OSLA marginal cost c per rollout")
-        a("--v05-pad", type=int, default=4, help="extra rollouts are rounded up to a multiple of this")
-        a("--v05-min-frac", type=float, default=0.1, help="stop when fewer prompts than this share want more")
-        a("--v05-fixed", type=int, default=None, help="static ablation: fuse with exactly K rollouts, no OSLA")
-        a("--v05-std", default="bernoulli", choices=("bernoulli", "none"))
-        a("--prior-embedder", default=None, help="embedding model folder for the prior (default: all-MiniLM-L6-v2)")
-        a("--prior-pooling", default="mean", choices=("mean", "last"), help="'last' for Qwen3-Embedding-style models")
-
-    @staticmethod
-    def k_max(args) -> int: return effective_k_max(args.v05_cost, args.v05_kmax)  # K_max of a run
-
-    @staticmethod
-    def check_arguments(args) -> None:
-        if not 1 <= (args.v05_fixed or args.v05_n0) <= V05.k_max(args) or args.v05_pad < 1:
-            raise ValueError(f"need 1 <= --v05-n0 (or --v05-fixed) <= K_max "
-                             f"(--v05-kmax or floor(1/sqrt(--v05-cost))) and --v05-pad >= 1; "
-                             f"got {args.v05_fixed or args.v05_n0}, {V05.k_max(args)}, {args.v05_pad}")
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
         self.args, self.prior = args, ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling,

@@ -37,6 +37,7 @@ import torch
 
 from actor import all_gather_objects
 from advantage import broadcast_to_tokens
+from flags import POISEFlags
 
 POOL_TOKENS = 10  # tokens averaged for each hidden-state feature [code]
 ENTROPY_FEATURES = 3  # whole-response, reasoning-span and answer-span mean entropy
@@ -407,26 +408,11 @@ class PoiseBaseline:
 # 7. The algorithm: features from the old-log-prob pass -> cross-rollout advantages over all ranks
 
 
-class POISE:
-    """POISE as train.py's algorithm interface (see the module docstring)."""
+class POISE(POISEFlags):
+    """POISE as train.py's algorithm interface (see the module docstring). Its flags (probe layer, buffer, the
+    authors' defaults for shared flags): flags.POISEFlags, torch-free."""
 
     memory_parts = frozenset({"hidden states"})  # what the memory plan (memory.py) counts beside the actor
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        a = parser.add_argument
-        a("--probe-layer", type=int, default=None, help="decoder layer for features (default 0.55 x depth)")
-        a("--probe-bootstrap-steps", type=int, default=16, help="RLOO steps that fill the probe's buffer")
-        a("--probe-standardize-hidden", action="store_true", help="scale hidden dims before PCA (default: centre only)")
-        # G = 2 at GRPO's rollout budget; as the authors' launcher: clip-higher 0.28 (clip_ratio_high), dual-clip
-        # c = 10 (clip_ratio_c) and 8 optimizer steps per iteration (train batch / ppo_mini_batch_size)
-        parser.set_defaults(rollouts_per_prompt=2, prompts_per_step=16, clip_high=0.28, clip_ratio_c=10.0,
-                            mini_batches=8)
-
-    @staticmethod
-    def check_arguments(args) -> None:
-        if args.rollouts_per_prompt < 2:
-            raise ValueError("--rollouts-per-prompt must be >= 2: POISE's baselines average the siblings")
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
         self.args = args

@@ -248,7 +248,9 @@ class VLLMEngine:
             raise RuntimeError("load_weights into sleeping weights: wake(['weights']) first")
         cast = ((k, v.to(self.dtype) if v.is_floating_point() else v) for k, v in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=cast, is_checkpoint_format=True))
-        self.llm.reset_prefix_cache()
+        if self.llm.reset_prefix_cache() is False:  # vLLM: False when requests still hold cached blocks
+            raise RuntimeError("vLLM did not reset its prefix cache after a weight load (requests still running?): "
+                               "cached KV of the old weights would serve the new ones; stopping")
         self.holder = holder
 
     def close(self) -> None:

@@ -1,7 +1,9 @@
 """A run folder's record, run.json: what a run needs to be compared and reproduced, and whether it finished.
 
 train.py writes it (rank 0) when a run starts and marks it done after the final evaluation and checkpoint;
-tools/sweep.py reads it to skip complete runs and resume interrupted ones; tools/compare.py groups runs by its args.
+tools/sweep.py reads it to skip complete runs and resume interrupted ones; tools/compare.py groups runs by its args;
+train.py asks `out_error` and `resume_error` before it writes anything (a resume of another algorithm's or another
+model's run stops with one line, the finished run untouched).
 A module of its own (stdlib imports only): train.py imports it, and it imports neither train.py nor eval.py.
 
     {"args": {...every train.py argument...}, "argv": [...], "started": "2026-...", "host": ..., "device": ...,
@@ -140,6 +142,61 @@ def mark_done(out: Path, step: int, generated_tokens: int) -> None:
         raise FileNotFoundError(f"{out / RECORD} is missing: cannot mark the run done")
     record["done"] = {"time": now(), "step": step, "generated_tokens": generated_tokens}
     _write(out, record)
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def out_error(out, resume: bool = False) -> str | None:
+    """Why a run could not write into --out, told without writing a byte: a file where the folder (or one above it)
+    should be, a folder this user may not write, a read-only filesystem (os.access); on --resume, a run.json or
+    metrics.jsonl it could not rewrite. None when it can."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder, or the nearest above it
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a folder; choose another --out"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only filesystem" if _read_only(existing) else "no write permission"
+        return f"--out {out}: cannot write in {existing} ({why}); choose a folder you can write, e.g. --out runs/NAME"
+    for name in (RECORD, "metrics.jsonl") if resume else ():
+        if (out / name).exists() and not os.access(out / name, os.W_OK):
+            return f"--out {out}: {out / name} is read-only, and a resume rewrites it; make it writable (chmod u+w)"
+    return None
+
+
+def resume_error(out, args, keep: tuple[str, ...]) -> str | None:
+    """Why --resume could not continue the run recorded in out/run.json with these flags: a flag of `keep` (the
+    algorithm, the model, what the algorithm's checkpoint state depends on) differs from the run's. Read-only. None
+    when it can continue, or when there is no record (a new folder; a checkpoint without one is checked when read)."""
+    path = Path(out) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        recorded = effective_args(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return (f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:100]}); move it away to resume "
+                "without its checks, or choose another --out")
+    for dest in keep:
+        was, now = recorded.get(dest), getattr(args, dest, None)
+        if _same(was, now):
+            continue
+        flag = f"--{dest.replace('_', '-')}"
+        said = lambda v: f"without {flag}" if v in (None, False) else f"with {flag}" + ("" if v is True else f" {v}")  # noqa: E731
+        return (f"--resume: {out} holds a run {said(was)} (its {RECORD}), not {said(now)}; resume it {said(was)}, "
+                "or start this run in another --out")
+    return None
+
+
+def _same(was, now) -> bool:
+    """Equal flag values; two paths to the same folder count as equal."""
+    if was == now:
+        return True
+    return (isinstance(was, str) and isinstance(now, str) and os.path.exists(was)
+            and os.path.realpath(was) == os.path.realpath(now))
 
 
 def effective_args(record: dict) -> dict:

@@ -12,12 +12,14 @@ Offline by default, and nothing waits on a network:
                   Hugging Face token it asks the Hub's whoami for a username unless HF_HUB_OFFLINE=1)
 
 A resumed run continues the same tracker run: the run id comes from run.json (folder, host, start time), which a
---resume keeps. The packages are optional (requirements-trackers.txt); train.py asks `missing_packages` at parse time.
+--resume keeps. The packages are optional (requirements-trackers.txt); train.py asks `missing_packages` at parse time
+and `import_error` (they import) before it writes anything.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import netrc
@@ -43,6 +45,26 @@ def missing_packages(names) -> list[str]:
         if not found:
             missing.append(name)
     return missing
+
+
+def import_error(names) -> str | None:
+    """Why a --report-to tracker could not start: its package missing, or installed but failing to import (a broken
+    or shadowed install), found by importing it now, before the run writes anything (the run imports it later
+    anyway). None when each imports."""
+    for name in names:
+        if name == "none":
+            continue
+        if missing_packages([name]):
+            return f"--report-to {name} needs its package: {install_line([name])}"
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - whatever a broken package raises, the run could not log to it
+            spec = importlib.util.find_spec(name)
+            where = f" from {spec.origin}" if spec is not None and spec.origin else ""
+            reason = (str(e).splitlines() or [""])[0][:150]
+            return (f"--report-to {name}: the {name} package{where} does not import ({type(e).__name__}: {reason}); "
+                    f"reinstall it: pip install --force-reinstall '{INSTALL[name]}'")
+    return None
 
 
 def install_line(names) -> str:

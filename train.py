@@ -66,11 +66,52 @@ import sys
 import time
 from pathlib import Path
 
-from flags import (add_run_arguments, algorithm_class, check_run_arguments_early, follow_world_size,
-                   run_argument_error, world_size)
+from data import DataError, Problem, format_prompt, load_problems
+from flags import algorithm_class, algorithm_flags, context_error, model_error, parse_train_args
+from runrecord import load as load_run_record, mark_done, out_error, resume_error, write_start
+from trackers import Trackers, import_error
 
-if __name__ == "__main__":  # a bad shared flag stops here in < 2 s, before the heavy imports below (5-10 s)
-    check_run_arguments_early(sys.argv[1:], prog="train.py")
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Shared flags, then the chosen algorithm's own (`--algo X --help` lists them), each checked: flags.py, without
+    importing torch (an algorithm's flags are in its torch-free flags class there, which the algorithm inherits)."""
+    return parse_train_args(sys.argv[1:] if argv is None else argv, prog="train.py", description=__doc__)
+
+
+def check_start(argv=None) -> tuple[argparse.Namespace, list[Problem], list[Problem]]:
+    """Every input a start can check before it imports torch or writes a byte, in the order a user fixes them: the
+    flags; the data files (a file, UTF-8, well-formed rows); the models named by a path; --out (writable; on --resume
+    the run recorded there is this algorithm's and this model's); the trackers' packages (they import). A bad one
+    stops with ONE line: status 2 for a flag, 1 for a file, folder or package. What needs the tokenizer (prompt
+    lengths) or torch (the checkpoint's state) is checked in `main`, still before the run folder is written.
+    -> (args, training problems, held-out problems)."""
+    args = parse_args(argv)
+    flags = algorithm_flags(args.algo)  # its model folders, the flags a resume keeps
+    held_out = ((args.eval_data, "benchmark", "--eval-data") if args.eval_data
+                else (args.data, "heldout", "--data") if args.data.startswith("arithmetic") else None)
+    flag = "--data"
+    try:
+        train_problems = load_problems(args.data, "train", args.seed, args.problem_key, args.answer_key)
+        flag = held_out[2] if held_out else flag
+        eval_problems = (load_problems(*held_out[:2], args.seed, args.problem_key, args.answer_key)[: args.eval_n]
+                         if held_out else [])
+    except DataError as e:
+        sys.exit(f"train.py: error: {flag}: {e}")
+    models = [("model", True), *((dest, True) for dest in flags.model_flags),
+              *((dest, False) for dest in flags.folder_flags)]  # (dest, a hub name allowed)
+    for dest, hub in models:
+        if message := model_error(f"--{dest.replace('_', '-')}", getattr(args, dest, None), hub_names=hub):
+            sys.exit(f"train.py: error: {message}")
+    for message in (context_error(args.model, args), out_error(Path(args.out), args.resume),
+                    resume_error(Path(args.out), args, ("algo", "model", *flags.resume_fixed)) if args.resume else None,
+                    import_error(args.report_to)):
+        if message:
+            sys.exit(f"train.py: error: {message}")
+    return args, train_problems, eval_problems
+
+
+if __name__ == "__main__":  # every input above is checked here, before the heavy imports below (5-10 s)
+    START = check_start()
 
 # (the imports below come after that check on purpose)
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: C++ warnings off, errors still shown
@@ -82,38 +123,10 @@ from transformers import AutoTokenizer
 
 from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from data import DataError, Problem, format_prompt, load_problems
-from memory import PLANNED_FLAGS, run_plan
+from memory import PLANNED_FLAGS, device_capacity_gb, run_plan
 from reward import MathVerifier, score_responses
 from rollout import (build_rollout_batch, default_engine, evaluate, make_engine, quiet_third_party_output,
                      resolve_model_path)
-from runrecord import load as load_run_record, mark_done, write_start
-from trackers import Trackers, install_line, missing_packages
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """Shared flags, then the chosen algorithm's own (`--algo X --help` lists them)."""
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=False, allow_abbrev=False)
-    add_run_arguments(p)  # flags.py: the shared flags with their types and ranges
-    p.set_defaults(micro_batch_size=None, gradient_checkpointing=None)  # None: chosen from the memory plan (memory.py)
-    algo = p.parse_known_args(argv)[0].algo  # a key of ALGORITHMS (checked by flags.algorithm_name)
-    algorithm_class(algo).add_arguments(p.add_argument_group(f"--algo {algo}"))
-    p.add_argument("-h", "--help", action="help", help="show this help (with --algo X: its flags too) and exit")
-    args = p.parse_args(argv)
-    world_line = follow_world_size(args, argv, world_size())  # an unset --prompts-per-step follows WORLD_SIZE
-    if world_line and os.environ.get("RANK", "0") == "0":
-        print(world_line, file=sys.stderr, flush=True)
-    if (message := run_argument_error(args)) is not None:
-        p.error(message)
-    if missing := missing_packages(t for t in args.report_to if t != "none"):
-        p.error(f"--report-to {' '.join(missing)} needs its package: {install_line(missing)}")
-    try:
-        algorithm_class(algo).check_arguments(args)
-    except ValueError as e:
-        p.error(str(e))
-    return args
 
 
 def setup_distributed(timeout_s: float = 3600.0):
@@ -236,42 +249,50 @@ class PromptStream:
 # The loop
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def main(argv=None, start=None) -> None:
+    """A run: the checks (check_start, or `start` when the script's __main__ block made them), loading, the loop.
+    Nothing is written until everything is loaded and the engine is built: a start that fails leaves every file
+    as it was, and no run folder where there was none."""
+    args, train_problems, eval_problems = start or check_start(argv)
     quiet_third_party_output()
     rank, world, device = setup_distributed(args.dist_timeout)
     master, out, local_prompts = rank == 0, Path(args.out), args.prompts_per_step // world
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-    check_shared_out(out, rank, world)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     try:
-        train_problems = load_problems(args.data, "train", args.seed, args.problem_key, args.answer_key)
-        held_out = ((args.eval_data, "benchmark") if args.eval_data
-                    else (args.data, "heldout") if args.data.startswith("arithmetic") else None)
-        eval_problems = (load_problems(*held_out, args.seed, args.problem_key, args.answer_key)[: args.eval_n]
-                         if held_out else [])
         base_model = resolve_model_path(args.model)
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except FileNotFoundError as e:  # the offline default's package missing (a path was checked by check_start)
+        sys.exit(f"train.py: error: {e}")
+    # what needs the tokenizer or torch, still before a byte is written: prompt lengths, the checkpoint resumed
+    resume_from = latest_checkpoint(out) if args.resume else None
+    resume_state = (read_trainer_state(resume_from, out, algorithm_flags(args.algo).checkpoint_files)
+                    if resume_from else None)
+    tokenizer = AutoTokenizer.from_pretrained(str(resume_from) if resume_from else base_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sources = ((train_problems, "--data", args.data),
+               (eval_problems, "--eval-data" if args.eval_data else "--data", args.eval_data or args.data))
+    too_long = next(((p, n, flag, spec) for problems, flag, spec in sources for p in problems
+                     if (n := len(format_prompt(tokenizer, p))) > args.max_prompt_tokens), None)
+    if too_long:
+        problem, n, flag, spec = too_long
+        sys.exit(f"train.py: error: {flag} {spec}: problem {problem.id!r} has a {n}-token prompt, over "
+                 f"--max-prompt-tokens {args.max_prompt_tokens}; raise --max-prompt-tokens or shorten that problem")
+    if args.model is None and (message := context_error(base_model, args)):  # a given folder: check_start's
+        sys.exit(f"train.py: error: {message}")
     # The memory plan, before anything loads (memory.py): fills the flags left unset and, on a GPU (or with --gpu-gb),
     # stops a run that would not fit, naming the phase, the bytes over and the flag to change
-    gpu_gb = args.gpu_gb or (torch.cuda.mem_get_info(device)[1] / 1e9 if device.type == "cuda" else None)
+    gpu_gb = args.gpu_gb or device_capacity_gb(device)
     critic_path = getattr(args, "critic_model", None)
     plan_args = argparse.Namespace(**{**vars(args), "model": base_model})
     critic = resolve_model_path(critic_path) if critic_path else None
-    line = run_plan(plan_args, world, gpu_gb, critic, device.type == "cuda")
-    for key in PLANNED_FLAGS:  # the flags left unset, as the plan chose them
+    line = run_plan(plan_args, world, gpu_gb, critic, device.type)
+    for key in (*PLANNED_FLAGS, "share_prompts"):  # the flags left unset, as the plan chose them
         setattr(args, key, getattr(plan_args, key))
     if master:
         print(line, file=sys.stderr, flush=True)
-    # run.json (args, versions, git commit, model and data hashes; a --resume appends); which rows are held out
-    if master:
-        write_start(out, args, sys.argv[1:] if argv is None else argv, base_model, train_problems, eval_problems,
-                    device, world)
+    if master:  # which rows are held out
         if args.eval_data:
             held_out_text = f"{len(eval_problems)} of {args.eval_data} (--eval-data)"
-        elif held_out:
+        elif args.data.startswith("arithmetic"):
             held_out_text = (f"{len(eval_problems)} of the arithmetic task's held-out split "
                              "(disjoint by a hash of the text)")
         else:
@@ -280,23 +301,15 @@ def main(argv=None) -> None:
             held_out_text += ", not evaluated (--no-eval)"
         print(f"[data] train: {len(train_problems)} problems of {args.data}; held-out: {held_out_text}",
               file=sys.stderr)
-    resume_from = latest_checkpoint(out) if args.resume else None
-    resume_state = read_trainer_state(resume_from, out) if resume_from else None
-    tokenizer = AutoTokenizer.from_pretrained(str(resume_from) if resume_from else base_model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    too_long = next(((p, n) for p in train_problems + eval_problems
-                     if (n := len(format_prompt(tokenizer, p))) > args.max_prompt_tokens), None)
-    if too_long:
-        sys.exit(f"error: problem {too_long[0].id!r} has a {too_long[1]}-token prompt, "
-                 f"over --max-prompt-tokens {args.max_prompt_tokens}")
+    recorded_args = argparse.Namespace(**vars(args))  # run.json's: as given, with the plan's choices (written below)
     model = load_actor(base_model, device, world, args)  # a resumed run's shards are read over it (load_checkpoint)
     ref_model = load_actor(base_model, device, world, args).eval() if args.kl_coef > 0 else None
     optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     args.model = base_model
     try:
         algo = algorithm_class(args.algo)(args, model, tokenizer, device, world, resume_from)
-    except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. a missing --prior-embedder
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, ImportError, ValueError) as e:  # e.g. --probe-layer past the model's depth
+        sys.exit(f"train.py: error: {e}")
     stream = PromptStream(train_problems, args.seed)
     start_step, generated_total = (load_checkpoint(resume_from, resume_state, model, optimizer, stream, algo, world)
                                    if resume_from else (0, 0))
@@ -316,6 +329,17 @@ def main(argv=None) -> None:
         engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")
     verifier = (MathVerifier(timeout_s=args.verifier_timeout)
                 if any(p.kind == "math" for p in train_problems + eval_problems) else None)
+    # The run can start: the first bytes it writes. run.json (args, versions, git commit, model and data hashes; a
+    # --resume appends to it) in a folder that every rank must see (check_shared_out)
+    if master:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # check_start found it writable: changed since, or refused beyond permissions
+            sys.exit(f"train.py: error: --out {out}: cannot create it ({e.strerror or e}); choose another --out")
+    check_shared_out(out, rank, world)
+    if master:
+        write_start(out, recorded_args, sys.argv[1:] if argv is None else argv, base_model, train_problems,
+                    eval_problems, device, world)
     metrics_path = out / "metrics.jsonl"
     if master and not args.resume:
         metrics_path.unlink(missing_ok=True)
@@ -461,4 +485,4 @@ def evaluate_heldout(engine, tokenizer, eval_problems: list[Problem], verifier, 
 
 
 if __name__ == "__main__":
-    main()
+    main(start=START)  # START: check_start's, made before the heavy imports

@@ -1,5 +1,6 @@
-"""210 hand-labelled (category, gold, response, correct) answer pairs for tests/test_grading.py, written as code:
-each labelled by what a careful human grader would say."""
+"""234 hand-labelled (category, gold, response, correct) answer pairs for tests/test_grading.py, written as code:
+each labelled by what a careful human grader would say. Four percent pairs are labelled by the one-reading rule
+(reward._math_text: a percent sign is a unit, so `2\\%` pays for reference `2`, never for `0.02`)."""
 
 PAIRS = [
     ('integer', '12', '7 + 5 = 12, so the answer is \\boxed{12}.', True),
@@ -66,17 +67,17 @@ PAIRS = [
     ('units', '45^\\circ', '\\boxed{135^\\circ}', False),
     ('percent', '50\\%', '\\boxed{50}', True),
     ('percent', '50\\%', '\\boxed{50\\%}', True),
-    ('percent', '50\\%', '\\boxed{0.5}', True),
+    ('percent', '50\\%', '\\boxed{0.5}', False),  # relabelled (was True): a percent sign is a unit
     ('percent', '25\\%', '\\boxed{25}', True),
     ('percent', '25', '\\boxed{25\\%}', True),
-    ('percent', '25\\%', '\\boxed{0.25}', True),
+    ('percent', '25\\%', '\\boxed{0.25}', False),  # relabelled with the rule (was True)
     ('percent', '25\\%', '\\boxed{2.5}', False),
     ('percent', '12.5\\%', '\\boxed{12.5}', True),
     ('percent', '50', '\\boxed{0.5}', False),
-    ('percent', '0.5', '\\boxed{50\\%}', True),
+    ('percent', '0.5', '\\boxed{50\\%}', False),  # relabelled: `2\\%` cannot pay for both `2` and `0.02`
     ('percent', '40\\%', '\\boxed{60\\%}', False),
     ('percent', '75\\%', '\\boxed{75 \\%}', True),
-    ('percent', '10\\%', '\\boxed{\\frac{1}{10}}', True),
+    ('percent', '10\\%', '\\boxed{\\frac{1}{10}}', False),  # relabelled with the rule (was True)
     ('percent', '20\\%', '\\boxed{20 \\text{ percent}}', True),
     ('percent', '5\\%', '\\boxed{50\\%}', False),
     ('dollar', '\\$18.90', '\\boxed{18.90}', True),
@@ -212,4 +213,29 @@ PAIRS = [
     ('no_box', '100', 'I think the answer might be around 90 or so.', False),
     ('no_box', '\\frac{3}{5}', 'So the probability is $\\frac{3}{5}$, i.e. 60 out of 100 trials.', True),
     ('no_box', '6', 'The answer is 6, since 2 \\cdot 3 = 6.', True),
+    # issue 36: honest forms the rewards refused, a box inside a hedge, one reading of a percent, equations
+    ('percent', '2', '\\boxed{2\\%}', True),
+    ('percent', '0.02', '\\boxed{2\\%}', False),
+    ('percent', '2\\%', '\\boxed{0.02}', False),
+    ('percent', '7.5', '\\boxed{7.5\\%}', True),
+    ('integer', '12', '\\boxed{１２}', True),
+    ('integer', '1000', '\\boxed{1\\,000}', True),
+    ('integer', '1000', '\\boxed{1 000}', True),
+    ('integer', '12000', 'So the total is 12\\,000.', True),
+    ('integer', '12', '\\boxed{\\color{blue}{12}}', True),
+    ('integer', '12', '\\boxed{\\text{Answer: } 12}', True),
+    ('integer', '12', '\\boxed{12 = x}', True),
+    ('integer', '12', '\\boxed{11 \\text{ or } \\boxed{12}}', False),
+    ('units', '12', '\\boxed{12^\\circ}', True),
+    ('units', '12', '\\boxed{12 \\text{ cm}^2}', True),
+    ('expression', 'x^{\\prime}+\\frac{r}{V} x-r c=0', '\\boxed{x^{\\prime}+\\frac{r}{V} x-r c=0}', True),
+    ('expression', 'x^{\\prime}+\\frac{r}{V} x-r c=0', '\\boxed{x^{\\prime}+\\frac{r}{V} x+r c=0}', False),
+    ('expression', 'x^{\\prime}+\\frac{r}{V} x-r c=0', "\\boxed{x' = rc - \\frac{r}{V} x}", True),  # a known miss
+    ('expression', '2x + 3 = 7', '\\boxed{2x + 3 = 7}', True),
+    ('expression', '7', '\\boxed{2x + 3 = 7}', False),
+    ('set_tuple', '-2, 3', '\\boxed{x=-2 \\text{ or } x=3}', True),  # a known miss: `or` is refused as a hedge
+    ('no_box', '12', 'The answer is 12. (Checked it 2 ways.)', True),
+    ('no_box', '12', 'Let me compute.\n7 + 5\n12', True),
+    ('several_boxes', '\\frac{1}{2}', '\\boxed{\\frac{1}{3} \\text{ or } \\boxed{\\frac{1}{2}}}', False),
+    ('non_equivalent', '12', '\\boxed{11 = 12}', False),
 ]

@@ -165,3 +165,24 @@ def test_a_second_sleep_capable_engine_in_one_process_is_refused():
         SimpleNamespace(closed=True, model_path="/models/actor"), "/models/critic"
     )  # closed: fine
     rollout._claim_sleep_mode(None, "/models/actor")
+
+
+def test_a_prefix_cache_that_was_not_reset_stops_the_run():
+    """vLLM's reset_prefix_cache() answers False when it could not reset (requests still hold blocks): old-weight KV
+    would then serve the new weights, so the load stops with a message instead of going on."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rollout import VLLMEngine
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.asleep, engine.dtype, engine.holder = set(), torch.float32, "actor"
+    for answer, fails in ((False, True), (True, False), (None, False)):
+        engine.llm = SimpleNamespace(collective_rpc=lambda *a, **k: None, reset_prefix_cache=lambda: answer)
+        if fails:
+            with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
+                engine.load_weights([("w", torch.zeros(1))], holder="critic")
+            assert engine.holder == "actor"
+        else:
+            engine.load_weights([("w", torch.zeros(1))], holder="critic")
+            assert engine.holder == "critic"

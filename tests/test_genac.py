@@ -1,13 +1,14 @@
 """GenAC's pure logic: segmentation, critic states, ICC prompt, parsing, critic reward, tau, GAE on segment
 values, the sign of the critic's REINFORCE loss, the cost ratio; its defaults (profiles), critic prompt sizing,
-tau's start, the critic's one step per iteration (a tiny model with a fake engine), and the stages' prompt sets."""
+tau's start, the critic's one step per iteration (a tiny model with a fake engine) and its exact skip when no
+advantage is nonzero, the parse-failure warning, and the stages' prompt sets."""
 from pathlib import Path
 
 import pytest
 import torch
 
 import advantage as A
-from genac import (RunningSuccessRate, critic_advantages, critic_reward, flops_vs_ppo, format_actor_size,
+from genac import (GenAC, RunningSuccessRate, critic_advantages, critic_reward, flops_vs_ppo, format_actor_size,
                    gae_advantages, icc_prompt, parse_critic_value)
 from genac_segments import critic_state_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
 
@@ -271,15 +272,20 @@ def test_guided_decoding_makes_the_real_model_answer_in_format(default_model):
 
 
 def test_defaults_are_the_papers_for_a_given_model_and_cpu_sized_for_the_offline_default():
-    """--segment-tokens / --max-segments / --critic-max-new-tokens: (32, 8, 128) for the offline default model,
-    (120, no cap, 1024) as the paper (App. C, Table 5) for any --model; explicit flags win over both."""
+    """--segment-tokens / --max-segments / --critic-max-new-tokens / --critic-guided: (32, 8, 128, guided answers) for
+    the offline default model, (120, no cap, 1024, free answers) as the paper (App. C, Table 5) for any --model;
+    explicit flags win over both; --engine hf (no guided decoding) keeps free answers."""
     import genac_stages as S
     import train
     cpu = train.parse_args(["--algo", "genac"])
-    assert (cpu.segment_tokens, cpu.max_segments, cpu.critic_max_new_tokens, cpu.genac_profile) == (32, 8, 128, "cpu")
+    assert ((cpu.segment_tokens, cpu.max_segments, cpu.critic_max_new_tokens, cpu.critic_guided, cpu.genac_profile)
+            == (32, 8, 128, True, "cpu"))
     paper = train.parse_args(["--algo", "genac", "--model", "/some/path"])
-    assert ((paper.segment_tokens, paper.max_segments, paper.critic_max_new_tokens, paper.genac_profile)
-            == (120, None, 1024, "paper"))
+    assert ((paper.segment_tokens, paper.max_segments, paper.critic_max_new_tokens, paper.critic_guided,
+             paper.genac_profile) == (120, None, 1024, False, "paper"))
+    assert not train.parse_args(["--algo", "genac", "--no-critic-guided"]).critic_guided  # the paper's free answers
+    assert not train.parse_args(["--algo", "genac", "--engine", "hf"]).critic_guided
+    assert train.parse_args(["--algo", "genac", "--model", "/some/path", "--critic-guided"]).critic_guided
     assert len(segment_boundaries([" w"] * 2400, paper.segment_tokens, paper.max_segments)) == 20  # no cap
     explicit = ["--segment-tokens", "7", "--max-segments", "3", "--critic-max-new-tokens", "9"]
     for model in ([], ["--model", "/some/path"]):
@@ -289,7 +295,7 @@ def test_defaults_are_the_papers_for_a_given_model_and_cpu_sized_for_the_offline
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "genac", "--segment-tokens", "0"])
     for parser in (S.sft_parser, S.pretrain_parser):  # the stages pick the same way
-        assert S._parse(parser(), []).genac_profile == "cpu"
+        assert S._parse(parser(), []).genac_profile == "cpu" and S._parse(parser(), []).critic_guided
         assert S._parse(parser(), ["--actor", "/some/path"]).critic_max_new_tokens == 1024
 
 
@@ -405,8 +411,9 @@ def test_critic_prompts_fit_by_default_and_a_smaller_limit_is_counted(tiny_model
     cut; an explicit smaller value cuts from the left, counted in genac/critic_prompts_cut; too long for the critic:
     refused."""
     critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8")
-    assert ("[genac] paper profile: segment_tokens=8 max_segments=None critic_max_new_tokens=1024"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "[genac] paper profile: segment_tokens=8 max_segments=None critic_max_new_tokens=1024" in err
+    assert "answers free;" in err
     template = len(critic.chat_ids(icc_prompt("", "", "1M", 0.0)))
     assert critic.max_prompt_tokens == 512 + 40 + template
     assert critic.engine.kwargs["max_model_len"] == critic.max_prompt_tokens + 1024  # the paper profile's critic budget
@@ -463,7 +470,8 @@ def test_tau_starts_at_zero_unless_carried_over_and_a_checkpoint_restores_it(tin
 
 def test_critic_takes_one_reinforce_step_per_iteration_unless_asked(tiny_model, monkeypatch):
     """The actor's --mini-batches 2 does not reach the critic: one optimizer step (ratio 1, REINFORCE) per iteration,
-    as in the pretraining stage; --critic-mini-batches 2 asks for two."""
+    as in the pretraining stage; --critic-mini-batches 2 asks for two. An update without signal (every answer
+    'fine \\boxed{5}': R_v = 0.75 for r = 1 and r = 0) takes as many steps without ppo_update."""
     import genac
     real, calls = genac.ppo_update, []
 
@@ -477,9 +485,80 @@ def test_critic_takes_one_reinforce_step_per_iteration_unless_asked(tiny_model, 
         critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", *flags)
         assert critic.args.mini_batches == 2  # the actor's
         batch, problems = _actor_batch(critic.actor_tokenizer)
+        critic.engine = _RecordingEngine()  # answers that differ: a signal
         critic.segment_values(batch, problems, seed=0)
         m = critic.after_update(batch)
         assert calls[-1] == (steps, 1, steps) and m["genac/critic_optimizer_steps"] == steps
+        assert m["genac/critic_update_skipped"] == 0
+        critic.engine, ran = _FakeEngine(), len(calls)  # no signal
+        critic.segment_values(batch, problems, seed=1)
+        m = critic.after_update(batch)
+        assert len(calls) == ran and m["genac/critic_update_skipped"] == 1 == m["genac/critic_zero_ranks"]
+        assert m["genac/critic_optimizer_steps"] == steps
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes: equal bit for bit (-0.0 differs from 0.0)."""
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+def _differences(a, b) -> list[str]:
+    """The weights and AdamW state (step, moments; its param groups) in which two critics differ in any bit."""
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    out = [name for name in wa if not torch.equal(_bits(wa[name]), _bits(wb[name]))]
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    for i, state in sa["state"].items():
+        other = sb["state"].get(i, {})
+        out += [f"adamw[{i}].{k}" for k, v in state.items() if k not in other or not torch.equal(_bits(v),
+                                                                                                 _bits(other[k]))]
+    return out + (["adamw param_groups"] if sa["param_groups"] != sb["param_groups"] else [])
+
+
+def test_a_critic_update_without_signal_skips_its_compute_and_equals_the_full_update_bit_for_bit(tiny_model,
+                                                                                                 monkeypatch):
+    """No compute without signal, exactly (Alg. 1 l. 23): every advantage 0 -> no forward or backward, the optimizer
+    steps on zero gradients, so weights and AdamW state (weight decay on, moments from a real first step) equal the
+    full update's bit for bit; loss and grad norm are logged as 0, the skip counted. The plant (skipping the
+    optimizer step too) differs: weight decay, moments and step count did not move."""
+    import genac
+    real, forwards = genac.ppo_update, []
+    monkeypatch.setattr(genac, "ppo_update", lambda *a, **k: forwards.append(a[0]) or real(*a, **k))
+    flags = ("--max-new-tokens", "40", "--segment-tokens", "8", "--dtype", "fp32", "--critic-lr", "1e-3",
+             "--weight-decay", "0.1")
+    full, skip, planted = (_genac(tiny_model, monkeypatch, *flags) for _ in range(3))
+    full.zero_advantage_ranks = lambda advantages: 0  # never skips: forward and backward on zero advantages
+    planted.step_on_zero_gradients = lambda *a: {"policy_loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 1}
+    metrics = {}
+    for name, critic in (("full", full), ("skip", skip), ("planted", planted)):
+        batch, problems = _actor_batch(critic.actor_tokenizer)
+        for step, engine in enumerate((_RecordingEngine(), _FakeEngine())):  # a real step, then all R_v = 0.75
+            critic.engine = engine
+            critic.segment_values(batch, problems, seed=step)
+            metrics[name, step] = critic.after_update(batch)
+    assert [metrics[n, 0]["genac/critic_update_skipped"] for n in ("full", "skip", "planted")] == [0, 0, 0]
+    assert metrics["full", 0]["genac/critic_grad_norm"] > 0
+    assert [metrics[n, 1]["genac/critic_update_skipped"] for n in ("full", "skip", "planted")] == [0, 1, 1]
+    assert forwards.count(full.model) == 2 and forwards.count(skip.model) == 1  # the skip ran no ppo_update
+    for name in ("full", "skip"):
+        m = metrics[name, 1]
+        assert (m["genac/critic_loss"], m["genac/critic_grad_norm"], m["genac/critic_optimizer_steps"]) == (0, 0, 1)
+    assert _differences(full, skip) == []
+    planted_differences = _differences(full, planted)
+    assert "model.norm.weight" in planted_differences and any(d.endswith(".step") for d in planted_differences)
+
+
+def test_parse_failures_warn_once_naming_the_fix(capsys):
+    """A parse rate below 0.5 for 3 steps in a row prints one warning line naming guided answers and a staged critic;
+    a good step resets the count; once per run."""
+    from types import SimpleNamespace
+    critic = SimpleNamespace(PARSE_WARNING=GenAC.PARSE_WARNING, low_parse_steps=0, parse_warned=False, _rank=0)
+    for rate in (0.0, 0.2, 0.9, 0.0, 0.0):
+        GenAC.warn_on_parse_failures(critic, rate)
+    assert capsys.readouterr().err == ""
+    for rate in (0.0, 0.0, 0.0, 0.0, 0.1):
+        GenAC.warn_on_parse_failures(critic, rate)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parse rate 0.00" in err and "--critic-guided" in err and "genac_stages.py" in err
 
 
 def test_sft_states_are_held_out_and_disjoint_from_pretraining_validation():
@@ -620,6 +699,7 @@ def test_critic_prompts_are_token_exact_states_sharing_their_prefix(tiny_model, 
     for flags in ([], ["--no-pack-critic-states"]):
         critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", "--dtype", "fp32",
                         *flags)
+        critic.engine = _RecordingEngine()  # answers that differ: a nonzero gradient to compare (not the skip)
         batch, problems = _actor_batch(critic.actor_tokenizer)
         critic.segment_values(batch, problems, seed=0)
         prompts, owners = critic.answers["prompts"], critic.answers["owners"]
@@ -645,6 +725,7 @@ def test_critic_prompts_are_token_exact_states_sharing_their_prefix(tiny_model, 
     last = [max(len(p) for p, o in zip(prompts, owners) if o == r) for r in (0, 1)]
     expected = sum(last[r] + (n[r] - 1) * len(closing) + 3 * n[r] for r in (0, 1))  # trunk + closings + answers
     assert packed["cost/critic_trained_tokens"] == expected < J  # here 1,016 of the unpacked 1,592
+    assert packed["genac/critic_update_skipped"] == unpacked["genac/critic_update_skipped"] == 0
     assert packed["genac/critic_loss"] == pytest.approx(unpacked["genac/critic_loss"], abs=1e-6)
     assert packed["genac/critic_grad_norm"] == pytest.approx(unpacked["genac/critic_grad_norm"], rel=1e-5)
 

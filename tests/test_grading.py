@@ -1,9 +1,9 @@
 """Grading accuracy: the math reward against hand-labelled (response, gold, correct) pairs.
 
-`grading_pairs.py` holds 210 pairs in 14 categories (integers, fractions vs decimals, units,
+`grading_pairs.py` holds 234 pairs in 14 categories (integers, fractions vs decimals, units,
 percents, dollars, intervals, scientific notation, several boxes, sets/tuples, ...), each labelled by
-what a careful human grader would say. Measured with math-verify 0.9.0: 204/210 = 0.971; the six
-misses are all false negatives (listed in the README's Grading section). The threshold sits a bit below.
+what a careful human grader would say. Measured with math-verify 0.9.0: 227/234 = 0.970; the seven
+misses are all false negatives (listed in docs/running.md's Grading accuracy). The threshold sits a bit below.
 """
 import collections
 import subprocess
@@ -19,7 +19,7 @@ from reward import MathVerifier, score_responses
 sys.path.insert(0, str(Path(__file__).parent))
 from grading_pairs import PAIRS  # noqa: E402
 
-MIN_ACCURACY = 0.95  # measured 0.971 (204/210)
+MIN_ACCURACY = 0.95  # measured 0.970 (227/234)
 CATEGORIES = {"integer", "fraction_decimal", "latex_fraction", "units", "percent", "dollar", "interval", "scientific",
               "several_boxes", "negative", "set_tuple", "expression", "non_equivalent", "no_box"}
 
@@ -79,7 +79,38 @@ INTEGER_FORMS = [  # (response, gold, reward)
     ("\\boxed{12.5}", "12", 0.0), ("\\boxed{3/12}", "12", 0.0), ("\\boxed{\\frac{24}{2}}", "12", 0.0),
     ("\\boxed{2^{12}}", "12", 0.0), ("\\boxed{12^2}", "144", 0.0), ("\\boxed{\\sqrt{12}}", "12", 0.0),
     ("\\boxed{12!}", "12", 0.0), ("\\boxed{x + 12}", "12", 0.0), ("\\boxed{x = 3 + 9}", "12", 0.0),
-    ("\\boxed{12 = 12}", "12", 0.0), ("\\boxed{x = 12 = 12}", "12", 0.0), ("\\boxed{--12}", "-12", 0.0),
+    ("\\boxed{--12}", "-12", 0.0),
+    # issue 36: honest final answers, each paid
+    ("\\boxed{12 \\text{ cm}^2}", "12", 1.0), ("\\boxed{12 \\text{ m}^{3}}", "12", 1.0),
+    ("\\boxed{12 cm^2}", "12", 1.0),
+    ("\\boxed{12^\\circ}", "12", 1.0), ("\\boxed{12^{\\circ}}", "12", 1.0), ("\\boxed{12\u00b0}", "12", 1.0),
+    ("\\boxed{12^\\circ \\text{C}}", "12", 1.0), ("\\boxed{12 \\text{ (after 3 days)}}", "12", 1.0),
+    ("\\boxed{12 \\text{ (after 3 days)}}", "3", 0.0), ("\\boxed{\\text{Answer: } 12}", "12", 1.0),
+    ("\\boxed{\\text{The answer is } 12}", "12", 1.0), ("\\boxed{\\color{blue}{12}}", "12", 1.0),
+    ("\\boxed{\\textcolor{red}{12}}", "12", 1.0), ("\\boxed{{\\color{red} 12}}", "12", 1.0),
+    ("\\boxed{\\textbf{12}}", "12", 1.0), ("\\boxed{\\underline{12}}", "12", 1.0), ("\\boxed{\\boxed{12}}", "12", 1.0),
+    ("\\boxed{12 = x}", "12", 1.0), ("\\boxed{1\\,000}", "1000", 1.0), ("\\boxed{1 000}", "1000", 1.0),
+    ("\\boxed{1\\,000\\,000}", "1000000", 1.0), ("\\boxed{\uff11\uff12}", "12", 1.0),
+    ("The answer is \uff11\uff12.", "12", 1.0),
+    ("\\boxed{\uff11,\uff10\uff10\uff10}", "1000", 1.0), ("Let me compute.\n7 + 5\n12", "12", 1.0), ("12", "12", 1.0),
+    ("The answer is 12. (Checked it 2 ways.)", "12", 1.0), ("The answer is 12.\n(Checked it 2 ways.)", "12", 1.0),
+    ("The answer is 12 (checked twice).", "12", 1.0), ("\\boxed{10 + 2 = 12}", "12", 1.0),
+    ("\\boxed{x = 10 + 2 = 12}", "12", 1.0), ("\\boxed{3 \\times 4 = 12}", "12", 1.0),
+    ("\\boxed{\\frac{24}{2} = 12}", "12", 1.0), ("\\boxed{2^3 + 4 = 12}", "12", 1.0),
+    ("\\boxed{(10+2) = 12}", "12", 1.0),
+    ("\\boxed{12 = 12}", "12", 1.0), ("\\boxed{x = 12 = 12}", "12", 1.0),  # one value stated twice (0 before issue 36)
+    # ... and every hedge, list, range or expression without a final value still 0
+    ("\\boxed{11 \\text{ or } \\boxed{12}}", "12", 0.0), ("\\boxed{11, \\boxed{12}}", "12", 0.0),
+    ("\\boxed{12 \\text{ (or 13)}}", "12", 0.0), ("\\boxed{12 (or 13)}", "12", 0.0),
+    ("\\boxed{12 \\text{ (approximately)}}", "12", 0.0), ("\\boxed{\\color{blue}{11 \\text{ or } 12}}", "12", 0.0),
+    ("\\boxed{\\text{Answer: } 11, 12}", "12", 0.0), ("\\boxed{12^\\circ \\text{ or } 13^\\circ}", "12", 0.0),
+    ("\\boxed{10^\\circ - 12^\\circ}", "12", 0.0), ("\\boxed{12 \\text{ cm}^2 \\text{ or } 13}", "12", 0.0),
+    ("\\boxed{1,000 000}", "1000000", 0.0), ("\\boxed{11 12}", "12", 0.0), ("\\boxed{11 = 12}", "12", 0.0),
+    ("\\boxed{10 + 3 = 12}", "12", 0.0), ("\\boxed{2x = 12}", "12", 0.0), ("\\boxed{x + 2 = 12}", "12", 0.0),
+    ("\\boxed{12 = 10 + 2}", "12", 0.0), ("\\boxed{x = 12 = y}", "12", 0.0), ("\\boxed{9^{9^{9}} = 12}", "12", 0.0),
+    ("11\n12", "12", 0.0), ("11,\n12", "12", 0.0), ("It is 11 or\n12", "12", 0.0), ("Values:\n- 11\n- 12", "-12", 0.0),
+    ("The answer is 12. (Or 13.)", "12", 0.0), ("The answer is 12. (Actually 13.)", "12", 0.0),
+    ("The answer is 12. (The answer is 13.)", "12", 0.0), ("The answer is 12 (or 13).", "12", 0.0),
     # no box: the last sentence with a digit must state one integer (`= N`, `equals N`, `is N`, `answer: N`)
     ("The answer is 12.", "12", 1.0), ("\\boxed{} so the answer is 12", "12", 1.0), ("7 + 5 = 12.", "12", 1.0),
     ("7 + 5 equals 12.", "12", 1.0), ("7 + 5 = 12\n\nThe answer is: 12", "12", 1.0),
@@ -124,6 +155,24 @@ def test_math_path_refuses_alternatives_and_equations(verifier):
              ("3", "\\boxed{x = 3}", 1.0), ("y = 2x + 3", "\\boxed{y = 2x + 3}", 1.0),
              ("(2, 3)", "\\boxed{x=2, y=3}", 1.0), ("7", "first \\boxed{5}, checking again \\boxed{7}", 1.0),
              ("\\frac{1}{2}", "\\boxed{\\frac12} so \\boxed{\\frac12}", 1.0)]
+    rewards, timeouts = verifier([c[1] for c in cases], [c[0] for c in cases])
+    assert rewards == [c[2] for c in cases] and timeouts == 0
+
+
+def test_math_path_one_percent_reading_full_width_thousands_and_equation_references(verifier):
+    """A percent sign is a unit (reward._math_text): `2\\%` pays for reference `2` or `2\\%`, never for `0.02` (it
+    paid for both). An equation is compared, not refused, when the reference is one. A box in a hedge is the hedge."""
+    eq = "x^{\\prime}+\\frac{r}{V} x-r c=0"
+    cases = [("2", "\\boxed{2\\%}", 1.0), ("2\\%", "\\boxed{2\\%}", 1.0), ("0.02", "\\boxed{2\\%}", 0.0),
+             ("2\\%", "\\boxed{0.02}", 0.0), ("2\\%", "\\boxed{2}", 1.0), ("12.5\\%", "\\boxed{12.5}", 1.0),
+             ("12", "\\boxed{\uff11\uff12}", 1.0), ("1000", "\\boxed{1\\,000}", 1.0), ("1000", "\\boxed{1 000}", 1.0),
+             ("1000", "The answer is 1\\,000.", 1.0), ("12", "\\boxed{\\color{blue}{12}}", 1.0),
+             ("12", "\\boxed{\\text{Answer: } 12}", 1.0), ("12", "\\boxed{12 = x}", 1.0),
+             ("13", "\\boxed{12 = x}", 0.0),
+             (eq, f"\\boxed{{{eq}}}", 1.0), (eq, "\\boxed{x^{\\prime}+\\frac{r}{V} x+r c=0}", 0.0),
+             ("2x + 3 = 7", "\\boxed{2x + 3 = 7}", 1.0), ("7", "\\boxed{2x + 3 = 7}", 0.0),
+             ("12", "\\boxed{11 \\text{ or } \\boxed{12}}", 0.0),
+             ("\\frac{1}{2}", "\\boxed{\\frac13 \\text{ or } \\boxed{\\frac12}}", 0.0)]
     rewards, timeouts = verifier([c[1] for c in cases], [c[0] for c in cases])
     assert rewards == [c[2] for c in cases] and timeouts == 0
 

@@ -84,6 +84,8 @@ def plan_for(config, algo: str, gpu_gb: float, **flags):
         response_tokens=2048,
         critic_new_tokens=1024,
         sync_bucket_mb=64.0,
+        segment_tokens=120,
+        pack_critic_states=True,
         micro_batch_size=None,
         gradient_checkpointing=None,
         gpu_memory_utilization=None,

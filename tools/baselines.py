@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from advantage import grpo_advantages, rloo_advantages
+from flags import OneLineParser, model_error
 from prior import effective_k_max, sample_with_osla
 from probe import cross_rollout_baselines, cross_rollout_targets
 
@@ -563,8 +564,8 @@ def write_report(doc: dict, out: Path) -> str:
 
 def baselines_main(argv: list[str]) -> None:
     """`python eval.py baselines`: see the module docstring."""
-    ap = argparse.ArgumentParser(prog="eval.py baselines", description="Every algorithm's baseline vs Monte-Carlo V(x) "
-                                 "with cost in generated tokens and bootstrap intervals (tools/baselines.py).")
+    ap = OneLineParser(prog="eval.py baselines", description="Every algorithm's baseline vs Monte-Carlo V(x) "
+                       "with cost in generated tokens and bootstrap intervals (tools/baselines.py).")
     ap.add_argument("--policy", default=None, help="policy folder (default: the offline SmolLM2-135M-Instruct)")
     ap.add_argument("--data", default="arithmetic", help="'arithmetic[:levels]' (held-out split) or a JSONL file")
     ap.add_argument("--prompts", type=int, default=200, help="benchmark prompts N")
@@ -602,6 +603,9 @@ def baselines_main(argv: list[str]) -> None:
                  f"{4 * args.critic_iterations} prompts")
     if args.path_prompts > args.prompts:
         ap.error(f"--path-prompts ({args.path_prompts}) must be <= --prompts ({args.prompts})")
+    for flag, value in (("--policy", args.policy), ("--critic", args.critic), ("--genac", args.genac)):
+        if message := model_error(flag, value):  # named by its own flag (resolve_model_path says --model)
+            sys.exit(f"eval.py baselines: error: {message}")
     from data import DataError
     from rollout import resolve_model_path
     try:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from data import DataError, Problem, format_prompt, load_problems
+from flags import OneLineParser, model_error
 from reward import MathVerifier, score_responses
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def generative_values(path: str, states: list[dict], problems_text: list[str], p
 
 def values_main(argv: list[str]) -> None:
     """`python eval.py values`: the value-model benchmark (see the section comment above)."""
-    ap = argparse.ArgumentParser(prog="eval.py values", description="Value-model quality against Monte-Carlo values.")
+    ap = OneLineParser(prog="eval.py values", description="Value-model quality against Monte-Carlo values.")
     ap.add_argument("--policy", default=None, help="policy whose values are measured (default: offline SmolLM2-135M)")
     ap.add_argument("--data", default="arithmetic",
                     help="'arithmetic[:levels]' (held-out split) or a JSONL file: OOD is one flag away")
@@ -243,6 +244,11 @@ def values_main(argv: list[str]) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = ap.parse_args(argv)
+    named = [("--policy", args.policy), ("--critic-base", args.critic_base),
+             *(("--critic", c) for c in args.critic if c != "init"),
+             *(("--genac", g) for g in args.genac if g != "base")]
+    if message := next(filter(None, (model_error(flag, value) for flag, value in named)), None):
+        sys.exit(f"eval.py values: error: {message}")  # before the heavy imports, named by its own flag
     import torch
     from transformers import AutoTokenizer
 
