@@ -12,13 +12,13 @@ the cheapest setting that leaves --margin-gb in every phase. Figures are estimat
     trainer state (FSDP2, sharded over --world)   fp32 master weights 4P/W + AdamW m, v 8P/W in every phase; fp32
                                                   gradients 4P/W only in that model's update (actor.optimizer_steps
                                                   frees them, set_to_none, after its last optimizer step)
-    update, in flight (GPU: MixedPrecisionPolicy) bf16 all-gathered root (embeddings, LM head) for the whole pass,
-                                                  2 decoder layers bf16 (current + prefetch), 2 layers' fp32 gradients
-                                                  before their reduce-scatter
-    activations per micro-batch                   tokens x layers x (24 H + 6 H_kv + 8 I) bytes kept for backward
+    update, in flight (GPU: MixedPrecisionPolicy) bf16 all-gathered root (embeddings, LM head) for the whole pass;
+                                                  at the peak, the larger of the logits' backward temporaries and 2
+                                                  decoder layers (bf16 + fp32 gradients before their reduce-scatter)
+    activations per micro-batch                   tokens x layers x (27 H + 6 H_kv + 8 I) bytes kept for backward
                                                   (bf16); --gradient-checkpointing keeps 2 H per token per layer plus
                                                   one layer's full set during its recompute
-    logits                                        response tokens x vocab x 20 bytes (the fp32 logits / T kept for
+    logits                                        response tokens x vocab x (4 + 16) bytes (the fp32 logits / T kept for
                                                   backward + the backward's temporaries; FSDPMemTracker, rehearse)
     vLLM engine awake (generate, judge)           --gpu-memory-utilization x GPU (vLLM's budget): bf16 weights 2P + its
                                                   profiling peak (a forward of max_num_batched_tokens tokens: one
@@ -58,8 +58,9 @@ CUDA_GRAPHS_GB = 1.0  # vLLM's captured decode graphs: vLLM 0.32 estimates them 
 SAMPLER_COPIES = (
     6  # fp32 [max_num_seqs, vocab] tensors alive in vLLM's profiled sampler run (logits, log-probs, sort...)
 )
-LOGIT_BYTES = 20  # per (response token, vocab entry) at the update's peak, measured by the rehearsal (FSDPMemTracker,
-# tools/rehearse.py): the fp32 logits / T kept for backward (4) + the backward's temporaries (softmax, its grad: ~16)
+SAVED_LOGIT_BYTES = 4  # per (response token, vocab entry): the fp32 logits / T kept for backward (FSDPMemTracker)
+LOGIT_TEMP_BYTES = 16  # the backward's temporaries on them (softmax, its gradient), at the update's peak (idem)
+LAYER_ACTIVATION_BYTES = (27, 6, 8)  # saved per token per layer: 27 H + 6 H_kv + 8 I bytes (Qwen3-8B: 215 KB, idem)
 EMBEDDER_PARAMETERS = 22_713_216  # V0.5's prior embedder, all-MiniLM-L6-v2
 MASK_BYTES = 3  # per (query, key) pair of a packed row: the bool mask and SDPA's additive bf16 copy of it
 ICC_TEMPLATE_TOKENS = 200  # GenAC's ICC template around a state, in critic tokens (genac.icc_prompt: ~150-200)
@@ -126,16 +127,23 @@ def gradients(s: Shape, world: int) -> float:
 
 
 def update_peak(s: Shape, tokens: int, response_tokens: int, checkpointing: bool) -> dict[str, float]:
-    """Bytes in flight during one micro-batch's forward/backward: FSDP2 buffers, activations, logits."""
-    per_token_layer = 24 * s.hidden + 6 * s.kv + 8 * s.intermediate  # bf16 tensors saved for backward
-    if checkpointing:
+    """Bytes in flight at one micro-batch's peak, as the rehearsal measures it (tools/rehearse.py): FSDP2's all-gathered
+    bf16 root (embeddings, LM head) for the whole pass, every layer's saved activations, the fp32 logits kept for
+    backward, then the backward's largest transient: the logits' temporaries at its start, or (short responses, a
+    value head) two decoder layers in flight (bf16 all-gathered + fp32 gradients before their reduce-scatter)."""
+    h, kv, inter = LAYER_ACTIVATION_BYTES
+    per_token_layer = h * s.hidden + kv * s.kv + inter * s.intermediate
+    if checkpointing:  # each layer's input kept; one layer's full set during its recompute
         activations = tokens * (2 * s.hidden * s.layers + per_token_layer)
     else:
         activations = tokens * per_token_layer * s.layers
+    logit_entries = response_tokens * s.vocab
     return {
-        "FSDP2 all-gathered bf16 params + fp32 grads in flight": 2 * s.root + 2 * 2 * s.layer + 2 * 4 * s.layer,
+        "FSDP2 all-gathered bf16 root (embeddings, LM head)": 2 * s.root,
         "activations kept for backward": activations,
-        "logits (response tokens x vocab)": response_tokens * s.vocab * LOGIT_BYTES,
+        "logits kept for backward (fp32, response tokens x vocab)": logit_entries * SAVED_LOGIT_BYTES,
+        "backward transient: logits' temporaries or 2 layers in flight": max(logit_entries * LOGIT_TEMP_BYTES,
+                                                                              2 * (2 + 4) * s.layer),
     }
 
 

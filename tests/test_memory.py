@@ -61,7 +61,10 @@ def test_rules_per_gpu(qwen3_8b):
     full = memory.update_peak(s, 4 * 2560, 4 * 2048, checkpointing=False)
     ckpt = memory.update_peak(s, 4 * 2560, 4 * 2048, checkpointing=True)
     assert ckpt["activations kept for backward"] < full["activations kept for backward"] / 10
-    assert full["logits (response tokens x vocab)"] == 4 * 2048 * 151936 * memory.LOGIT_BYTES
+    assert full["logits kept for backward (fp32, response tokens x vocab)"] == 4 * 2048 * 151936 * 4
+    assert full["backward transient: logits' temporaries or 2 layers in flight"] == 4 * 2048 * 151936 * 16
+    value = memory.update_peak(memory.model_shape(str(qwen3_8b), value_head=True), 4 * 2560, 0, checkpointing=False)
+    assert value["backward transient: logits' temporaries or 2 layers in flight"] == 12 * s.layer  # no LM head
     # vLLM's profiling peak: the sampler's [max_num_seqs, vocab] fp32 copies dominate at its GPU default of 1024 rows
     assert (
         memory.engine_profile_peak(s, 1024, 16384)
