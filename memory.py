@@ -65,6 +65,8 @@ EMBEDDER_PARAMETERS = 22_713_216  # V0.5's prior embedder, all-MiniLM-L6-v2
 MASK_BYTES = 3  # per (query, key) pair of a packed row: the bool mask and SDPA's additive bf16 copy of it
 ICC_TEMPLATE_TOKENS = 200  # GenAC's ICC template around a state, in critic tokens (genac.icc_prompt: ~150-200)
 PHASES = ("generate", "judge", "actor update", "critic update", "sync")
+CARD_GB = {"h100": 85.5, "a100-80gb": 85.9, "h200": 150.7}  # total memory as CUDA reports it (nvidia-smi MiB x 2^20),
+# which is what train.py plans with; the "80 GB" of a card's name is less
 CPU_DEFAULTS = {"micro_batch_size": 16, "gradient_checkpointing": False, "gpu_memory_utilization": 0.3}
 
 
@@ -403,7 +405,10 @@ def add_plan_arguments(parser, model_flags: bool) -> None:
             help="default: from the plan",
         )
         a("--sync-bucket-mb", type=float, default=SYNC_BUCKET_MB)
-        a("--gpu-gb", type=float, default=80.0, help="each GPU's capacity")
+        a("--gpu-gb", type=float, default=80.0, help="each GPU's capacity in 1e9 bytes (train.py uses what the card "
+          "reports to torch.cuda.mem_get_info; --gpu names one)")
+        a("--gpu", choices=tuple(CARD_GB), default=None, help="plan for this card's reported capacity (train.py's "
+          "view of it): " + ", ".join(f"{k} {v:g} GB" for k, v in CARD_GB.items()))
     add_engine_arguments(parser)  # --gpu-memory-utilization, --engine-max-num-*, --margin-gb (flags.py)
 
 
@@ -413,6 +418,8 @@ def memory_main(argv=None) -> None:
     )
     add_plan_arguments(ap, model_flags=True)
     args = ap.parse_args(argv)
+    if args.gpu:
+        args.gpu_gb = CARD_GB[args.gpu]
     try:
         chosen = choose_defaults(args, args.margin_gb)
         rows, facts = plan(args)
@@ -498,4 +505,10 @@ def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, ta
             f"--gpu-gb {gpu_gb:g}"
         )
     where = f"{world} x {gpu_gb:g} GB" if gpu_gb else f"{world} x 80 GB GPUs (this CPU run is not checked)"
-    return f"[plan] {where}: {line}; per phase, GB: {phases}; {settings}"
+    table = (f"python eval.py memory --model {args.model} --algo {args.algo} --world {world} --gpu-gb {gpu_gb or 80:g} "
+             f"--prompt-tokens {args.max_prompt_tokens} --response-tokens {args.max_new_tokens}"
+             + (f" --critic-new-tokens {args.critic_max_new_tokens} --segment-tokens {args.segment_tokens}"
+                if getattr(args, "critic_max_new_tokens", None) else "")
+             + ("" if getattr(args, "pack_critic_states", True) else " --no-pack-critic-states")
+             + (f" --critic {critic_path}" if critic_path else ""))
+    return f"[plan] {where}: {line}; per phase, GB: {phases}; {settings}; the same table: {table}"

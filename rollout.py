@@ -173,17 +173,19 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", seed: int = 0, max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.3, world_size: int = 1, sleep_mode: bool = True,
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
-        """sleep_mode (GPU): sleep() frees the engine's GPU memory; a second sleep-capable engine in the process is
-        refused (RuntimeError). max_num_seqs / max_num_batched_tokens: None keeps vLLM's defaults (GPU >= 70 GB: 1024 /
-        16384, whose sampler peak vLLM's profiler reserves out of the KV cache; CPU: 256 / 4096); train.py passes the
-        plan's (memory.py)."""
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 device_type: str | None = None):
+        """device_type: where the engine runs, "cuda" or "cpu" (None: CUDA when this process has it); it decides sleep
+        mode, CUDA graphs and the memory budget, never where a tensor happens to sit. sleep_mode (GPU): sleep() frees
+        the engine's GPU memory; a second sleep-capable engine in the process is refused (RuntimeError).
+        max_num_seqs / max_num_batched_tokens: None keeps vLLM's defaults (GPU >= 70 GB: 1024 / 16384, whose sampler
+        peak vLLM's profiler reserves out of the KV cache; CPU: 256 / 4096); train.py passes the plan's (memory.py)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         quiet_third_party_output()
         from vllm import LLM
-        self.on_gpu = torch.cuda.is_available()
+        self.on_gpu = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         self.sleeps = self.on_gpu and sleep_mode
         if self.sleeps:
             _claim_sleep_mode(VLLMEngine._sleep_capable_in_process, model_path)

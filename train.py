@@ -324,7 +324,7 @@ def main(argv=None, start=None) -> None:
                          seed=args.seed + 1000 * rank, max_model_len=max_model_len,
                          gpu_memory_utilization=args.gpu_memory_utilization, world_size=world,
                          max_num_seqs=args.engine_max_num_seqs,
-                         max_num_batched_tokens=args.engine_max_num_batched_tokens)
+                         max_num_batched_tokens=args.engine_max_num_batched_tokens, device_type=device.type)
     if resume_from:  # the engine starts from the base weights: give it the resumed ones
         engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")
     verifier = (MathVerifier(timeout_s=args.verifier_timeout)

@@ -186,3 +186,24 @@ def test_a_prefix_cache_that_was_not_reset_stops_the_run():
         else:
             engine.load_weights([("w", torch.zeros(1))], holder="critic")
             assert engine.holder == "critic"
+
+
+@pytest.mark.slow  # imports vLLM
+def test_the_engine_is_configured_for_the_device_it_is_given(monkeypatch):
+    """Sleep mode, CUDA graphs and the memory budget follow `device_type`, not torch.cuda.is_available() (False on
+    this CPU): a CUDA engine asks vLLM for them, a CPU engine for none. vLLM's LLM is a recorder here (no GPU)."""
+    import vllm
+
+    import rollout
+    seen = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.append(kwargs) or SimpleNamespace())
+    monkeypatch.setattr(rollout.VLLMEngine, "_sleep_capable_in_process", None)
+    gpu = rollout.VLLMEngine("m", device_type="cuda", gpu_memory_utilization=0.55)
+    assert gpu.on_gpu and gpu.sleeps
+    assert seen[-1]["enable_sleep_mode"] and seen[-1]["gpu_memory_utilization"] == 0.55
+    assert not seen[-1]["enforce_eager"]  # CUDA graphs on a GPU
+    monkeypatch.setattr(rollout.VLLMEngine, "_sleep_capable_in_process", None)
+    cpu = rollout.VLLMEngine("m", device_type="cpu", gpu_memory_utilization=0.55)
+    assert not cpu.on_gpu and not cpu.sleeps
+    assert "gpu_memory_utilization" not in seen[-1] and "enable_sleep_mode" not in seen[-1]
+    assert seen[-1]["enforce_eager"]

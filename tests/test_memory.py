@@ -204,3 +204,27 @@ def test_train_stops_before_loading_a_model_when_the_plan_does_not_fit(tiny_mode
         "[plan] 1 x 80 GB: fits" in fits.stderr
     )  # the same folder passes the plan, then fails where the weights are read
     assert fits.returncode != 0 and "DOES NOT FIT" not in fits.stderr
+
+
+@pytest.mark.parametrize("algo", ["grpo", "genac"])
+def test_train_and_eval_memory_print_the_same_plan_for_the_same_card(qwen3_8b, algo, capsys):
+    """train.py's [plan] line names the eval.py memory command of its table; that command, run, reaches the same
+    verdict with the same chosen flags (an H100's reported 85.5 GB: `--gpu h100`)."""
+    import shlex
+    from types import SimpleNamespace
+
+    import memory
+    args = SimpleNamespace(model=str(qwen3_8b), algo=algo, max_prompt_tokens=512, max_new_tokens=2048,
+                           sync_bucket_mb=64.0, margin_gb=8.0, share_prompts=None, critic_max_new_tokens=1024,
+                           segment_tokens=120, pack_critic_states=True,
+                           **dict.fromkeys(memory.PLANNED_FLAGS))
+    if algo != "genac":
+        del args.critic_max_new_tokens, args.segment_tokens
+    line = memory.run_plan(args, 8, memory.CARD_GB["h100"], None, target="cuda")
+    command = shlex.split(line.split("the same table: ")[1])
+    assert command[:3] == ["python", "eval.py", "memory"]
+    memory.memory_main(command[3:])
+    table = capsys.readouterr().out
+    verdict = line.split(": ", 1)[1].split("; per phase")[0]
+    assert table.splitlines()[-2 if "chosen from the plan" in table else -1] == verdict, (verdict, table[-400:])
+    assert f"--micro-batch-size {args.micro_batch_size} " in table
