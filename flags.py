@@ -313,9 +313,22 @@ def model_error(flag: str, value: str | None, hub_names: bool = True) -> str | N
         return None
     if path.exists():
         return f"{flag} {value}: a file, not a model folder"
-    if not hub_names or value.startswith(("/", ".", "~")) or value.count("/") != 1:  # a local path, not "org/name"
+    local = value.startswith(("/", ".", "~")) or value.count("/") != 1 or path.parent.is_dir()  # not "org/name"
+    if not hub_names or local:
         return f"{flag} {value}: no such folder; give a Hugging Face model folder"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and not _in_hub_cache(value):
+        return (f"{flag} {value}: no such folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is set); give a "
+                "model folder, or download it first")
     return None
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the hub model `name` has a config.json in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return True  # cannot tell: left to the loading
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def context_error(model_dir: str | None, args) -> str | None:
@@ -409,6 +422,70 @@ class VCPPOFlags(PPOFlags):
         parser.set_defaults(critic_warmup_steps=6, critic_lam=1.0, lam=0.95)  # decoupled GAE as the paper sets it
 
 
+class GenACFlags(AlgorithmFlags):
+    """genac.GenAC (and genac_stages.py): the generative critic, its segments, ICC hints, guided answers; the
+    defaults that follow --model (PROFILES)."""
+
+    model_flags = resume_fixed = ("critic_model",)
+    checkpoint_files = ("critic/sharded/.metadata",)
+    # the defaults that follow --model (check_arguments): the offline default model's, the paper's (App. C, Table 5)
+    PROFILE_FIELDS = ("segment_tokens", "max_segments", "critic_max_new_tokens", "critic_guided")
+    PROFILES = {"cpu": (32, 8, 128, True), "paper": (120, None, 1024, False)}
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        a = parser.add_argument
+        a("--critic-model", "--critic", default=None,
+          help="critic to start from: a genac_stages.py folder (default: the actor)")
+        a("--critic-lr", type=number(float, 0, low_open=True), default=1e-6, help="[Table 5]")
+        a("--gamma", type=number(float, 0, 1), default=1.0, help="GAE discount")
+        a("--lam", type=number(float, 0, 1), default=1.0, help="GAE lambda")
+        a("--segment-tokens", type=int, default=None,
+          help="segment length L1 (default: 120 as App. C; offline default model: 32)")
+        a("--max-segments", type=int, default=None,
+          help="segments per response at most; 0: no cap (default: none; offline default: 8)")
+        a("--critic-max-new-tokens", type=int, default=None,
+          help="critic reasoning budget (default: 1024, Table 5; offline default: 128)")
+        a("--critic-max-prompt-tokens", type=int, default=None,
+          help="default: the actor's --max-prompt-tokens + --max-new-tokens + "
+          "the ICC template; a smaller value cuts prompts from the left, counted in genac/critic_prompts_cut")
+        a("--critic-temperature", type=number(float, 0, low_open=True), default=1.0)
+        a("--critic-mini-batches", type=int, default=1,
+          help="optimizer steps of the critic per iteration (1: one REINFORCE step)")
+        a("--icc-momentum", type=number(float, 0, 1), default=0.999, help="c in tau <- c tau + (1 - c) r, per sample")
+        a("--icc-carry-over", action="store_true",
+          help="take tau from the --critic folder (default: tau_0 = 0, Alg. 1 l. 1; "
+          "resuming a train.py checkpoint always restores it)")
+        a("--no-icc", action="store_true",
+          help="drop the ICC hints (actor size, success rate): the paper's Table 2 ablation")
+        a("--critic-baseline", default="mean", choices=("mean", "none"), help="REINFORCE baseline of the critic update")
+        a("--no-pack-critic-states", dest="pack_critic_states", action="store_false", help="train the critic on one "
+          "row per state (default: the states of one response in one row, their shared prefix once; the same "
+          "log-probs and gradients)")
+        a("--critic-guided", action=argparse.BooleanOptionalAction, default=None,
+          help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with the engine's guided decoding "
+          "(vLLM); the update still uses the model's unconstrained log-probs. Default: on for the offline default "
+          "model (its untrained critic never boxes a score), off (the paper's free answers) for any --model")
+
+    @staticmethod
+    def check_arguments(args) -> None:
+        """Raises ValueError naming a bad flag, and FILLS the defaults that depend on --model: --segment-tokens,
+        --max-segments, --critic-max-new-tokens, --critic-guided left None take the 'cpu' profile (32, 8, 128, guided
+        answers) when args.model is None (the offline default model; call before it is resolved), else the 'paper'
+        one (120, no cap, 1024, free answers; App. C, Table 5); args.genac_profile names it. Guided answers need
+        vLLM: --engine hf keeps free ones. --max-segments 0 -> None (no cap). Any G >= 1 works."""
+        args.genac_profile = "cpu" if args.model is None else "paper"
+        profile = dict(zip(GenACFlags.PROFILE_FIELDS, GenACFlags.PROFILES[args.genac_profile]))
+        profile["critic_guided"] = profile["critic_guided"] and getattr(args, "engine", None) != "hf"
+        for name, value in profile.items():
+            setattr(args, name, value if getattr(args, name, None) is None else getattr(args, name))
+        for name, low in (("segment_tokens", 1), ("max_segments", 0), ("critic_max_new_tokens", 1),
+                          ("critic_mini_batches", 1), ("critic_max_prompt_tokens", 1)):
+            if getattr(args, name) is not None and getattr(args, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
+        args.max_segments = args.max_segments or None
+
+
 def effective_k_max(cost: float, k_max: int | None = None) -> int:
     """V0.5's K_max = floor(1/sqrt(c)) (App. A.6) unless k_max is given: the one place it is derived."""
     if cost <= 0:
@@ -474,8 +551,8 @@ class POISEFlags(AlgorithmFlags):
 
 
 # --algo name -> its flags class (the algorithm class in ALGORITHMS inherits it; tests/test_bad_start.py checks)
-ALGORITHM_FLAGS = {"grpo": GRPOFlags, "rloo": RLOOFlags, "ppo": PPOFlags, "vcppo": VCPPOFlags, "v05": V05Flags,
-                   "poise": POISEFlags}
+ALGORITHM_FLAGS = {"grpo": GRPOFlags, "rloo": RLOOFlags, "ppo": PPOFlags, "vcppo": VCPPOFlags,
+                   "genac": GenACFlags, "v05": V05Flags, "poise": POISEFlags}
 
 
 def algorithm_flags(name: str) -> type:

@@ -35,7 +35,6 @@ commands of genac_stages.py; joint training is this file through the loop:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -49,6 +48,7 @@ import torch
 from actor import (adamw, all_gather_objects, all_reduce, load_actor, mini_batch_indices, ppo_update,
                    shared_prefix_tokens, stream_full_parameters)
 from checkpoint import load_sharded, save_model_folder
+from flags import GenACFlags
 from genac_segments import retokenized_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
 from rollout import build_rollout_batch, make_engine, resolve_model_path, same_architecture, trainer_engine
 
@@ -220,67 +220,12 @@ def flops_vs_ppo(actor_tokens: float, critic_tokens: float, critic_trained_token
     return (10 * actor_tokens + 2 * critic_tokens + 6 * trained) / (18 * max(actor_tokens, 1.0))
 
 
-class GenAC:
-    """GenAC as train.py's algorithm interface; genac_stages.py uses it with the actor frozen."""
+class GenAC(GenACFlags):
+    """GenAC as train.py's algorithm interface; genac_stages.py uses it with the actor frozen. Its flags and the
+    defaults that follow --model (PROFILES, check_arguments): flags.GenACFlags, torch-free."""
 
     memory_parts = frozenset({"generative critic"})  # what the memory plan (memory.py) counts beside the actor
-    # the defaults that follow --model (check_arguments): the offline default model's, the paper's (App. C, Table 5)
-    PROFILE_FIELDS = ("segment_tokens", "max_segments", "critic_max_new_tokens", "critic_guided")
-    PROFILES = {"cpu": (32, 8, 128, True), "paper": (120, None, 1024, False)}
     PARSE_WARNING = (0.5, 3)  # parse rate below 0.5 for 3 steps in a row -> one warning line per run
-
-    @staticmethod
-    def add_arguments(parser) -> None:
-        a = parser.add_argument
-        a("--critic-model", "--critic", default=None,
-          help="critic to start from: a genac_stages.py folder (default: the actor)")
-        a("--critic-lr", type=float, default=1e-6, help="[Table 5]")
-        a("--gamma", type=float, default=1.0, help="GAE discount")
-        a("--lam", type=float, default=1.0, help="GAE lambda")
-        a("--segment-tokens", type=int, default=None,
-          help="segment length L1 (default: 120 as App. C; offline default model: 32)")
-        a("--max-segments", type=int, default=None,
-          help="segments per response at most; 0: no cap (default: none; offline default: 8)")
-        a("--critic-max-new-tokens", type=int, default=None,
-          help="critic reasoning budget (default: 1024, Table 5; offline default: 128)")
-        a("--critic-max-prompt-tokens", type=int, default=None,
-          help="default: the actor's --max-prompt-tokens + --max-new-tokens + "
-          "the ICC template; a smaller value cuts prompts from the left, counted in genac/critic_prompts_cut")
-        a("--critic-temperature", type=float, default=1.0)
-        a("--critic-mini-batches", type=int, default=1,
-          help="optimizer steps of the critic per iteration (1: one REINFORCE step)")
-        a("--icc-momentum", type=float, default=0.999, help="c in tau <- c tau + (1 - c) r, per sample")
-        a("--icc-carry-over", action="store_true",
-          help="take tau from the --critic folder (default: tau_0 = 0, Alg. 1 l. 1; "
-          "resuming a train.py checkpoint always restores it)")
-        a("--no-icc", action="store_true",
-          help="drop the ICC hints (actor size, success rate): the paper's Table 2 ablation")
-        a("--critic-baseline", default="mean", choices=("mean", "none"), help="REINFORCE baseline of the critic update")
-        a("--no-pack-critic-states", dest="pack_critic_states", action="store_false", help="train the critic on one "
-          "row per state (default: the states of one response in one row, their shared prefix once; the same "
-          "log-probs and gradients)")
-        a("--critic-guided", action=argparse.BooleanOptionalAction, default=None,
-          help="constrain the critic's answers to '<reasoning> \\boxed{0..10}' with the engine's guided decoding "
-          "(vLLM); the update still uses the model's unconstrained log-probs. Default: on for the offline default "
-          "model (its untrained critic never boxes a score), off (the paper's free answers) for any --model")
-
-    @staticmethod
-    def check_arguments(args) -> None:
-        """Raises ValueError naming a bad flag, and FILLS the defaults that depend on --model: --segment-tokens,
-        --max-segments, --critic-max-new-tokens, --critic-guided left None take the 'cpu' profile (32, 8, 128, guided
-        answers) when args.model is None (the offline default model; call before it is resolved), else the 'paper'
-        one (120, no cap, 1024, free answers; App. C, Table 5); args.genac_profile names it. Guided answers need
-        vLLM: --engine hf keeps free ones. --max-segments 0 -> None (no cap). Any G >= 1 works."""
-        args.genac_profile = "cpu" if args.model is None else "paper"
-        profile = dict(zip(GenAC.PROFILE_FIELDS, GenAC.PROFILES[args.genac_profile]))
-        profile["critic_guided"] = profile["critic_guided"] and getattr(args, "engine", None) != "hf"
-        for name, value in profile.items():
-            setattr(args, name, value if getattr(args, name, None) is None else getattr(args, name))
-        for name, low in (("segment_tokens", 1), ("max_segments", 0), ("critic_max_new_tokens", 1),
-                          ("critic_mini_batches", 1), ("critic_max_prompt_tokens", 1)):
-            if getattr(args, name) is not None and getattr(args, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
-        args.max_segments = args.max_segments or None
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint: Path | None = None):
         """actor: only its parameter count is read (the ICC size hint); tokenizer: the actor's. Critic prompts hold

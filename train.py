@@ -15,8 +15,11 @@ and the loop never asks which one it got:
 The algorithm interface (every class in ALGORITHMS has exactly these; advantage.GRPO is the shortest example):
 
     add_arguments(parser)            static: its own flags, and its defaults for shared ones (parser.set_defaults)
-    check_arguments(args)            static, at parse time: raise ValueError naming a bad flag; may fill defaults
-                                     that depend on other flags (GenAC's cpu/paper profile follows --model)
+    check_arguments(args)            static, at parse time: raise ValueError naming a bad flag (one line); may fill
+                                     defaults that depend on other flags (GenAC's cpu/paper profile follows --model).
+                                     Both come from the algorithm's flags class in flags.py (GRPOFlags, ...; with
+                                     model_flags, resume_fixed, checkpoint_files: what a start checks), torch-free,
+                                     which the class inherits (`class GRPO(GRPOFlags)`): a bad flag stops in < 2 s
     __init__(args, actor, tokenizer, device, world, checkpoint)
                                      its state: critic, prior or probe (checkpoint: the folder resumed from, or None;
                                      a critic reads its shards from checkpoint/critic, checkpoint.load_sharded)
@@ -33,6 +36,12 @@ The algorithm interface (every class in ALGORITHMS has exactly these; advantage.
     state_dict() / load_state_dict(state), save(folder), close()
                                      small checkpoint state (all ranks call; rank 0's goes into trainer_state.pt), its
                                      models' shards in a checkpoint (checkpoint.save_model_folder), engines
+
+A start checks, then writes (a bad input stops with ONE line and leaves every file as it was):
+    check_start             before torch is imported: flags, data files, models named by a path, --out (writable;
+                            on --resume: the run recorded there is this algorithm's and this model's), trackers
+    main, before loading    prompt lengths (the tokenizer), the resumed checkpoint's files, the memory plan
+    main, once it can run   the run folder and run.json: after the models, the algorithm and the engine are built
 
 One step of the loop (`main`):
     1. generate + score     algo.sample(...) drives the engine through `generate_and_score`
