@@ -69,7 +69,9 @@ def load_actor(model_path: str, device: torch.device, world: int, args=None, mod
     from transformers import AutoConfig, AutoModelForCausalLM
     model_class = model_class or AutoModelForCausalLM
     target = target or device.type
-    config = AutoConfig.from_pretrained(model_path, **config_overrides)
+    config = AutoConfig.from_pretrained(model_path)
+    for name, value in config_overrides.items():  # set, not passed: from_pretrained drops a key the config lacks
+        setattr(config, name, value)             # (Llama's has no classifier_dropout: the head would get 0.1)
     if world == 1:
         model = model_class.from_pretrained(model_path, config=config, dtype=torch.float32).to(device)
         return shard_with_fsdp2(model, world, args, target)

@@ -39,13 +39,13 @@ def stream_check(model) -> dict:
     from torch.distributed.tensor import DTensor
     reference = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
                  for k, v in model.state_dict().items()}
-    gathers, real = [0], torch.distributed.all_gather_into_tensor
+    gathers, real = [0], torch.distributed.all_gather_single  # the name actor.py calls (torch 2.13)
 
     def counting(*a, **k):
         gathers[0] += 1
         return real(*a, **k)
 
-    torch.distributed.all_gather_into_tensor = counting
+    torch.distributed.all_gather_single = counting
     result = {"aliases": sorted(checkpoint.tied_aliases(model)), "gathers": {}, "kept": 0}
     for bucket_mb in (0, 0.05, 1.0, 1000.0):
         for dtype in (None, torch.bfloat16):
@@ -62,7 +62,7 @@ def stream_check(model) -> dict:
             result["gathers"][f"{bucket_mb}/{dtype}"] = gathers[0]
     untied = [name for name, _ in actor.stream_full_parameters(model, 1.0, tied=False)]
     assert sorted(untied) == sorted(set(reference) - checkpoint.tied_aliases(model)), untied
-    torch.distributed.all_gather_into_tensor = real
+    torch.distributed.all_gather_single = real
     return result
 
 

@@ -104,7 +104,7 @@ def test_export_writes_hugging_face_folders_that_load(tiny_model, tmp_path):
             assert torch.equal(loaded.state_dict()[name], p), (folder, name)
     bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), "export", tiny_model], capture_output=True, text=True,
                          env=ENV, timeout=300, cwd=ROOT)
-    assert bad.returncode != 0 and "holds no sharded weights" in bad.stderr
+    assert bad.returncode != 0 and "is no train.py checkpoint (no sharded/.metadata)" in bad.stderr
 
 
 def test_exported_folder_loads_in_vllm(tiny_model, tmp_path):

@@ -84,6 +84,15 @@ def test_critic_update_fits_returns_and_gae_whitening(tiny_model):
     assert metrics["critic/values_mse"] == pytest.approx(first, rel=1e-4)
 
 
+def test_value_head_is_one_output_without_dropout(tiny_model):
+    """A value regressor: one output, and no dropout in front of it even in train mode (a Llama config has no
+    classifier_dropout, so transformers' default 0.1 would apply unless the loader sets it on the config)."""
+    model = _ppo(tiny_model).model.train()
+    assert model.score.out_features == 1 and model.dropout.p == 0.0
+    state = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(model(input_ids=state).logits, model(input_ids=state).logits)
+
+
 def test_discriminative_value_fn_in_unit_interval(tiny_model, default_model):
     from transformers import AutoTokenizer
     critic = _ppo(tiny_model)

@@ -128,82 +128,30 @@ def test_grpo_sleeps_at_level_2_and_wakes_weights_before_the_kv_cache(monkeypatc
     assert events == step + step
 
 
+GENAC_JUDGE = [("generate", "actor"), ("sleep", 2), ("wake", ("weights",)), ("reset_prefix_cache",), ("load", "critic"),
+               ("wake", ("kv_cache",)), ("generate", "critic"), ("sleep", 2), ("actor update", ASLEEP, "critic")]
+GENAC_FLAGS = ("--algo", "genac", "--segment-tokens", "4", "--critic-max-new-tokens", "8")
+
+
 def test_genac_judges_on_the_actor_engine_and_holds_nothing_in_the_updates(monkeypatch, tiny_model, tmp_path):
-    events = run_recorded(
-        monkeypatch, tiny_model, tmp_path, "--algo", "genac", "--segment-tokens", "4", "--critic-max-new-tokens", "8"
-    )
-    step = [
-        ("generate", "actor"),
-        ("sleep", 2),
-        ("wake", ("weights",)),
-        ("reset_prefix_cache",),
-        ("load", "critic"),
-        ("wake", ("kv_cache",)),
-        ("generate", "critic"),
-        ("sleep", 2),
-        ("actor update", ASLEEP, "critic"),
-        ("critic update", ASLEEP, "critic"),
-        *SYNC,
-    ]
+    """Every critic answer here is the recording engine's "\\boxed{5}", so every R_v is equal and the critic's
+    advantages are all 0; zero_advantage_ranks reports signal anyway, so the critic's full update runs (as when
+    some answer differs) and must find the engine asleep."""
+    import genac
+    monkeypatch.setattr(genac.GenAC, "zero_advantage_ranks", lambda self, advantages: 0)
+    events = run_recorded(monkeypatch, tiny_model, tmp_path, *GENAC_FLAGS)
+    step = [*GENAC_JUDGE, ("critic update", ASLEEP, "critic"), *SYNC]
     assert events == step + step
 
 
-def test_a_warmup_step_sleeps_at_level_1_and_loads_nothing(monkeypatch, tiny_model, tmp_path):
-    events = run_recorded(monkeypatch, tiny_model, tmp_path, "--algo", "vcppo", "--critic-warmup-steps", "1")
-    warmup = [("generate", "actor"), ("sleep", 1), ("wake", ("weights", "kv_cache"))]
-    rl = [("generate", "actor"), ("sleep", 2), ("actor update", ASLEEP, "actor"), *SYNC]
-    assert events == warmup + rl + rl
-
-
-def test_a_second_sleep_capable_engine_in_one_process_is_refused():
-    import rollout
-
-    first = SimpleNamespace(closed=False, model_path="/models/actor")
-    with pytest.raises(RuntimeError, match="one per process"):
-        rollout._claim_sleep_mode(first, "/models/other-critic")
-    rollout._claim_sleep_mode(
-        SimpleNamespace(closed=True, model_path="/models/actor"), "/models/critic"
-    )  # closed: fine
-    rollout._claim_sleep_mode(None, "/models/actor")
-
-
-def test_a_prefix_cache_that_was_not_reset_stops_the_run():
-    """vLLM's reset_prefix_cache() answers False when it could not reset (requests still hold blocks): old-weight KV
-    would then serve the new weights, so the load stops with a message instead of going on."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from rollout import VLLMEngine
-    engine = VLLMEngine.__new__(VLLMEngine)
-    engine.asleep, engine.dtype, engine.holder = set(), torch.float32, "actor"
-    for answer, fails in ((False, True), (True, False), (None, False)):
-        engine.llm = SimpleNamespace(collective_rpc=lambda *a, **k: None, reset_prefix_cache=lambda: answer)
-        if fails:
-            with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
-                engine.load_weights([("w", torch.zeros(1))], holder="critic")
-            assert engine.holder == "actor"
-        else:
-            engine.load_weights([("w", torch.zeros(1))], holder="critic")
-            assert engine.holder == "critic"
-
-
-@pytest.mark.slow  # imports vLLM
-def test_the_engine_is_configured_for_the_device_it_is_given(monkeypatch):
-    """Sleep mode, CUDA graphs and the memory budget follow `device_type`, not torch.cuda.is_available() (False on
-    this CPU): a CUDA engine asks vLLM for them, a CPU engine for none. vLLM's LLM is a recorder here (no GPU)."""
-    import vllm
-
-    import rollout
-    seen = []
-    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.append(kwargs) or SimpleNamespace())
-    monkeypatch.setattr(rollout.VLLMEngine, "_sleep_capable_in_process", None)
-    gpu = rollout.VLLMEngine("m", device_type="cuda", gpu_memory_utilization=0.55)
-    assert gpu.on_gpu and gpu.sleeps
-    assert seen[-1]["enable_sleep_mode"] and seen[-1]["gpu_memory_utilization"] == 0.55
-    assert not seen[-1]["enforce_eager"]  # CUDA graphs on a GPU
-    monkeypatch.setattr(rollout.VLLMEngine, "_sleep_capable_in_process", None)
-    cpu = rollout.VLLMEngine("m", device_type="cpu", gpu_memory_utilization=0.55)
-    assert not cpu.on_gpu and not cpu.sleeps
-    assert "gpu_memory_utilization" not in seen[-1] and "enable_sleep_mode" not in seen[-1]
-    assert seen[-1]["enforce_eager"]
+def test_genac_skips_the_critic_update_without_signal_and_keeps_the_engine_order(monkeypatch, tiny_model, tmp_path):
+    """The same run with equal critic rewards: no critic forward or backward (no ppo_update call), the rest of the
+    order unchanged, and the skip counted in the step's metrics."""
+    import json
+    events = run_recorded(monkeypatch, tiny_model, tmp_path, *GENAC_FLAGS)
+    step = [*GENAC_JUDGE, *SYNC]
+    assert events == step + step
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "genac/critic_update_skipped" in r]
+    assert [r["genac/critic_update_skipped"] for r in rows] == [1, 1]
+    assert [r["genac/critic_zero_ranks"] for r in rows] == [1, 1]
