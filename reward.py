@@ -412,7 +412,11 @@ class _VerifierTimeout(BaseException):
     """SIGALRM's per-answer timeout. A BaseException, so math-verify's `except Exception` cannot swallow it."""
 
 
+_ALARMS = [0]  # SIGALRMs received in this worker: a library's bare `except:` can swallow the exception, not this
+
+
 def _raise_timeout(signum, frame):
+    _ALARMS[0] += 1
     raise _VerifierTimeout()
 
 
@@ -423,15 +427,17 @@ def _math_verify_worker(args: tuple[str, str, float]) -> str:
     if response_latex is None:
         return "wrong"
     from math_verify import parse, verify
-    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    previous, alarms = signal.signal(signal.SIGALRM, _raise_timeout), _ALARMS[0]
     try:
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
             gold_parsed = parse(_gold_latex(gold), parsing_timeout=None)
             ok = verify(gold_parsed, parse(response_latex, parsing_timeout=None), timeout_seconds=None)
+            if _ALARMS[0] != alarms:  # the alarm fired and something inside sympy swallowed it: still a timeout
+                return "timeout"
             return "correct" if ok else "wrong"
         except Exception:  # noqa: BLE001 - an unparsable answer is wrong, not a crash
-            return "wrong"
+            return "timeout" if _ALARMS[0] != alarms else "wrong"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _VerifierTimeout:  # outside the `finally`, so an alarm landing while it disarms is caught too
