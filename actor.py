@@ -611,10 +611,20 @@ def optimizer_steps(model, optimizer, batch: RolloutBatch, steps: list[torch.Ten
     return out
 
 
+def ppo_clip_losses(logp, old_logp, advantages, mask, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default per-token loss of ppo_update: PPO-clip with clip-higher and dual-clip (advantage.ppo_token_losses;
+    the mask is not needed: aggregation masks). [b, R] -> ([b, R], [b, R] bool)."""
+    return adv_math.ppo_token_losses(logp, old_logp, advantages, args.clip_low, args.clip_high, args.clip_ratio_c)
+
+
 def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, ref_model=None,
-               share_prefixes: bool = False) -> dict:
+               share_prefixes: bool = False, token_losses=None) -> dict:
     """PPO-clip on `batch.advantages` [N, R] (arXiv:1707.06347 Eq. 7): epochs x mini-batches of optimizer steps,
     the k3 KL to `ref_model` added per token when --kl-coef > 0.
+
+    token_losses(logp, old_logp, advantages, mask, args) -> (losses [b, R], clipped [b, R] bool): the per-token
+    loss, an algorithm's own when it has one (train.py's interface); None: advantage.ppo_token_losses with verl's
+    guards. The aggregation over tokens is --loss-agg's (an algorithm sets its default with parser.set_defaults).
 
     pi_theta_old without a second pass: when batch.old_logprobs is None, the first optimizer step takes the old
     log-probs of its rollouts from its own forward pass, detached (no parameter has moved yet: ratio 1, as in
@@ -649,8 +659,7 @@ def ppo_update(model, optimizer, batch: RolloutBatch, args, device, world: int, 
             if len(rows):
                 batch.old_logprobs[rows, :mask.shape[1]] = mb.old_logprobs.float().cpu()
                 batch.entropies[rows, :mask.shape[1]] = (entropy * mask).float().cpu()
-        token_loss, clipped = adv_math.ppo_token_losses(logp, mb.old_logprobs, mb.advantages, args.clip_low,
-                                                        args.clip_high, args.clip_ratio_c)
+        token_loss, clipped = (token_losses or ppo_clip_losses)(logp, mb.old_logprobs, mb.advantages, mask, args)
         sums = {}
         if args.kl_coef > 0:
             with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The value-free baselines GRPO, Dr.GRPO and RLOO (formulas and algorithm classes), and the PPO loss math.
+"""The value-free baselines GRPO, Dr.GRPO and RLOO (formulas and algorithm classes), the token-level GAE the
+critics share (PPO, VC-PPO, GenAC), and the PPO loss math.
 
 Pure tensor math, no models, no I/O; every function is unit-tested against hand-computed numbers
 (tests/test_advantage.py). Conventions match verl's `core_algos.py` so numbers are comparable:
@@ -99,6 +100,68 @@ class RLOO(RLOOFlags, GRPO):
     def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
         sequence_advantages = rloo_advantages(batch.rewards, batch.group_index)  # [N]
         return broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-level GAE over a critic's values, whitened over the batch (PPO, VC-PPO, GenAC)
+
+
+def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level GAE with the outcome reward on the last real token.
+
+    values [N, R] (V_t = value of the state before response token t), rewards [N], mask [N, R]
+    -> (advantages [N, R], returns [N, R]), zero on padding.
+        delta_t = r_t + gamma * V_{t+1} - V_t,  r_t = 0 except the last token, V after the last token = 0
+        A_t = sum_l (gamma * lam)^l delta_{t+l},  returns_t = A_t + V_t
+    With gamma = lam = 1: A_t = r - V_t.
+    """
+    N, R = values.shape
+    lengths = mask.sum(1).long()  # [N]
+    token_rewards = torch.zeros_like(values)
+    has_tokens = lengths > 0
+    token_rewards[has_tokens, lengths[has_tokens] - 1] = rewards[has_tokens].to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros(N, dtype=values.dtype)
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros(N, dtype=values.dtype)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        running = running * mask[:, t]  # padding contributes nothing and resets nothing after the end
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def whitened_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+                 returns_lam: float, sum_over_ranks=lambda t: t) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Token-level GAE from values [N, R], whitened over the whole batch (PPO, VC-PPO, GenAC).
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_l (gamma lambda)^l delta_{t+l},   returns_t = A_t + V_t
+        (gamma = lambda = 1: A_t = r - V_t)
+
+    The returns (the critic's targets) use `returns_lam`: VC-PPO regresses the Monte-Carlo return (lambda = 1)
+    whatever the actor's lambda ("decoupled GAE", arXiv:2503.01491). `sum_over_ranks` all-reduces a float64
+    tensor of sums, so the whitening and the metrics are global. -> (advantages [N, R], returns [N, R], metrics).
+    """
+    values = values * mask
+    advantages, returns = gae_advantages(values, rewards, mask, gamma, lam)
+    if returns_lam != lam:
+        _, returns = gae_advantages(values, rewards, mask, gamma, returns_lam)
+    s = sum_over_ranks(torch.tensor([float((advantages * mask).sum()), float(mask.sum()), float((returns * mask).sum()),
+                                     float((returns ** 2 * mask).sum()), float(((returns - values) ** 2 * mask).sum()),
+                                     float((values * mask).sum())], dtype=torch.float64))
+    n = max(float(s[1]), 1.0)
+    mean = float(s[0]) / n
+    centred_sq = sum_over_ranks(torch.tensor([float((((advantages - mean) ** 2) * mask).sum())], dtype=torch.float64))
+    var = float(centred_sq[0]) / max(n - 1, 1.0)
+    whitened = (advantages - mean) * (var + 1e-8) ** -0.5 * mask  # = masked_whiten on one rank
+    returns_var = float(s[3]) / n - (float(s[2]) / n) ** 2
+    metrics = {"critic/value_mean": float(s[5]) / n, "critic/return_mean": float(s[2]) / n,
+               "critic/values_mse": float(s[4]) / n}
+    if returns_var > 1e-6:  # R^2 of the values against the returns (undefined when every reward is equal)
+        metrics["critic/r2"] = 1.0 - float(s[4]) / n / returns_var
+    return whitened, returns, metrics
 
 
 # ---------------------------------------------------------------------------------------------

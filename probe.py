@@ -453,7 +453,19 @@ class POISE(POISEFlags):
     def after_update(self, batch) -> dict:
         return {}  # the probe was refitted on this step's rows in `advantages`, after they got their baselines
 
-    def state_dict(self) -> dict: return {"poise": self.baseline.state_dict()}
-    def load_state_dict(self, state: dict) -> None: self.baseline.load_state_dict(state["poise"])
+    def feature_settings(self) -> dict:
+        """What shapes the probe's features: saved with its state, so a reader of the checkpoint builds the same."""
+        return {"probe_layer": self.hidden_features[0],
+                "probe_standardize_hidden": bool(self.args.probe_standardize_hidden)}
+
+    def state_dict(self) -> dict: return {"poise": self.baseline.state_dict(), "features": self.feature_settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The fitted probe and its buffer; refused (naming the flag) when its features were made otherwise."""
+        for name, saved in state.get("features", {}).items():  # absent: a checkpoint from before they were saved
+            if saved != self.feature_settings()[name]:
+                raise ValueError(f"the probe was fitted on --{name.replace('_', '-')} {saved} features, not "
+                                 f"{self.feature_settings()[name]}; build POISE with the run's settings")
+        self.baseline.load_state_dict(state["poise"])
     def save(self, folder) -> None: pass
     def close(self) -> None: pass

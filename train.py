@@ -32,6 +32,10 @@ The algorithm interface (every class in ALGORITHMS has exactly these; advantage.
     sample(problems, prompt_ids, generate, seed) -> (samples[prompt][i], flat rewards, metrics)
                                      how it samples; generate(counts per prompt, seed) -> (samples, rewards)
     advantages(batch, problems) -> (token advantages [N, R], metrics)
+    token_losses(logp, old_logp, advantages, mask, args) -> (losses [b, R], clipped [b, R] bool)
+                                     OPTIONAL: the actor's per-token loss (default: PPO-clip with verl's guards,
+                                     actor.ppo_clip_losses); aggregated by --loss-agg (set its default in
+                                     add_arguments). tests/test_loss_interface.py changes the ratio this way
     after_update(batch) -> metrics   after the actor's update: critic step, prior update (no-op for GRPO)
     state_dict() / load_state_dict(state), save(folder), close()
                                      small checkpoint state (all ranks call; rank 0's goes into trainer_state.pt), its
@@ -408,7 +412,8 @@ def main(argv=None, start=None) -> None:
         # 4. update the actor, then whatever the algorithm trains on the same batch
         t = time.time()
         model.train()
-        m_update = ppo_update(model, optimizer, batch, args, device, world, ref_model) if actor_trains else {}
+        m_update = (ppo_update(model, optimizer, batch, args, device, world, ref_model,
+                               token_losses=getattr(algo, "token_losses", None)) if actor_trains else {})
         seconds_old = m_update.pop("time/old_logprob", 0.0)  # the no-grad pass over later mini-batches
         times["time/old_logprob"] += seconds_old
         times["time/update"] = time.time() - t - seconds_old

@@ -87,7 +87,7 @@ def test_aggregation_modes():
 def test_gae_lambda_one_is_reward_minus_value():
     v = torch.tensor([[0.2, 0.4, 0.9, 0.0], [0.5, 0.1, 0.0, 0.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    adv, ret = C.gae_advantages(v, torch.tensor([1.0, 0.0]), m)
+    adv, ret = A.gae_advantages(v, torch.tensor([1.0, 0.0]), m)
     assert torch.allclose(adv, torch.tensor([[0.8, 0.6, 0.1, 0.0], [-0.5, -0.1, 0.0, 0.0]]), atol=1e-6)
     assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6)
 
@@ -95,7 +95,7 @@ def test_gae_lambda_one_is_reward_minus_value():
 def test_gae_lambda_below_one_hand_computed():
     v = torch.tensor([[0.5, 0.2, 0.0]])
     m = torch.tensor([[1.0, 1.0, 0.0]])
-    adv, _ = C.gae_advantages(v, torch.tensor([1.0]), m, gamma=0.9, lam=0.5)
+    adv, _ = A.gae_advantages(v, torch.tensor([1.0]), m, gamma=0.9, lam=0.5)
     d1 = 1.0 + 0.0 - 0.2  # last token: reward 1, V after end = 0
     d0 = 0.0 + 0.9 * 0.2 - 0.5
     assert torch.allclose(adv, torch.tensor([[d0 + 0.45 * d1, d1, 0.0]]), atol=1e-6)
@@ -118,19 +118,11 @@ def test_masked_whiten():
     assert float(((w * m) ** 2).sum() / 3) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_genac_copy_of_gae_equals_critics():
-    """genac.py keeps its own copy of the token-level GAE (one file per algorithm): it must not drift from PPO's."""
+def test_gae_is_defined_once_for_every_critic():
+    """PPO, VC-PPO and GenAC whiten the same GAE: one definition (advantage.py), no copy to drift."""
     import genac
-    g = torch.Generator().manual_seed(0)
-    values = torch.rand(6, 9, generator=g)
-    mask = (torch.arange(9)[None, :] < torch.tensor([9, 5, 1, 0, 7, 3])[:, None]).float()  # ragged, one empty row
-    rewards = torch.randint(0, 2, (6,), generator=g).float()
-    for gamma, lam, returns_lam in ((1.0, 1.0, 1.0), (0.9, 0.5, 1.0), (0.99, 0.95, 0.95)):
-        ours = genac.whitened_gae(values, rewards, mask, gamma, lam, returns_lam)
-        theirs = C.whitened_gae(values, rewards, mask, gamma, lam, returns_lam)
-        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]) and ours[2] == theirs[2]
-        assert torch.equal(genac.gae_advantages(values, rewards, mask, gamma, lam)[0],
-                           C.gae_advantages(values, rewards, mask, gamma, lam)[0])
+    assert C.whitened_gae is genac.whitened_gae is A.whitened_gae
+    assert not hasattr(C, "gae_advantages") and not hasattr(genac, "gae_advantages")
 
 
 def test_ppo_loss_guards_at_extreme_ratios():

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from _helpers import masked_whiten
-from critic import PPO, discriminative_value_fn, gae_advantages, value_clip_active, value_forward
+from advantage import gae_advantages
+from critic import PPO, discriminative_value_fn, value_clip_active, value_forward
 from rollout import Sample, build_rollout_batch
 
 ROOT = Path(__file__).resolve().parents[1]

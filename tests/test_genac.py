@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import advantage as A
+from advantage import gae_advantages
 from genac import (GenAC, RunningSuccessRate, critic_advantages, critic_reward, flops_vs_ppo, format_actor_size,
-                   gae_advantages, icc_prompt, parse_critic_value)
+                   icc_prompt, parse_critic_value)
 from genac_segments import critic_state_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
 
 ROOT = Path(__file__).resolve().parents[1]

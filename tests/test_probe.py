@@ -452,3 +452,23 @@ def test_cross_rollout_gradient_unbiased_own_feature_baseline_biased():
     z_own = z_scores(g)
     assert z_cross.abs().max() < 4.5, z_cross  # unbiased within Monte-Carlo error (12 coordinates)
     assert z_own.abs().max() > 10, z_own  # reading the rollout's own outcome biases the gradient
+
+
+def test_the_probes_feature_settings_travel_with_its_state_and_its_run(smollm2_tokenizer, tmp_path):
+    """A run trained with --probe-layer 5: its state says so, a POISE built otherwise refuses it naming the flag,
+    and tools/values (eval.py probe) builds POISE from the checkpoint's settings, else from the run's run.json."""
+    import json
+
+    from tools.values import run_probe_settings
+    trained = poise_algorithm(smollm2_tokenizer, "--probe-layer", "5")
+    state = trained.state_dict()
+    assert state["features"] == {"probe_layer": 5, "probe_standardize_hidden": False}
+    with pytest.raises(ValueError, match="--probe-layer 5"):
+        poise_algorithm(smollm2_tokenizer).load_state_dict(state)  # the default layer: 16 of 30
+    poise_algorithm(smollm2_tokenizer, "--probe-layer", "5").load_state_dict(state)
+    assert run_probe_settings(tmp_path, state) == state["features"]  # no run.json: the checkpoint's
+    old_state = {"poise": state["poise"]}  # a checkpoint from before the settings were saved: run.json's flags
+    (tmp_path / "run.json").write_text(json.dumps({"args": {"probe_layer": 3, "probe_standardize_hidden": True},
+                                                   "resumes": [{"changed_args": {"probe_layer": 4}}]}))
+    assert run_probe_settings(tmp_path, old_state) == {"probe_layer": 4, "probe_standardize_hidden": True}
+    poise_algorithm(smollm2_tokenizer).load_state_dict(old_state)  # nothing to check against: accepted

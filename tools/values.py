@@ -344,8 +344,8 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
         raise ValueError(f"{ckpt} was not trained with --algo poise (no probe in its trainer_state.pt)")
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=samples,
-                                  probe_standardize_hidden=False), model, tokenizer, None, 1)
+    poise = POISE(SimpleNamespace(probe_bootstrap_steps=0, rollouts_per_prompt=samples,
+                                  **run_probe_settings(run_dir, state)), model, tokenizer, None, 1)
     poise.load_state_dict(state)
     problems = load_problems(data, "benchmark", seed)[:num_prompts]
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
@@ -364,6 +364,17 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
     quality = probe_quality(predicted, observed)
     return {**quality, "prompts": len(problems), "samples": samples, "observed_mean": float(observed.mean()),
             "mae_of_constant": float((observed - observed.mean()).abs().mean())}
+
+
+def run_probe_settings(run_dir, state: dict) -> dict:
+    """The probe's feature settings a POISE run trained with: its checkpoint's (POISE.feature_settings), else its
+    run.json's flags, else the defaults. -> {"probe_layer", "probe_standardize_hidden"}."""
+    import runrecord
+    record = runrecord.load(run_dir)
+    ran = runrecord.effective_args(record) if record else {}
+    settings = {"probe_layer": ran.get("probe_layer"),
+                "probe_standardize_hidden": bool(ran.get("probe_standardize_hidden", False))}
+    return {**settings, **state.get("features", {})}
 
 
 def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int = 45,
