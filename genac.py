@@ -51,7 +51,7 @@ from advantage import whitened_gae
 from checkpoint import load_sharded, save_model_folder
 from flags import GenACFlags
 from genac_segments import retokenized_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
-from rollout import build_rollout_batch, make_engine, resolve_model_path, same_architecture, trainer_engine
+from rollout import build_rollout_batch, make_engine, resolve_model_path, same_architecture
 
 # Guided answers (answer_regex) bound the reasoning by a repetition {0, 2 x budget}: xgrammar compiles the cpu profile's
 # in 1-4 s on a 2-core CPU, longer under load (measured: past 5 s with two ranks on 2 cores) and at the paper's 1024
@@ -204,14 +204,13 @@ class GenAC(GenACFlags):
         # The critic's engine [design: one sleep-capable vLLM engine per process, rollout.VLLMEngine]. A critic of
         # the actor's architecture (the default: it starts from the actor's base model) judges on the training loop's
         # engine with its weights swapped in (`judge`): no second KV cache, nothing of the critic's on the GPU in the
-        # actor's update. That engine must hold the critic's prompts too: args.engine_max_model_len tells train.py
-        # (it builds the engine after this). Tools without a loop engine (genac_stages.py, tools/values.py), or a
-        # critic of another architecture on the CPU, get an engine of their own, built at first use (`engine`); on a
-        # GPU the latter is refused there.
-        self.path, self._engine, self.shares_engine = path, None, False
+        # actor's update. That engine must hold the critic's prompts too: `engine_max_model_len` tells train.py (it
+        # builds the engine after this and hands it over: `use_engine`). Tools without a loop engine (genac_stages.py,
+        # tools/values.py), or a critic of another architecture on the CPU, get an engine of their own, built at first
+        # use (`engine`); on a GPU the latter is refused there.
+        self.path, self._engine, self.shares_engine, self.loop_engine = path, None, False, None
         self.same_architecture = same_architecture(path, resolve_model_path(args.model))
-        if self.same_architecture:
-            args.engine_max_model_len = max(getattr(args, "engine_max_model_len", 0) or 0, self.max_model_len)
+        self.engine_max_model_len = self.max_model_len if self.same_architecture else 0
         self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         # tau: resumed; a stage's: --icc-carry-over
         icc_state = Path(checkpoint / "critic" if checkpoint else path) / "genac_state.json"
@@ -229,13 +228,17 @@ class GenAC(GenACFlags):
                   f"{'guided (--no-critic-guided: free, as the paper)' if args.critic_guided else 'free'}; "
                   f"tau {'from ' + str(icc_state) if carry else 'starts at 0'}", file=sys.stderr, flush=True)
 
+    def use_engine(self, engine) -> None:
+        """The training loop's engine, handed over once it is built (train.py's interface): the critic judges on it."""
+        self.loop_engine = engine
+
     @property
     def engine(self):
         """The engine the critic judges on: the loop's (weights swapped, `judge`) when the architectures match, else
         its own (sleep mode off), built on first use. A loop engine with sleep mode (GPU) and a critic of another
         architecture: refused (vLLM allows one sleep-capable engine per process)."""
         if self._engine is None:
-            shared = trainer_engine()
+            shared = self.loop_engine
             if shared is not None and self.same_architecture:
                 self._engine, self.shares_engine = shared, True
             elif shared is not None and getattr(shared, "sleeps", False):

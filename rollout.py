@@ -360,12 +360,9 @@ class HFEngine:
         pass
 
 
-_TRAINER_ENGINE: list = []  # [the engine train.py generates with in this process]: GenAC judges on it (weights swapped)
-
-
-def make_engine(kind: str, model_path: str, trainer: bool = False, **kwargs):
-    """trainer=True: the loop's engine, which `trainer_engine()` hands to a model of the same architecture (GenAC's
-    critic) so that one process runs one engine (see VLLMEngine)."""
+def make_engine(kind: str, model_path: str, **kwargs):
+    """An engine of `kind` ('vllm' or 'hf') serving `model_path`; kwargs go to its constructor. The loop's engine is
+    handed to the algorithm by train.py (`use_engine`), so that one process runs one engine (see VLLMEngine)."""
     if kind == "vllm":
         try:
             import vllm  # noqa: F401
@@ -377,14 +374,7 @@ def make_engine(kind: str, model_path: str, trainer: bool = False, **kwargs):
         engine = HFEngine(model_path, **kwargs)
     else:
         raise ValueError(f"unknown --engine {kind!r}; choose vllm or hf")
-    if trainer:
-        _TRAINER_ENGINE[:] = [engine]
     return engine
-
-
-def trainer_engine():
-    """The engine the training loop generates with in this process (None before train.py builds it, or in tools)."""
-    return _TRAINER_ENGINE[0] if _TRAINER_ENGINE else None
 
 
 def same_architecture(path_a: str, path_b: str) -> bool:

@@ -32,6 +32,9 @@ The algorithm interface (every class in ALGORITHMS has exactly these; advantage.
     sample(problems, prompt_ids, generate, seed) -> (samples[prompt][i], flat rewards, metrics)
                                      how it samples; generate(counts per prompt, seed) -> (samples, rewards)
     advantages(batch, problems) -> (token advantages [N, R], metrics)
+    engine_max_model_len, use_engine(engine)
+                                     OPTIONAL: the context the algorithm needs on the loop's engine, and the engine
+                                     handed over once built (GenAC's critic judges on it with its weights swapped in)
     token_losses(logp, old_logp, advantages, mask, args) -> (losses [b, R], clipped [b, R] bool)
                                      OPTIONAL: the actor's per-token loss (default: PPO-clip with verl's guards,
                                      actor.ppo_clip_losses); aggregated by --loss-agg (set its default in
@@ -330,14 +333,15 @@ def main(argv=None, start=None) -> None:
         print(f"[resume] from {resume_from} at step {start_step}" if resume_from
               else f"[resume] no checkpoint in {out}; starting from scratch", file=sys.stderr)
     # ONE engine per process (rollout.VLLMEngine): the actor generates on it, GenAC's critic judges on it with its
-    # weights swapped in, so it holds the longer of their contexts (args.engine_max_model_len: set by an algorithm
-    # that shares it)
-    max_model_len = max(args.max_prompt_tokens + args.max_new_tokens, getattr(args, "engine_max_model_len", 0) or 0)
-    engine = make_engine(args.engine or default_engine(), base_model, trainer=True, dtype=args.engine_dtype,
+    # weights swapped in, so it holds the longer of their contexts (algo.engine_max_model_len) and is handed over
+    max_model_len = max(args.max_prompt_tokens + args.max_new_tokens, getattr(algo, "engine_max_model_len", 0))
+    engine = make_engine(args.engine or default_engine(), base_model, dtype=args.engine_dtype,
                          seed=args.seed + 1000 * rank, max_model_len=max_model_len,
                          gpu_memory_utilization=args.gpu_memory_utilization, world_size=world,
                          max_num_seqs=args.engine_max_num_seqs,
                          max_num_batched_tokens=args.engine_max_num_batched_tokens, device_type=device.type)
+    if hasattr(algo, "use_engine"):
+        algo.use_engine(engine)
     if resume_from:  # the engine starts from the base weights: give it the resumed ones
         engine.load_weights(stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), holder="actor")
     verifier = (MathVerifier(timeout_s=args.verifier_timeout)

@@ -68,7 +68,7 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
     import rollout
     import train
 
-    events = []
+    events, engines = [], []  # engines: the loop's, as train.py builds it
     tok = AutoTokenizer.from_pretrained(tiny_model)
     text = "I think it is \\boxed{5}"
     answer_ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -78,6 +78,7 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
             self.on_gpu, self.sleeps, self.dtype, self.model_path = False, True, getattr(torch, dtype), model_path
             self.holder, self.asleep, self.closed = "actor", set(), False
             self.llm = RecordingLLM(events, self, answer_ids, text)
+            engines.append(self)
 
         def load_weights(self, named_tensors, holder="actor"):
             super().load_weights(named_tensors, holder)
@@ -85,7 +86,7 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
 
     def recorded_update(name, update):
         def wrapper(*args, **kwargs):
-            engine = rollout.trainer_engine()
+            engine = engines[0]
             events.append((name, tuple(sorted(engine.asleep)), engine.holder))
             return update(*args, **kwargs)
 
@@ -94,7 +95,6 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
     monkeypatch.setattr(rollout, "VLLMEngine", RecordingEngine)
     monkeypatch.setattr(train, "ppo_update", recorded_update("actor update", train.ppo_update))
     monkeypatch.setattr(genac, "ppo_update", recorded_update("critic update", genac.ppo_update))
-    monkeypatch.setattr(rollout, "_TRAINER_ENGINE", [])
     train.main(
         [
             "--model",
