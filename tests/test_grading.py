@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data import Problem
-from reward import MathVerifier, score_responses
+from verifier import MathVerifier, score_responses
 
 sys.path.insert(0, str(Path(__file__).parent))
 from grading_pairs import PAIRS  # noqa: E402
@@ -186,7 +186,7 @@ sys.path.insert(0, {root!r})
 if __name__ != "__main__":  # imported again by a worker (multiprocessing's spawn re-imports the main module)
     open({marker!r}, "w").write(__name__)
     time.sleep(20)
-from reward import MathVerifier
+from verifier import MathVerifier
 
 if __name__ == "__main__":
     verifier = MathVerifier(workers=2, timeout_s=1.0)
@@ -198,7 +198,7 @@ if __name__ == "__main__":
 
 def test_timeout_counts_the_answer_not_the_worker_start(tmp_path):
     """With a 1 s budget and an entry point whose import takes 20 s, every correct answer scores 1: the workers
-    import reward.py only, and they are warm before any answer's deadline starts."""
+    import verifier.py and reward.py only, and they are warm before any answer's deadline starts."""
     entry, marker = tmp_path / "slow_entry.py", tmp_path / "reimported"
     entry.write_text(SLOW_ENTRY_POINT.format(root=str(Path(__file__).resolve().parents[1]), marker=str(marker)))
     p = subprocess.run([sys.executable, str(entry)], capture_output=True, text=True, timeout=120)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from data import DataError, Problem, arithmetic_problems, load_jsonl, load_problems
-from reward import MathVerifier, _math_verify_worker, extract_integer_answer, last_boxed, reward_for, score_responses
+from reward import extract_integer_answer, last_boxed, reward_for
 from rollout import Sample, build_rollout_batch
+from verifier import MathVerifier, _math_verify_worker, score_responses
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -322,7 +322,7 @@ def split_prompts(data: str, num_prompts: int, num_fit: int, seed: int, problem_
 def sample_and_score(engine, tokenizer, problems, n, max_new_tokens: int, verifier, seed: int):
     """n samples per prompt (int or per-prompt list), one engine call -> (prompt ids, samples[x][i], rewards[x][i])."""
     from data import format_prompt
-    from reward import score_responses
+    from verifier import score_responses
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     samples = engine.generate(prompt_ids, n, max_new_tokens, 1.0, 1.0, seed)
     flat, _ = score_responses([s.text for g in samples for s in g], [p for p, g in zip(problems, samples) for _ in g],
@@ -398,8 +398,8 @@ def run_benchmark(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prior import ValuePrior
-    from reward import MathVerifier
     from rollout import make_engine
+    from verifier import MathVerifier
     from tools.values import build_value_states, constant_baselines, load_generative_critic, value_quality
     started, seconds = time.time(), {}
     bench, fit = split_prompts(args.data, args.prompts, args.fit_prompts, args.seed, args.problem_key, args.answer_key)

@@ -262,8 +262,7 @@ def rehearse(model: str, algo: str, world: int = 8, gpu_gb: float = 80.0, extra:
             def critic_update():
                 b = genac_critic_batch(plan_args.prompt_tokens, plan_args.response_tokens, args.segment_tokens,
                                        memory.ICC_TEMPLATE_TOKENS, plan_args.critic_new_tokens, 1, shape.vocab)
-                last = torch.arange(len(b))[-2 * mb:]  # two micro-batches of the longest states: the peak
-                b = b.select(last)
+                b = b.select(torch.arange(len(b))[-2 * mb:])  # two micro-batches of the longest states: the peak
                 b.advantages = torch.ones_like(b.response_mask)
                 ppo_update(critic_model, critic_opt, b, update_args, device, world,
                            share_prefixes=args.pack_critic_states)

@@ -56,8 +56,8 @@ def speed_main(argv: list[str]) -> None:
 
     import actor
     from data import DataError, format_prompt, load_problems
-    from reward import MathVerifier, score_responses
     from rollout import build_rollout_batch, make_engine, resolve_model_path
+    from verifier import MathVerifier, score_responses
     ap = argparse.ArgumentParser(prog="eval.py speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from data import DataError, Problem, format_prompt, load_problems
 from flags import OneLineParser, model_error
-from reward import MathVerifier, score_responses
+from verifier import MathVerifier, score_responses
 
 # ---------------------------------------------------------------------------------------------
 # Value-model quality (GenAC, arXiv:2604.10701, §4 and Tables 2-4)
