@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tools.baselines import (Method, bootstrap_summary, critic_method, group_mean_methods, judged_values,
-                             per_prompt_terms,
-                       poise_method, spearman_rows, truth_from_rewards, v05_methods)
+from tools.baseline_stats import (Method, bootstrap_summary, critic_method, group_mean_methods, per_prompt_terms,
+                                  poise_method, spearman_rows, truth_from_rewards, v05_methods)
+from tools.baselines import judged_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
