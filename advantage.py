@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from flags import LOSS_AGG_MODES, GRPOFlags, RLOOFlags
+from algo_flags import GRPOFlags, RLOOFlags
+from flags import LOSS_AGG_MODES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,22 +72,23 @@ def broadcast_to_tokens(sequence_advantages: torch.Tensor, mask: torch.Tensor) -
 class GRPO(GRPOFlags):
     """GRPO (arXiv:2402.03300 §4.1.2): A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6) over the G rollouts of a
     prompt, unbiased std (verl); --no-std gives Dr.GRPO's r_i - mean_j r_j (arXiv:2503.20783). Same A_i on
-    every token of response i; no model of its own. Its flags (add_arguments, check_arguments): flags.GRPOFlags,
+    every token of response i; no model of its own. Its flags (add_arguments, check_arguments): algo_flags.GRPOFlags,
     torch-free so that train.py checks them before importing this file."""
 
     memory_parts = frozenset()  # what the memory plan (memory.py) counts beside the actor: nothing
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
-        self.args, self.warmup_steps, self.hidden_features = args, 0, None
+        self.args, self.warmup_steps = args, 0
 
-    def sample(self, problems, prompt_ids, generate, seed: int):
-        return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})  # G rollouts per prompt
+    def sample(self, problems, prompt_ids, step):
+        samples, rewards = step.generate([self.args.rollouts_per_prompt] * len(prompt_ids), step.seed)  # G per prompt
+        return samples, rewards, {}, {}
 
-    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
+    def advantages(self, batch, problems, step) -> tuple[torch.Tensor, dict]:
         sequence_advantages = grpo_advantages(batch.rewards, batch.group_index, use_std=not self.args.no_std)  # [N]
         return broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
 
-    def after_update(self, batch) -> dict: return {}
+    def after_update(self, batch, step) -> dict: return {}
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state: dict) -> None: pass
     def save(self, folder) -> None: pass
@@ -95,9 +97,9 @@ class GRPO(GRPOFlags):
 
 class RLOO(RLOOFlags, GRPO):
     """RLOO (arXiv:2402.14740): A_i = r_i - mean_{j != i} r_j, the leave-one-out mean of the siblings. GRPO's
-    sampling; its flags: flags.RLOOFlags (none of its own, GRPO's G >= 2 check)."""
+    sampling; its flags: algo_flags.RLOOFlags (none of its own, GRPO's G >= 2 check)."""
 
-    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
+    def advantages(self, batch, problems, step) -> tuple[torch.Tensor, dict]:
         sequence_advantages = rloo_advantages(batch.rewards, batch.group_index)  # [N]
         return broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
 

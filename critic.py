@@ -9,7 +9,7 @@ PPO (arXiv:1707.06347) with a learned value model, as verl and TRL build it for 
        actor's log-probs)                                                          `value_forward`
     2. GAE with the outcome reward on the last token, gamma = lambda = 1 by default (A_t = r - V_t),
        advantages whitened over the whole batch (arXiv:1506.02438 Eq. 16)         `PPO.advantages`
-    3. the actor takes the shared PPO update with these token advantages          (train.py -> actor.ppo_update)
+    3. the actor takes the shared PPO update with these token advantages          (train.py -> update.ppo_update)
     4. the critic regresses the returns with the clipped value loss (clip 0.5), token-mean, its own
        AdamW at lr 5e-6 (GenAC Table 5, arXiv:2604.10701)                          `PPO.after_update`
 
@@ -30,12 +30,14 @@ from pathlib import Path
 
 import torch
 
-from actor import (adamw, all_reduce, autocast_context, mini_batch_indices, optimizer_steps, pack_shared_prompts,
-                   load_actor, rollout_micro_batches, to_device)
+from actor import adamw, autocast_context, load_actor, to_device
 from advantage import whitened_gae
+from algo_flags import PPOFlags, VCPPOFlags
 from checkpoint import load_sharded, save_model_folder
-from flags import PPOFlags, VCPPOFlags
+from collectives import all_reduce
+from packing import pack_shared_prompts, rollout_micro_batches
 from rollout import RolloutBatch, resolve_model_path
+from update import mini_batch_indices, optimizer_steps
 
 # ---------------------------------------------------------------------------------------------
 # 1. The value model: a causal LM body with a scalar head
@@ -59,7 +61,7 @@ def load_value_model(model_path: str, device: torch.device, world: int, seed: in
 def value_forward(model, mb: RolloutBatch, share_prompts: bool = False) -> torch.Tensor:
     """mb [b, T] = [left-padded prompt (width P) | response (R)] -> values [b, R] fp32, V_t read at column P-1+t.
 
-    share_prompts: a prompt's rollouts in `mb` run as one packed row (actor.pack_shared_prompts: each response
+    share_prompts: a prompt's rollouts in `mb` run as one packed row (packing.pack_shared_prompts: each response
     sees the prompt and itself), the same values at fewer tokens."""
     P, R = mb.prompt_width, mb.response_mask.shape[1]
     if share_prompts and mb.group_index.unique().numel() < len(mb):
@@ -98,7 +100,7 @@ def value_clip_active(values: torch.Tensor, old_values: torch.Tensor, returns: t
 
 class PPO(PPOFlags):
     """PPO with a discriminative critic (see the module docstring); the algorithm interface of train.py. Its flags
-    (critic model, lr, GAE, value clip, warm-up): flags.PPOFlags, torch-free."""
+    (critic model, lr, GAE, value clip, warm-up): algo_flags.PPOFlags, torch-free."""
 
     memory_parts = frozenset({"value critic"})  # what the memory plan (memory.py) counts beside the actor
 
@@ -110,12 +112,11 @@ class PPO(PPOFlags):
         if checkpoint:  # a resumed run: the critic's weights and optimizer from its shards
             load_sharded(checkpoint / "critic" / "sharded", self.model, self.optimizer)
         self.warmup_steps = args.critic_warmup_steps  # iterations that train only the critic
-        self.hidden_features = None  # the loop keeps no hidden states for PPO
 
-    def sample(self, problems, prompt_ids, generate, seed: int):
-        """G rollouts per prompt. generate(counts, seed) -> (samples[prompt][i], flat rewards)."""
-        samples, rewards = generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed)
-        return samples, rewards, {}
+    def sample(self, problems, prompt_ids, step):
+        """G rollouts per prompt. step.generate(counts, seed) -> (samples[prompt][i], flat rewards)."""
+        samples, rewards = step.generate([self.args.rollouts_per_prompt] * len(prompt_ids), step.seed)
+        return samples, rewards, {}, {}
 
     @torch.no_grad()
     def values(self, batch: RolloutBatch) -> torch.Tensor:
@@ -132,7 +133,7 @@ class PPO(PPOFlags):
                 values[idx, :v.shape[1]] = v.cpu()
         return values * batch.response_mask
 
-    def advantages(self, batch: RolloutBatch, problems) -> tuple[torch.Tensor, dict]:
+    def advantages(self, batch: RolloutBatch, problems, step) -> tuple[torch.Tensor, dict]:
         """Step 2: V_t -> whitened GAE. Sets batch.old_values and batch.returns (the critic's targets).
         -> (token advantages [N, R], metrics)."""
         t = time.time()
@@ -144,13 +145,13 @@ class PPO(PPOFlags):
         metrics["time/value"] = time.time() - t
         return advantages, metrics
 
-    def after_update(self, batch: RolloutBatch) -> dict:
+    def after_update(self, batch: RolloutBatch, step) -> dict:
         """Step 4: clipped value loss 0.5 max((V - G)^2, (clip(V, V_old ± c) - G)^2) to batch.returns,
         token-mean per optimizer step, epochs x mini-batches of prompts (the actor's layout, so a prompt runs once
         per packed micro-batch: --share-prompts). VC-PPO: the critic is saved
         as OUT/critic-pretrained after its last warm-up iteration."""
         t = time.time()
-        args, step = self.args, int(batch.extras.get("step", 0))
+        args, step = self.args, step.index
         self.model.train()
         g = torch.Generator().manual_seed(args.seed + 104723 * step)
         steps = [mini for _ in range(args.ppo_epochs) for mini in mini_batch_indices(batch, args.mini_batches, g)]
@@ -189,7 +190,7 @@ class PPO(PPOFlags):
 
 class VCPPO(VCPPOFlags, PPO):
     """VC-PPO (arXiv:2503.01491): PPO with 6 value-pretraining iterations, Monte-Carlo critic targets (lambda 1)
-    and actor advantages at lambda 0.95 (the defaults of flags.VCPPOFlags)."""
+    and actor advantages at lambda 0.95 (the defaults of algo_flags.VCPPOFlags)."""
 
 
 def save_value_model(model, folder: Path, tokenizer) -> None:

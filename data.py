@@ -214,3 +214,37 @@ def format_prompt(tokenizer, problem: Problem) -> list[int]:
     if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The data position of a run (resumable)
+
+
+class PromptStream:
+    """A seeded shuffle of the training problems per epoch; (epoch, position) is the resumable state."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        self.problems, self.seed, self.epoch, self.position = problems, seed, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):  # epoch boundary
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.problems[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle()

@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 
 from data import DataError, load_problems
-from flags import OneLineParser, model_error, number
+from algo_flags import number
+from flags import OneLineParser, model_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def main(argv=None) -> None:
         sys.exit(f"eval.py: error: --data: {e}")
     from transformers import AutoTokenizer
 
-    from rollout import default_engine, evaluate, make_engine, resolve_model_path
+    from engine import default_engine, make_engine
+    from rollout import evaluate, resolve_model_path
     from verifier import MathVerifier
     try:
         model_path = resolve_model_path(args.model)

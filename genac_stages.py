@@ -30,11 +30,14 @@ from pathlib import Path
 
 import torch
 
-from actor import add_update_arguments, optimizer_steps, policy_forward, stream_full_parameters
+from actor import policy_forward, stream_full_parameters
 from data import DataError, format_prompt, load_problems
+from engine import Sample, make_engine
+from flags import add_update_arguments
 from genac import GenAC, critic_reward
 from genac_segments import critic_state_prefixes, segment_boundaries, token_texts
-from rollout import Sample, build_rollout_batch, make_engine, resolve_model_path
+from rollout import Step, build_rollout_batch, resolve_model_path
+from update import optimizer_steps
 from verifier import MathVerifier, score_responses
 
 
@@ -90,15 +93,15 @@ def _frozen_actor_and_critic(args, split: str):
     try:
         problems = (heldout_problems(args) if split == "heldout"
                     else load_problems(args.data, split, args.seed, args.problem_key, args.answer_key))
-        args.model = resolve_model_path(args.model)
+        actor_path = resolve_model_path(args.model)
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    engine = make_engine(args.engine, args.model, dtype=args.engine_dtype, seed=args.seed,
+    tokenizer = AutoTokenizer.from_pretrained(actor_path)
+    engine = make_engine(args.engine, actor_path, dtype=args.engine_dtype, seed=args.seed,
                          max_model_len=args.max_prompt_tokens + args.max_new_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization, sleep_mode=False)  # stages never sleep it
     with torch.device("meta"):  # the actor's parameter count for the ICC hint, without loading its weights
-        actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
+        actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(actor_path))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         critic = GenAC(args, actor, tokenizer, device, 1)
@@ -183,8 +186,9 @@ def split_states_by_prompt(states: list[dict], val_frac: float, seed: int) -> tu
 def sft_main(argv: list[str]) -> None:
     """Stage 1: a teacher answers the ICC prompt for states of held-out prompts; parseable answers -> JSONL -> SFT."""
     args = _parse(sft_parser(), argv)
-    args.critic_lr = args.sft_lr
     problems, tokenizer, engine, critic, verifier = _frozen_actor_and_critic(args, "heldout")
+    for group in critic.optimizer.param_groups:  # SFT's learning rate, not the RL one (--critic-lr)
+        group["lr"] = args.sft_lr
     teacher = resolve_model_path(args.teacher or args.critic_model or args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,9 +318,9 @@ def pretrain_main(argv: list[str]) -> None:
         rewards, _ = score_responses([s.text for _, s in flat], [q for q, _ in flat], verifier,
                                      [s.finish_reason for _, s in flat])
         batch = build_rollout_batch(prompt_ids, samples, rewards, critic.pad_id)
-        batch.extras["step"] = step
-        _, m = critic.segment_values(batch, problems, seed=args.seed + 2000 + step)
-        m.update(critic.after_update(batch))
+        critic_step = Step(index=step, seed=args.seed + 2000 + step, generate=None, actor_passes=None, engine=None)
+        _, m = critic.segment_values(batch, problems, critic_step.seed)  # on the critic's own engine
+        m.update(critic.after_update(batch, critic_step))
         row = {"step": step + 1, "reward": sum(rewards) / len(rewards), **m, "time/step": time.time() - t0}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row.update(validation_mse())
@@ -352,7 +356,7 @@ def explain_main(argv: list[str]) -> None:
     print(f"problem: {problem.problem}   (answer {problem.answer})\nreward r = {reward:.0f}    ICC success rate "
           f"tau = {critic.fallback_value():.2f}    parse failures {m['genac/parse_failures']}/{m['genac/states']}\n")
     for k, (s, e) in enumerate(zip([0] + ends[:-1], ends)):
-        v, answer = float(values[0, s]), critic.answers["samples"][k].text.strip().replace("\n", " ")
+        v, answer = float(values[0, s]), batch.extras["critic_states"]["samples"][k].text.strip().replace("\n", " ")
         print(f"segment {k + 1}: tokens [{s}, {e})  state value v_{k + 1} = {v:.1f}  "
               f"advantage r - v = {reward - v:+.2f}")
         print(f"  text:   {tokenizer.decode(sample.token_ids[s:e], skip_special_tokens=True)!r}")

@@ -10,7 +10,7 @@ refuses a plan that does not fit, naming the phase, the bytes over and the flag 
 the cheapest setting that leaves --margin-gb in every phase. Figures are estimates (GB = 1e9 bytes), the code's layout:
 
     trainer state (FSDP2, sharded over --world)   fp32 master weights 4P/W + AdamW m, v 8P/W in every phase; fp32
-                                                  gradients 4P/W only in that model's update (actor.optimizer_steps
+                                                  gradients 4P/W only in that model's update (update.optimizer_steps
                                                   frees them, set_to_none, after its last optimizer step)
     update, in flight (GPU: MixedPrecisionPolicy) bf16 all-gathered root (embeddings, LM head) for the whole pass;
                                                   at the peak, the larger of the logits' backward temporaries and 2
@@ -36,7 +36,7 @@ the cheapest setting that leaves --margin-gb in every phase. Figures are estimat
     CUDA context, NCCL buffers, allocator slack   2 GB (a round figure, not derived)
 
 One engine per process: GenAC's critic, of the actor's architecture, is served by the actor's engine with its
-weights swapped in (rollout.VLLMEngine), so the judge phase holds the critic's bf16 weights in the same budget and
+weights swapped in (engine.VLLMEngine), so the judge phase holds the critic's bf16 weights in the same budget and
 nothing of either engine stays on the GPU during the updates. V0.5 adds its frozen embedder (all-MiniLM-L6-v2, 23M
 parameters); POISE keeps one decoder layer's hidden states of a micro-batch in the old-log-prob pass
 (tokens x H x 2 bytes); their buffers live in host RAM.
@@ -55,9 +55,7 @@ GB = 1e9
 CONTEXT_GB = 2.0  # CUDA context, NCCL buffers, allocator slack: a round figure
 CUDA_GRAPHS_GB = 1.0  # vLLM's captured decode graphs: vLLM 0.32 estimates them in its profiling run and takes them
 # out of the --gpu-memory-utilization budget (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1, its default): counted once
-SAMPLER_COPIES = (
-    6  # fp32 [max_num_seqs, vocab] tensors alive in vLLM's profiled sampler run (logits, log-probs, sort...)
-)
+SAMPLER_COPIES = 6  # fp32 [max_num_seqs, vocab] tensors alive in vLLM's profiled sampler run (logits, log-probs, sort)
 SAVED_LOGIT_BYTES = 4  # per (response token, vocab entry): the fp32 logits / T kept for backward (FSDPMemTracker)
 LOGIT_TEMP_BYTES = 16  # the backward's temporaries on them (softmax, its gradient), at the update's peak (idem)
 LAYER_ACTIVATION_BYTES = (27, 6, 8)  # saved per token per layer: 27 H + 6 H_kv + 8 I bytes (Qwen3-8B: 215 KB, idem)
@@ -98,24 +96,15 @@ def model_shape(config_path: str, value_head: bool = False) -> Shape:
     with torch.device("meta"):
         model = (AutoModelForTokenClassification if value_head else AutoModelForCausalLM).from_config(config)
     parameters = sum(p.numel() for p in model.parameters())
-    layers = next(
-        m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == config.num_hidden_layers
-    )
+    layers = next(m for m in model.modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == config.num_hidden_layers)
     layer = sum(p.numel() for p in layers[0].parameters())
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
+    hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return Shape(
-        parameters=parameters,
-        root=parameters - layer * len(layers),
-        layer=layer,
-        layers=len(layers),
-        hidden=hidden,
-        kv=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-        intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
-        vocab=0 if value_head else config.vocab_size,
-        largest=max(p.numel() for p in model.parameters()),
-    )
+    return Shape(parameters=parameters, root=parameters - layer * len(layers), layer=layer, layers=len(layers),
+                 hidden=hidden, kv=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+                 intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+                 vocab=0 if value_head else config.vocab_size, largest=max(p.numel() for p in model.parameters()))
 
 
 def trainer_state(s: Shape, world: int) -> float:
@@ -175,8 +164,6 @@ def kv_bytes_per_token(s: Shape) -> int:
     return 2 * s.layers * s.kv * 2  # K and V, bf16
 
 
-
-
 def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     """-> rows [(component, {phase: bytes})], facts. Phases absent for this algorithm are left out."""
     actor = model_shape(args.model)
@@ -196,28 +183,18 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
             ("critic: fp32 weights + AdamW (shard)", {p: trainer_state(critic, W) for p in everywhere}),
             ("critic: fp32 gradients (shard; freed after its update)", {"critic update": gradients(critic, W)}),
         ]
-    critic_seq = (
-        seq + args.critic_new_tokens + ICC_TEMPLATE_TOKENS if genac else seq
-    )  # GenAC: ICC prompt (state + ~200 template) + answer
-    served = (
-        {"generate": actor, "judge": critic} if genac else {"generate": actor}
-    )  # GenAC: one engine, weights swapped
+    critic_seq = seq + args.critic_new_tokens + ICC_TEMPLATE_TOKENS if genac else seq  # GenAC: ICC prompt + answer
+    served = {"generate": actor, "judge": critic} if genac else {"generate": actor}  # GenAC swaps weights in one engine
     budget = args.gpu_memory_utilization * gpu
     peak = {p: engine_profile_peak(actor, args.engine_max_num_seqs, args.engine_max_num_batched_tokens) for p in served}
     weights = {p: 2 * m.parameters for p, m in served.items()}
-    rows.append(
-        (
-            "engine: bf16 weights" + (" (judge: the critic's, swapped in)" if genac else ""),
-            {**weights, "sync": 2 * actor.parameters},
-        )
-    )
+    rows.append(("engine: bf16 weights" + (" (judge: the critic's, swapped in)" if genac else ""),
+                 {**weights, "sync": 2 * actor.parameters}))
     rows.append(("engine: profiling peak (batched-token forward + sampler)", peak))
     graphs = CUDA_GRAPHS_GB * GB
     rows.append(("engine: CUDA graphs (vLLM 0.32 takes them out of its budget)", {p: graphs for p in served}))
-    rows.append(
-        ("engine: KV cache (the rest of --gpu-memory-utilization)",
-         {p: budget - weights[p] - peak[p] - graphs for p in served})
-    )
+    rows.append(("engine: KV cache (the rest of --gpu-memory-utilization)",
+                 {p: budget - weights[p] - peak[p] - graphs for p in served}))
     for name, value in update_peak(actor, mb * seq, mb * args.response_tokens, args.gradient_checkpointing).items():
         rows.append((f"actor update: {name}", {"actor update": value}))
     if critic:
@@ -231,35 +208,20 @@ def plan(args) -> tuple[list[tuple[str, dict[str, float]]], dict]:
             rows.append(("critic update: packed row's dense attention mask", {"critic update": mask}))
     bucket = args.sync_bucket_mb * 2**20
     rows.append(("sync: 2 buckets (gathered + unpacked)", {"sync": 2 * bucket}))
-    rows.append(
-        (
-            "sync: largest single tensor, bf16 (gathered alone)",
-            {"sync": 2 * actor.largest if 2 * actor.largest > bucket else 0},
-        )
-    )
+    rows.append(("sync: largest single tensor, bf16 (gathered alone)",
+                 {"sync": 2 * actor.largest if 2 * actor.largest > bucket else 0}))
     rows.append(("sync: one decoder layer, bf16 (vLLM buffers it)", {"sync": 2 * actor.layer}))
     if "prior embedder" in parts:
         rows.append(("V0.5 prior embedder (fp32)", {p: 4 * EMBEDDER_PARAMETERS for p in everywhere}))
     if "hidden states" in parts:
-        rows.append(
-            (
-                "POISE: one layer's hidden states of a micro-batch (no-grad pass)",
-                {"actor update": 2 * mb * seq * actor.hidden},
-            )
-        )
+        rows.append(("POISE: one layer's hidden states of a micro-batch (no-grad pass)",
+                     {"actor update": 2 * mb * seq * actor.hidden}))
     rows.append(("CUDA context, NCCL, allocator slack", {p: CONTEXT_GB * GB for p in everywhere}))
     kv = min(budget - weights[p] - peak[p] - graphs for p in served)
     max_model_len = max(seq, critic_seq)
-    facts = {
-        "actor": actor,
-        "critic": critic,
-        "phases": phases,
-        "gpu": gpu,
-        "kv_gb": kv / GB,
-        "max_model_len": max_model_len,
-        "kv_sequences": kv / (kv_bytes_per_token(actor) * max_model_len),
-        "host_gb_rank0": 4 * actor.parameters / GB,
-    }
+    facts = {"actor": actor, "critic": critic, "phases": phases, "gpu": gpu, "kv_gb": kv / GB,
+             "max_model_len": max_model_len, "kv_sequences": kv / (kv_bytes_per_token(actor) * max_model_len),
+             "host_gb_rank0": 4 * actor.parameters / GB}
     return rows, facts
 
 
@@ -273,13 +235,10 @@ def totals(rows, phases) -> dict[str, float]:
     return {p: sum(cells.get(p, 0.0) for _, cells in rows) for p in phases}
 
 
-LEVERS = {
-    "generate": "--gpu-memory-utilization",
-    "judge": "--gpu-memory-utilization",
-    "actor update": "--micro-batch-size or --gradient-checkpointing",
-    "critic update": "--micro-batch-size or --gradient-checkpointing",
-    "sync": "--sync-bucket-mb or --gpu-memory-utilization",
-}
+LEVERS = {"generate": "--gpu-memory-utilization", "judge": "--gpu-memory-utilization",
+          "actor update": "--micro-batch-size or --gradient-checkpointing",
+          "critic update": "--micro-batch-size or --gradient-checkpointing",
+          "sync": "--sync-bucket-mb or --gpu-memory-utilization"}
 
 
 def verdict(rows, facts, margin_gb: float = 0.0) -> tuple[bool, str]:
@@ -287,19 +246,15 @@ def verdict(rows, facts, margin_gb: float = 0.0) -> tuple[bool, str]:
     phases, gpu, total = facts["phases"], facts["gpu"], totals(rows, facts["phases"])
     over = [p for p in phases if total[p] > gpu - margin_gb * GB]
     if facts["kv_gb"] <= 0 or facts["kv_sequences"] < 1:
-        return False, (
-            f"DOES NOT FIT: the engine's KV cache ({facts['kv_gb']:.1f} GB) cannot hold one "
-            f"{facts['max_model_len']}-token "
-            "sequence; raise --gpu-memory-utilization or lower --engine-max-num-seqs"
-        )
+        return False, (f"DOES NOT FIT: the engine's KV cache ({facts['kv_gb']:.1f} GB) cannot hold one "
+                       f"{facts['max_model_len']}-token sequence; raise --gpu-memory-utilization or lower "
+                       "--engine-max-num-seqs")
     if over:
         p = over[0]
-        return False, (
-            f"DOES NOT FIT: {p} needs {total[p] / GB:.1f} GB of {gpu / GB:.0f} GB"
-            + (f" (with {margin_gb:g} GB left)" if margin_gb else "")
-            + f", {(total[p] - gpu + margin_gb * GB) / GB:.1f} GB "
-            f"over; change {LEVERS[p]}, or use more GPUs (--world / torchrun ranks)"
-        )
+        return False, (f"DOES NOT FIT: {p} needs {total[p] / GB:.1f} GB of {gpu / GB:.0f} GB"
+                       + (f" (with {margin_gb:g} GB left)" if margin_gb else "")
+                       + f", {(total[p] - gpu + margin_gb * GB) / GB:.1f} GB over; change {LEVERS[p]}, or use more "
+                       "GPUs (--world / torchrun ranks)")
     worst = max(phases, key=lambda p: total[p])
     return True, f"fits: the fullest phase ({worst}) leaves {(gpu - total[worst]) / GB:.1f} GB"
 
@@ -313,25 +268,16 @@ def choose_defaults(args, margin_gb: float = MARGIN_GB) -> list[str]:
     """Fill the flags left None from the plan: the largest micro-batch without gradient checkpointing whose updates
     leave `margin_gb` (else with checkpointing), then the largest engine share (<= 0.85) whose generate/judge/sync
     leave it, and vLLM's batch limits (ENGINE_MAX_NUM_SEQS / _BATCHED_TOKENS). -> the names it chose."""
-    chosen = [
-        k
-        for k in PLANNED_FLAGS
-        if getattr(args, k) is None
-    ]
+    chosen = [k for k in PLANNED_FLAGS if getattr(args, k) is None]
     if args.engine_max_num_seqs is None:
         args.engine_max_num_seqs = ENGINE_MAX_NUM_SEQS
     if args.engine_max_num_batched_tokens is None:
         args.engine_max_num_batched_tokens = ENGINE_MAX_NUM_BATCHED_TOKENS
     share = args.gpu_memory_utilization
     args.gpu_memory_utilization = 0.5 if share is None else share  # the updates do not depend on it
-    candidates = [(c, m) for c in (False, True) for m in (16, 8, 4, 2, 1)]
-    candidates = [
-        (
-            c if args.gradient_checkpointing is None else args.gradient_checkpointing,
-            m if args.micro_batch_size is None else args.micro_batch_size,
-        )
-        for c, m in candidates
-    ]
+    candidates = [(c if args.gradient_checkpointing is None else args.gradient_checkpointing,
+                   m if args.micro_batch_size is None else args.micro_batch_size)
+                  for c in (False, True) for m in (16, 8, 4, 2, 1)]
     for checkpointing, micro in candidates:
         args.gradient_checkpointing, args.micro_batch_size = checkpointing, micro
         rows, facts = plan(args)
@@ -351,10 +297,8 @@ def choose_defaults(args, margin_gb: float = MARGIN_GB) -> list[str]:
 def render(rows, facts, args) -> str:
     phases, gpu = facts["phases"], facts["gpu"]
     fmt = lambda b: f"{b / GB:.1f}" if b else "-"  # noqa: E731
-    out = [
-        f"| per GPU, GB ({args.world} x {args.gpu_gb:g} GB, --algo {args.algo}) | " + " | ".join(phases) + " |",
-        "|---|" + "---|" * len(phases),
-    ]
+    out = [f"| per GPU, GB ({args.world} x {args.gpu_gb:g} GB, --algo {args.algo}) | " + " | ".join(phases) + " |",
+           "|---|" + "---|" * len(phases)]
     out += [f"| {name} | " + " | ".join(fmt(cells.get(p, 0.0)) for p in phases) + " |" for name, cells in rows]
     total = totals(rows, phases)
     out.append("| **total** | " + " | ".join(f"**{total[p] / GB:.1f}**" for p in phases) + " |")
@@ -363,23 +307,14 @@ def render(rows, facts, args) -> str:
     notes = [
         f"actor: {a.parameters / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})"
         + (f"; critic: {c.parameters / 1e9:.2f}B" if c else ""),
-        (
-            f"settings: --micro-batch-size {args.micro_batch_size} "
-            f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
-            f"--gpu-memory-utilization {args.gpu_memory_utilization:g} "
-            f"--engine-max-num-seqs {args.engine_max_num_seqs} "
-            f"--engine-max-num-batched-tokens {args.engine_max_num_batched_tokens}"
-        ),
-        (
-            f"engine: {args.gpu_memory_utilization:g} x {args.gpu_gb:g} GB; KV cache {facts['kv_gb']:.1f} GB = "
-            f"{facts['kv_sequences']:.0f} sequences of {facts['max_model_len']} tokens at once"
-        ),
-        (
-            f"host RAM: ~{facts['host_gb_rank0']:.0f} GB on rank 0 while it reads the checkpoint in fp32; "
-            "the other ranks "
-            "build on the meta device and receive their shards (actor.load_actor)"
-        ),
-    ]
+        f"settings: --micro-batch-size {args.micro_batch_size} "
+        f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
+        f"--gpu-memory-utilization {args.gpu_memory_utilization:g} --engine-max-num-seqs {args.engine_max_num_seqs} "
+        f"--engine-max-num-batched-tokens {args.engine_max_num_batched_tokens}",
+        f"engine: {args.gpu_memory_utilization:g} x {args.gpu_gb:g} GB; KV cache {facts['kv_gb']:.1f} GB = "
+        f"{facts['kv_sequences']:.0f} sequences of {facts['max_model_len']} tokens at once",
+        f"host RAM: ~{facts['host_gb_rank0']:.0f} GB on rank 0 while it reads the checkpoint in fp32; the other ranks "
+        "build on the meta device and receive their shards (actor.load_actor)"]
     return "\n".join(out + [""] + notes + [verdict(rows, facts)[1]])
 
 
@@ -398,12 +333,8 @@ def add_plan_arguments(parser, model_flags: bool) -> None:
         a("--pack-critic-states", action=argparse.BooleanOptionalAction, default=True,
           help="GenAC: a response's critic states in one packed row (the default) or a row each")
         a("--micro-batch-size", type=int, default=None, help="rollouts per forward/backward (default: from the plan)")
-        a(
-            "--gradient-checkpointing",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="default: from the plan",
-        )
+        a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+          help="default: from the plan")
         a("--sync-bucket-mb", type=float, default=SYNC_BUCKET_MB)
         a("--gpu-gb", type=float, default=80.0, help="each GPU's capacity in 1e9 bytes (train.py uses what the card "
           "reports to torch.cuda.mem_get_info; --gpu names one)")
@@ -413,9 +344,8 @@ def add_plan_arguments(parser, model_flags: bool) -> None:
 
 
 def memory_main(argv=None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="eval.py memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(prog="eval.py memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(ap, model_flags=True)
     args = ap.parse_args(argv)
     if args.gpu:
@@ -429,10 +359,9 @@ def memory_main(argv=None) -> None:
 
 
 def share_prompts_default(target: str) -> bool:
-    """--share-prompts left unset: on for a CPU run, off on a GPU. A packed row attends through a dense [T, T] mask
-    (actor.pack_shared_prompts), which SDPA's CUDA kernels run over all T^2 pairs with the mask materialised: at
-    512 + 8 x 2048 tokens that is ~5.5x the attention FLOPs of the unpacked rows and a 0.3-0.9 GB mask per row, for
-    17% fewer tokens. On this CPU, with short responses, packing measured 2-3x fewer tokens and faster steps."""
+    """--share-prompts left unset: on for a CPU run, off on a GPU, whose SDPA kernels run a packed row's dense [T, T]
+    mask (packing.pack_shared_prompts) over all T^2 pairs, materialised: more FLOPs and memory than the tokens packing
+    saves at GPU lengths (the figures: docs/memory.md)."""
     return target != "cuda"
 
 
@@ -446,69 +375,59 @@ def device_capacity_gb(device) -> float | None:
     return torch.cuda.mem_get_info(device)[1] / GB
 
 
-def plan_namespace(args, world: int, gpu_gb: float | None, critic_path: str | None):
-    """train.py's parsed flags -> the plan's inputs (eval.py memory's flags)."""
+def plan_namespace(args, world: int, gpu_gb: float | None, critic_path: str | None, model_path: str | None = None):
+    """train.py's parsed flags -> the plan's inputs (eval.py memory's flags). model_path: the actor's config or folder
+    when it is not args.model (train.py's resolved base model)."""
     from types import SimpleNamespace
-    return SimpleNamespace(
-        model=args.model,
-        critic=critic_path,
-        algo=args.algo,
-        world=world,
-        gpu_gb=gpu_gb or 80.0,
-        prompt_tokens=args.max_prompt_tokens,
-        response_tokens=args.max_new_tokens,
-        critic_new_tokens=getattr(args, "critic_max_new_tokens", None) or 0,
-        sync_bucket_mb=args.sync_bucket_mb,
-        segment_tokens=getattr(args, "segment_tokens", 120),
-        pack_critic_states=getattr(args, "pack_critic_states", True),
-        **{k: getattr(args, k) for k in PLANNED_FLAGS},
-    )
+    return SimpleNamespace(model=model_path or args.model, critic=critic_path, algo=args.algo, world=world,
+                           gpu_gb=gpu_gb or 80.0, prompt_tokens=args.max_prompt_tokens,
+                           response_tokens=args.max_new_tokens,
+                           critic_new_tokens=getattr(args, "critic_max_new_tokens", None) or 0,
+                           sync_bucket_mb=args.sync_bucket_mb, segment_tokens=getattr(args, "segment_tokens", 120),
+                           pack_critic_states=getattr(args, "pack_critic_states", True),
+                           **{k: getattr(args, k) for k in PLANNED_FLAGS})
 
 
-def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, target: str) -> str:
-    """train.py, before anything loads: fill the plan's defaults and check it. target: the device type trained on
-    ("cuda", "cpu"). gpu_gb None (a CPU run without --gpu-gb): the CPU defaults, and one line. Else the defaults chosen
-    from the plan, and SystemExit naming the phase, the bytes over and the flag when it does not fit. Fills the flags
-    left unset in `args` (PLANNED_FLAGS; --share-prompts by share_prompts_default). -> the line to print."""
-    if getattr(args, "share_prompts", None) is None:
-        args.share_prompts = share_prompts_default(target)
-    plan_args = plan_namespace(args, world, gpu_gb, critic_path)
+def run_plan(args, world: int, gpu_gb: float | None, critic_path: str | None, target: str,
+             model_path: str | None = None) -> tuple[str, dict]:
+    """train.py, before anything loads: the plan's defaults, checked. target: the device type trained on ("cuda",
+    "cpu"); model_path: the actor's config or folder (default args.model). gpu_gb None (a CPU run without --gpu-gb):
+    the CPU defaults, and one line. Else the defaults chosen from the plan, and SystemExit naming the phase, the bytes
+    over and the flag when it does not fit. `args` is only read.
+    -> (the line to print, {flag: the value the run uses} for PLANNED_FLAGS and "share_prompts": a flag left unset
+    as the plan chose it; on a CPU target the engine's batch limits stay the caller's, vLLM's own when unset)."""
+    share = share_prompts_default(target) if getattr(args, "share_prompts", None) is None else args.share_prompts
+    plan_args = plan_namespace(args, world, gpu_gb, critic_path, model_path)
     if gpu_gb is None:
         for key, value in CPU_DEFAULTS.items():
             setattr(plan_args, key, value if getattr(plan_args, key) is None else getattr(plan_args, key))
         chosen = []
         plan_args.engine_max_num_seqs = plan_args.engine_max_num_seqs or ENGINE_MAX_NUM_SEQS
-        plan_args.engine_max_num_batched_tokens = (
-            plan_args.engine_max_num_batched_tokens or ENGINE_MAX_NUM_BATCHED_TOKENS
-        )
+        plan_args.engine_max_num_batched_tokens = (plan_args.engine_max_num_batched_tokens
+                                                   or ENGINE_MAX_NUM_BATCHED_TOKENS)
     else:
         chosen = choose_defaults(plan_args, args.margin_gb)
-    for key in ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utilization") + (
-        ("engine_max_num_seqs", "engine_max_num_batched_tokens") if target == "cuda" else ()
-    ):
-        setattr(args, key, getattr(plan_args, key))  # on the CPU the engine keeps vLLM's batch limits
+    carried = PLANNED_FLAGS if target == "cuda" else PLANNED_FLAGS[:3]  # on the CPU the engine keeps vLLM's limits
+    planned = {k: getattr(plan_args if k in carried else args, k) for k in PLANNED_FLAGS} | {"share_prompts": share}
     rows, facts = plan(plan_args)
     fits, line = verdict(rows, facts)
-    settings = (
-        f"--micro-batch-size {args.micro_batch_size} "
-        f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing "
-        f"--{'' if args.share_prompts else 'no-'}share-prompts "
-        f"--gpu-memory-utilization {args.gpu_memory_utilization:g}"
-        + (f" (chosen from the plan: {', '.join(chosen)})" if chosen else "")
-    )
+    settings = (f"--micro-batch-size {planned['micro_batch_size']} "
+                f"--{'' if planned['gradient_checkpointing'] else 'no-'}gradient-checkpointing "
+                f"--{'' if share else 'no-'}share-prompts "
+                f"--gpu-memory-utilization {planned['gpu_memory_utilization']:g}"
+                + (f" (chosen from the plan: {', '.join(chosen)})" if chosen else ""))
     total = totals(rows, facts["phases"])
     phases = ", ".join(f"{p} {total[p] / GB:.1f}" for p in facts["phases"])
     if gpu_gb is not None and not fits:
-        raise SystemExit(
-            f"error: the memory plan ({world} x {gpu_gb:g} GB) {line}. Per phase, GB: {phases}. "
-            f"Full table: python eval.py memory --model {args.model} --algo {args.algo} --world {world} "
-            f"--gpu-gb {gpu_gb:g}"
-        )
+        raise SystemExit(f"error: the memory plan ({world} x {gpu_gb:g} GB) {line}. Per phase, GB: {phases}. "
+                         f"Full table: python eval.py memory --model {plan_args.model} --algo {args.algo} "
+                         f"--world {world} --gpu-gb {gpu_gb:g}")
     where = f"{world} x {gpu_gb:g} GB" if gpu_gb else f"{world} x 80 GB GPUs (this CPU run is not checked)"
-    table = (f"python eval.py memory --model {args.model} --algo {args.algo} --world {world} --gpu-gb {gpu_gb or 80:g} "
-             f"--prompt-tokens {args.max_prompt_tokens} --response-tokens {args.max_new_tokens}"
+    table = (f"python eval.py memory --model {plan_args.model} --algo {args.algo} --world {world} "
+             f"--gpu-gb {gpu_gb or 80:g} --prompt-tokens {args.max_prompt_tokens} "
+             f"--response-tokens {args.max_new_tokens}"
              + (f" --critic-new-tokens {args.critic_max_new_tokens} --segment-tokens {args.segment_tokens}"
                 if getattr(args, "critic_max_new_tokens", None) else "")
              + ("" if getattr(args, "pack_critic_states", True) else " --no-pack-critic-states")
              + (f" --critic {critic_path}" if critic_path else ""))
-    return f"[plan] {where}: {line}; per phase, GB: {phases}; {settings}; the same table: {table}"
+    return f"[plan] {where}: {line}; per phase, GB: {phases}; {settings}; the same table: {table}", planned

@@ -37,9 +37,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from actor import all_gather_objects, all_reduce
-from flags import V05Flags, effective_k_max  # K_max = floor(1/sqrt(c)) unless --v05-kmax (App. A.6)
 from advantage import broadcast_to_tokens
+from algo_flags import V05Flags, effective_k_max  # K_max = floor(1/sqrt(c)) unless --v05-kmax (App. A.6)
+from collectives import all_gather_objects, all_reduce
 
 # ----------------------------------------------------------------------------------------------
 # 1. Shrinkage fusion, OSLA targets and advantages: pure functions on tensors (±1 scale)
@@ -311,21 +311,22 @@ def prior_metrics(prior_01: torch.Tensor, observed_rates: torch.Tensor) -> dict:
 
 class V05(V05Flags):
     """V0.5 as train.py's algorithm interface (see the module docstring for the equations). Its flags (n0, OSLA's
-    cost and cap, the embedder) and K_max of a run (`k_max`): flags.V05Flags, torch-free."""
+    cost and cap, the embedder) and K_max of a run (`k_max`): algo_flags.V05Flags, torch-free."""
 
     memory_parts = frozenset({"prior embedder"})  # what the memory plan (memory.py) counts beside the actor
 
     def __init__(self, args, actor, tokenizer, device, world: int, checkpoint=None):
         self.args, self.prior = args, ValuePrior(embedder_path=args.prior_embedder, pooling=args.prior_pooling,
                                                  seed=args.seed)
-        self.warmup_steps, self.hidden_features, self.device = 0, None, device  # device: `sample`'s all_reduce (NCCL)
-        self.fused_baseline = None  # [P] b̂ of this step's prompts (±1 scale), set by `sample`
-        self.observed = None  # (problem texts, success rates [P]) of this step, for `after_update`
+        self.warmup_steps, self.device = 0, device  # device: `sample`'s all_reduce (NCCL)
 
-    def sample(self, problems, prompt_ids, generate, seed: int):
-        """Prior V(x) for every prompt, then OSLA rounds of `generate(counts, seed)` (§4.1.3 steps 1-5), stopped
-        and logged over all ranks. -> (samples[prompt][i] of all rounds, flat rewards in the same order, metrics)."""
+    def sample(self, problems, prompt_ids, step):
+        """Prior V(x) for every prompt, then OSLA rounds of `step.generate(counts, seed)` (§4.1.3 steps 1-5), stopped
+        and logged over all ranks. -> (samples[prompt][i] of all rounds, flat rewards in the same order, metrics,
+        batch.extras: the fused baselines b̂ [P] (±1 scale) for `advantages`, the (problem texts, success rates [P])
+        the prior learns in `after_update`)."""
         args, prior_values = self.args, self.prior.predict([p.problem for p in problems])  # [P] in [0, 1]
+        generate, seed = step.generate, step.seed
         all_samples, rounds = [[] for _ in prompt_ids], [0]
 
         def sample_round(wanted: list[int]) -> list[list[float]]:
@@ -341,24 +342,25 @@ class V05(V05Flags):
         res = sample_with_osla(prior_values, sample_round, args.v05_n0, self.k_max(args), args.v05_cost, args.v05_pad,
                                args.v05_min_frac, args.v05_fixed, lambda x: all_reduce(x.to(self.device)).cpu())
         rates = torch.tensor([sum(r) / len(r) for r in res.rewards])  # [P]
-        self.fused_baseline, self.observed = res.fused_baseline, ([p.problem for p in problems], rates)
         union = [torch.cat(xs)
                  for xs in zip(*all_gather_objects((res.counts, res.weight, res.rejected, prior_values, rates)))]
         # all ranks' prompts
         metrics = {**osla_metrics(replace(res, counts=union[0], weight=union[1], rejected=union[2])),
                    **prior_metrics(union[3], union[4]), **self.prior.last_head_params}
-        return all_samples, [r for rs in res.rewards for r in rs], metrics
+        extras = {"fused_baseline": res.fused_baseline, "observed": ([p.problem for p in problems], rates)}
+        return all_samples, [r for rs in res.rewards for r in rs], metrics, extras
 
-    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
+    def advantages(self, batch, problems, step) -> tuple[torch.Tensor, dict]:
         """Eq. 10: A_i = (s_i − b̂)/sqrt(max(1 − b̂², 1e-2)) on every token of rollout i.
         -> ([N, R], metrics)."""
         scores = 2 * batch.rewards.double() - 1  # [N] ±1 scale
-        sequence_advantages = v05_advantages(scores, batch.group_index, self.fused_baseline, self.args.v05_std).float()
+        baseline = batch.extras["fused_baseline"]  # [P] b̂, from `sample`
+        sequence_advantages = v05_advantages(scores, batch.group_index, baseline, self.args.v05_std).float()
         return broadcast_to_tokens(sequence_advantages, batch.response_mask), {}
 
-    def after_update(self, batch) -> dict:
+    def after_update(self, batch, step) -> dict:
         """Every rank's prior takes every rank's (prompt, success rate) pairs, in rank order."""
-        for texts, rates in all_gather_objects(self.observed):
+        for texts, rates in all_gather_objects(batch.extras["observed"]):
             self.prior.update(texts, rates)
         return {}
 

@@ -1,30 +1,24 @@
 """POISE end to end: value from the actor's own hidden states, with cross-rollout baselines.
 
-Paper: "Your Language Model is Its Own Critic: Reinforcement Learning with Value Estimation from
-Actor's Internal States" (Choi et al., 2026); settings from the authors' code (github.com/holi-lab/POISE).
-Rewards r ∈ {0,1}; G ≥ 2 rollouts per prompt (the authors use G = 2). One step of `--algo poise`:
+Paper: "Your Language Model is Its Own Critic: Reinforcement Learning with Value Estimation from Actor's Internal
+States" (Choi et al., 2026); settings from the authors' code (github.com/holi-lab/POISE). Rewards r ∈ {0,1}; G ≥ 2
+rollouts per prompt (the authors use G = 2). One step of `--algo poise` (commands and measured results: docs/poise.md):
 
-    1. features z_i (`rollout_features`), pooled in the old-log-prob pass (no extra forward) from h_t, the
-       output of decoder layer L ≈ 0.55·depth, and H_t, the entropy of the distribution that sampled
-       response token t (P prompt tokens, R response tokens, E ≤ R up to and including the first `</think>`,
-       else R; as the authors: reasoning = inside the first `<think>…</think>`, answer = after the first `</think>`):
+    1. features z_i (`rollout_features`), pooled in the old-log-prob pass (no extra forward) from h_t, the output of
+       decoder layer L ≈ 0.55·depth, and H_t, the entropy of the distribution that sampled response token t (E ≤ R:
+       the R response tokens up to and including the first `</think>`, else R; spans as the authors: `think_spans`):
            z_i = [ mean h_t over the last 10 prompt tokens,                      H dims
                    mean h_t over the last 10 response tokens ending at token E,  H dims
                    mean H_t over the response, the reasoning, the answer ]       3 dims (a missing span -> 0.0)
-    2. the probe (`RidgeProbe`): g(z) = clip(w·φ(z) + c, 0, 1), φ = PCA of the centred raw prompt block (32
-       axes) and response block (64), scores scaled to unit variance, plus the 3 standardised entropies;
-       (w, c) is ridge regression, α = 100, unpenalised intercept: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred
+    2. the probe (`RidgeProbe`): g(z) = clip(w·φ(z) + c, 0, 1), φ = PCA of the centred raw prompt block (32 axes) and
+       response block (64), scores scaled to unit variance, plus the 3 standardised entropies; (w, c) is ridge
+       regression, α = 100, unpenalised intercept: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred
     3. cross-rollout advantages (`PoiseBaseline`), the probe fitted on EARLIER steps only:
            y_i = mean_{j≠i} r_j        b_i = mean_{j≠i} g(z_j)        A_i = r_i − b_i   (no std scaling)
-       Given x, b_i depends only on the siblings' responses, independent of y_i, so E[b_i ∇log π(y_i|x)|x]
-       = E[b_i|x]·E[∇log π(y_i|x)|x] = 0: the gradient stays unbiased although z_j reads a whole
-       trajectory (a baseline g(z_i) would not be; tests/test_probe.py measures both on a toy bandit)
-    4. this step's (z, y) rows enter a FIFO buffer of the newest 4096 and the probe is refitted in closed
-       form (0.3 s at 4096 rows, H = 576); the first 16 steps use RLOO (b_i = y_i) while it fills.
-       One probe serves all ranks: every rank gathers all rows, fits the same probe and keeps its share.
-
-    python train.py --algo poise      # G = 2, 16 prompts per step, clip-high 0.28, dual-clip 10, 8 optimizer steps
-    python eval.py probe runs/poise                   # probe value vs held-out avg@8 (the authors' check)
+       Given x, b_i depends only on the siblings' responses, so E[b_i ∇log π(y_i|x)|x] = E[b_i|x]·E[∇log π(y_i|x)|x]
+       = 0: unbiased although z_j reads a whole trajectory (g(z_i) would not be; tests/test_probe.py, a toy bandit)
+    4. this step's (z, y) rows enter a FIFO buffer of the newest 4096 and the probe is refitted in closed form; the
+       first 16 steps use RLOO (b_i = y_i) while it fills. Every rank fits the same probe on all ranks' rows.
 """
 
 from __future__ import annotations
@@ -35,9 +29,9 @@ import time
 
 import torch
 
-from actor import all_gather_objects
 from advantage import broadcast_to_tokens
-from flags import POISEFlags
+from algo_flags import POISEFlags
+from collectives import all_gather_objects
 
 POOL_TOKENS = 10  # tokens averaged for each hidden-state feature [code]
 ENTROPY_FEATURES = 3  # whole-response, reasoning-span and answer-span mean entropy
@@ -51,10 +45,7 @@ def probe_layer_index(num_layers: int, fraction: float = 0.55) -> int:
     return min(max(math.floor(fraction * num_layers + 1e-9), 0), num_layers - 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. Features of one rollout, from the forward pass that computes the old log-probs
-
-
+# ---- 1. Features of one rollout, from the forward pass that computes the old log-probs -------
 def _mean_of_last_tokens(hidden: torch.Tensor, window_end: torch.Tensor, window_len: torch.Tensor,
                          pool: int) -> torch.Tensor:
     """Mean of hidden[i, window_end_i − window_len_i : window_end_i] in float32; zeros when empty.
@@ -72,15 +63,10 @@ def _mean_of_last_tokens(hidden: torch.Tensor, window_end: torch.Tensor, window_
 def rollout_features(hidden: torch.Tensor, prompt_lens: torch.Tensor, response_lens: torch.Tensor,
                      response_entropy: torch.Tensor, reasoning_end: torch.Tensor, entropy_spans: torch.Tensor,
                      pool: int = POOL_TOKENS) -> torch.Tensor:
-    """Features z of each rollout, [b, 2H + 3] float32: [prompt hidden | response hidden | entropies].
-
-    hidden [b, T, H]: one layer's output; row i holds the prompt at [0, P_i), the response at
-    [P_i, P_i + R_i), then padding. prompt_lens P, response_lens R, reasoning_end E [b] (E = number of
-    response tokens up to and including the first `</think>`, or R without one). response_entropy [b, R_max]:
-    entropy of the sampling distribution of each response token (values past R_i are ignored).
-    entropy_spans [b, 3] = (s, e, a): the reasoning span is [s, e), the answer span [a, R); an empty span's
-    mean entropy is 0.0 (`think_spans`: both empty without a `</think>`).
-    """
+    """Features z of each rollout (step 1 above), [b, 2H + 3] float32: [prompt hidden | response hidden | entropies].
+    hidden [b, T, H]: one layer's output, row i = prompt [0, P_i), response [P_i, P_i + R_i), padding. prompt_lens P,
+    response_lens R, reasoning_end E [b]; response_entropy [b, R_max]: each response token's sampling entropy (past
+    R_i ignored); entropy_spans [b, 3] = (s, e, a): reasoning [s, e), answer [a, R), an empty one's mean 0.0."""
     device = hidden.device
     P, R, E = (x.to(device=device, dtype=torch.long) for x in (prompt_lens, response_lens, reasoning_end))
     s, e, a = entropy_spans.to(device=device, dtype=torch.long).unbind(1)  # [b] each
@@ -125,13 +111,10 @@ def _find(row: list[int], marker: list[int], start: int = 0) -> int:
 
 
 def think_spans(mb, open_marker: list[int], close_marker: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The authors' split of each response at its FIRST `</think>` (token sequences, as their trainer searches).
-
-    -> reasoning_end E [b] (tokens up to and including that `</think>`, else R) and entropy_spans [b, 3] =
-    (s, e, a): reasoning = [s, e), inside the first `<think>…</think>` (tags excluded; s = 0 when the response
-    has no `<think>` before it, which the chat template may have opened), answer = [a, R) after the first
-    `</think>`. Without a `</think>` both spans are empty (entropy 0.0).
-    """
+    """The authors' split of each response at its FIRST `</think>` (token sequences, as their trainer searches) ->
+    reasoning_end E [b] (tokens up to and including it, else R) and entropy_spans [b, 3] = (s, e, a): reasoning =
+    [s, e) inside the first `<think>…</think>` (tags excluded; s = 0 without a `<think>` before it, which the chat
+    template may have opened), answer = [a, R) after it. Without a `</think>` both spans are empty (entropy 0.0)."""
     ends = mb.response_lens.clone()
     spans = torch.zeros(len(ends), 3, dtype=torch.long)
     for i, row in enumerate(mb.response_ids.tolist()):
@@ -147,14 +130,10 @@ def think_spans(mb, open_marker: list[int], close_marker: list[int]) -> tuple[to
     return ends, spans
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. The probe: centre -> PCA per block -> standardise scores -> ridge -> clip, closed form (float64)
-
-
+# ---- 2. The probe: centre -> PCA per block -> standardise scores -> ridge -> clip, closed form (float64) ----
 @contextlib.contextmanager
 def _single_thread():
-    """Probe math runs single-threaded: on a busy 2-core CPU a 2-thread eigh of a 576×576 matrix took
-    7 s instead of 0.04 s (OpenMP threads fighting over the cores); 1 thread halved the whole fit."""
+    """Probe math runs single-threaded: OpenMP threads fight over a busy CPU's cores (docs/poise.md)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -185,8 +164,7 @@ class RidgeProbe:
         self.params: dict[str, torch.Tensor] | None = None  # set by fit
 
     @property
-    def is_fitted(self) -> bool:
-        return self.params is not None
+    def is_fitted(self) -> bool: return self.params is not None
 
     def _design(self, z: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """φ: centred features z [M, F] (entropies standardised) -> design matrix [M, k_p + k_r + 3]."""
@@ -232,17 +210,13 @@ class RidgeProbe:
             raw = self._design(z, p) @ p["weights"] + p["intercept"]  # [M]
         return raw.clamp(0.0, 1.0).float().to(features.device)
 
-    def state_dict(self) -> dict:
-        return {"params": None if self.params is None else dict(self.params)}
+    def state_dict(self) -> dict: return {"params": None if self.params is None else dict(self.params)}
 
     def load_state_dict(self, state: dict) -> None:
         self.params = None if state["params"] is None else dict(state["params"])
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Online data: a FIFO buffer of the newest rows
-
-
+# ---- 3. Online data: a FIFO buffer of the newest rows ----------------------------------------
 class FeatureBuffer:
     """The newest `capacity` (feature [F], target) rows, oldest dropped first (CPU, float32)."""
 
@@ -260,20 +234,12 @@ class FeatureBuffer:
         self._features = torch.cat([self._features, features])[-self.capacity:]  # [n, F]
         self._targets = torch.cat([self._targets, targets])[-self.capacity:]  # [n]
 
-    def features(self) -> torch.Tensor:
-        return self._features
-
-    def targets(self) -> torch.Tensor:
-        return self._targets
-
-    def __len__(self) -> int:
-        return self._targets.shape[0]
+    def features(self) -> torch.Tensor: return self._features
+    def targets(self) -> torch.Tensor: return self._targets
+    def __len__(self) -> int: return self._targets.shape[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Cross-rollout targets, baselines and advantages (pure functions on tensors)
-
-
+# ---- 4. Cross-rollout targets, baselines and advantages (pure functions on tensors) ----------
 def _leave_one_out_mean(values: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """out_i = mean of values_j over j ≠ i in i's group. values [N], group_index [N] (any ids)."""
     _, group = torch.unique(group_index, return_inverse=True)  # [N] ids -> 0..num_groups-1
@@ -302,10 +268,7 @@ def poise_advantages(rewards: torch.Tensor, baselines: torch.Tensor) -> torch.Te
     return rewards.float() - baselines.float()
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Probe quality metrics
-
-
+# ---- 5. Probe quality metrics ----------------------------------------------------------------
 def probe_quality(predicted: torch.Tensor, observed_rates: torch.Tensor) -> dict[str, float]:
     """MAE, RMSE and Pearson r of predicted [P] vs observed [P]. Pairs with a non-finite value are
     dropped; a metric that is undefined (no rows, constant input) is nan, never an exception."""
@@ -318,8 +281,7 @@ def probe_quality(predicted: torch.Tensor, observed_rates: torch.Tensor) -> dict
     pc, oc = p - p.mean(), o - o.mean()
     norm = (pc.square().sum() * oc.square().sum()).sqrt()
     pearson = float((pc * oc).sum() / norm) if norm > 1e-12 else math.nan
-    return {"mae": float(error.abs().mean()), "rmse": float(error.square().mean().sqrt()),
-            "pearson": pearson}
+    return {"mae": float(error.abs().mean()), "rmse": float(error.square().mean().sqrt()), "pearson": pearson}
 
 
 def pairwise_sign_accuracy(values: torch.Tensor, targets: torch.Tensor, group_index: torch.Tensor) -> float:
@@ -334,10 +296,7 @@ def pairwise_sign_accuracy(values: torch.Tensor, targets: torch.Tensor, group_in
     return float(same_sign[pairs].float().mean())
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. The schedule: RLOO while the buffer fills, then the probe fitted on earlier steps
-
-
+# ---- 6. The schedule: RLOO while the buffer fills, then the probe fitted on earlier steps ----
 class PoiseBaseline:
     """Advantages for one training step at a time; holds the buffer, the probe and the step count."""
 
@@ -390,8 +349,7 @@ class PoiseBaseline:
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly; tensors and numbers only (torch.load-safe)."""
-        return {"step": self.step, "prompt_dim": self.prompt_dim,
-                "buffer_features": self.buffer.features().clone(),
+        return {"step": self.step, "prompt_dim": self.prompt_dim, "buffer_features": self.buffer.features().clone(),
                 "buffer_targets": self.buffer.targets().clone(), "probe": self.probe.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -404,13 +362,10 @@ class PoiseBaseline:
         self.probe.load_state_dict(state["probe"])
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. The algorithm: features from the old-log-prob pass -> cross-rollout advantages over all ranks
-
-
+# ---- 7. The algorithm: features from the old-log-prob pass -> cross-rollout advantages over all ranks ----
 class POISE(POISEFlags):
     """POISE as train.py's algorithm interface (see the module docstring). Its flags (probe layer, buffer, the
-    authors' defaults for shared flags): flags.POISEFlags, torch-free."""
+    authors' defaults for shared flags): algo_flags.POISEFlags, torch-free."""
 
     memory_parts = frozenset({"hidden states"})  # what the memory plan (memory.py) counts beside the actor
 
@@ -424,21 +379,34 @@ class POISE(POISEFlags):
                                       standardize_hidden=args.probe_standardize_hidden)
         self.marker = tokenizer.encode("</think>", add_special_tokens=False)  # token sequence, as the authors' trainer
         self.open_marker = tokenizer.encode("<think>", add_special_tokens=False)
-        self.warmup_steps = 0
-        self.hidden_features = (layer, self.pool_features)  # the old-log-prob pass keeps decoder `layer`'s output
+        self.warmup_steps, self.layer = 0, layer  # the actor's no-grad pass keeps decoder `layer`'s output
 
     def pool_features(self, mb, hidden: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
         """hidden [b, T, H] of one micro-batch, entropy [b, R] -> features z [b, 2H + 3] (`rollout_features`)."""
         return rollout_features(*_right_align(hidden, mb), entropy * mb.response_mask,
                                 *think_spans(mb, self.open_marker, self.marker))
 
-    def sample(self, problems, prompt_ids, generate, seed: int):
-        return (*generate([self.args.rollouts_per_prompt] * len(prompt_ids), seed), {})  # G rollouts per prompt
+    def features(self, batch, passes) -> torch.Tensor:
+        """Step 1 on the actor's no-grad pass (`passes`: actor.old_logprob_passes with hidden_layer=self.layer, which
+        fills the old log-probs on the way): each micro-batch pooled as it comes. -> z [N, 2H + 3]."""
+        features = None
+        for idx, mb, hidden, entropy in passes:
+            f = self.pool_features(mb, hidden, entropy)  # [b, F]
+            features = torch.zeros(len(batch), f.shape[1]) if features is None else features
+            features[idx] = f
+        return features
 
-    def advantages(self, batch, problems) -> tuple[torch.Tensor, dict]:
-        """Every rank gathers all ranks' (features, rewards, groups), computes the same advantages (and refits
-        the same probe), and keeps its own rows. -> (token advantages [N, R], metrics)."""
-        rows = all_gather_objects((batch.features, batch.rewards, batch.group_index))
+    def sample(self, problems, prompt_ids, step):
+        samples, rewards = step.generate([self.args.rollouts_per_prompt] * len(prompt_ids), step.seed)  # G per prompt
+        return samples, rewards, {}, {}
+
+    def advantages(self, batch, problems, step) -> tuple[torch.Tensor, dict]:
+        """Features from the actor's pass; every rank gathers all ranks' (features, rewards, groups), computes the
+        same advantages (and refits the same probe), and keeps its own rows. -> (token advantages [N, R], metrics)."""
+        t = time.time()
+        features = self.features(batch, step.actor_passes(batch, hidden_layer=self.layer))  # [N, F]
+        seconds = time.time() - t
+        rows = all_gather_objects((features, batch.rewards, batch.group_index))
         group_offsets = [0]
         for _, _, groups in rows:
             group_offsets.append(group_offsets[-1] + int(groups.max()) + 1)
@@ -446,17 +414,15 @@ class POISE(POISEFlags):
         rewards = torch.cat([r for _, r, _ in rows])  # [N_all]
         group_index = torch.cat([g + off for (_, _, g), off in zip(rows, group_offsets)])  # [N_all] globally unique
         advantages, metrics = self.baseline.advantages(features, rewards, group_index)  # [N_all]
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        first = sum(len(r) for _, r, _ in rows[:rank])
+        first = sum(len(r) for _, r, _ in rows[:step.rank])
+        metrics["time/features"] = seconds  # the actor's pass with the hidden states, and their pooling
         return broadcast_to_tokens(advantages[first:first + len(batch)].float(), batch.response_mask), metrics
 
-    def after_update(self, batch) -> dict:
-        return {}  # the probe was refitted on this step's rows in `advantages`, after they got their baselines
+    def after_update(self, batch, step) -> dict: return {}  # the probe was refitted on this step's rows in `advantages`
 
     def feature_settings(self) -> dict:
         """What shapes the probe's features: saved with its state, so a reader of the checkpoint builds the same."""
-        return {"probe_layer": self.hidden_features[0],
-                "probe_standardize_hidden": bool(self.args.probe_standardize_hidden)}
+        return {"probe_layer": self.layer, "probe_standardize_hidden": bool(self.args.probe_standardize_hidden)}
 
     def state_dict(self) -> dict: return {"poise": self.baseline.state_dict(), "features": self.feature_settings()}
 

@@ -17,12 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import actor  # noqa: E402
 from _helpers import full_state_dict  # noqa: E402
 import checkpoint  # noqa: E402
-import train  # noqa: E402
+from collectives import setup_distributed  # noqa: E402
 from _fsdp_update import fixed_batch  # noqa: E402
+from update import UpdateSettings, ppo_update  # noqa: E402
 
-ARGS = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=2, loss_agg="token-mean", clip_low=0.2,
-                       clip_high=0.28, kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True,
-                       temperature=1.0, clip_ratio_c=3.0, gradient_checkpointing=False)
+SETTINGS = UpdateSettings.of(SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=2, loss_agg="token-mean",
+                                             clip_low=0.2, clip_high=0.28, kl_coef=0.0, grad_clip=1.0, dtype="fp32",
+                                             seed=0, share_prompts=True, temperature=1.0, clip_ratio_c=3.0))
 
 
 def full_state(model, optimizer) -> dict:
@@ -68,7 +69,7 @@ def stream_check(model) -> dict:
 
 def main():
     mode, model_dir = sys.argv[1], sys.argv[2]
-    rank, world, device = train.setup_distributed()
+    rank, world, device = setup_distributed()
     torch.manual_seed(0)
     model = actor.load_actor(model_dir, device, world)
     optimizer = actor.adamw(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -79,7 +80,7 @@ def main():
     elif mode == "save":
         batch = fixed_batch()
         rows = torch.arange(len(batch)).chunk(world)[rank]
-        actor.ppo_update(model, optimizer, batch.select(rows), ARGS, device, world)
+        ppo_update(model, optimizer, batch.select(rows), SETTINGS, device, world)
         checkpoint.save_sharded(sys.argv[3], model, optimizer)
         state = full_state(model, optimizer)
         if rank == 0:

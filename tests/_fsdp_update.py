@@ -13,8 +13,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import actor  # noqa: E402
 from _helpers import full_state_dict  # noqa: E402
-import train  # noqa: E402
-from rollout import Sample, build_rollout_batch  # noqa: E402
+from collectives import setup_distributed  # noqa: E402
+from engine import Sample  # noqa: E402
+from rollout import build_rollout_batch  # noqa: E402
+from update import UpdateSettings, ppo_update  # noqa: E402
 
 
 def fixed_batch():
@@ -30,21 +32,21 @@ def fixed_batch():
 
 def main():
     model_dir, out = sys.argv[1], sys.argv[2]
-    rank, world, device = train.setup_distributed()
+    rank, world, device = setup_distributed()
     torch.manual_seed(0)
     model = actor.load_actor(model_dir, device, world)
     batch = fixed_batch()
     rows = torch.arange(len(batch)).chunk(world)[rank]  # rank r takes its contiguous share of prompts
-    args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=2, loss_agg="token-mean", clip_low=0.2,
-                           clip_high=0.28, kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True,
-                           temperature=1.0, clip_ratio_c=3.0)
+    settings = UpdateSettings.of(SimpleNamespace(
+        ppo_epochs=1, mini_batches=1, micro_batch_size=2, loss_agg="token-mean", clip_low=0.2, clip_high=0.28,
+        kl_coef=0.0, grad_clip=1.0, dtype="fp32", seed=0, share_prompts=True, temperature=1.0, clip_ratio_c=3.0))
     opt = actor.adamw(model.parameters(), lr=1e-3, weight_decay=0.01)
     # Two optimizer steps. Step s uses half s of every rank's rows; one process sees the union.
     shares = torch.arange(len(batch)).chunk(2)  # rows of rank 0 and rank 1 in a 2-rank run
     for s in range(2):
         halves = [share.chunk(2)[s] for share in shares]
         rows = halves[rank] if world > 1 else torch.cat(halves)
-        actor.ppo_update(model, opt, batch.select(rows), args, device, world)
+        ppo_update(model, opt, batch.select(rows), settings, device, world)
     weights = full_state_dict(model)
     if rank == 0:
         torch.save({k: v.clone() for k, v in weights.items()}, out)

@@ -1,7 +1,7 @@
 """Worker for test_loading.py, under torchrun (gloo):
 
 python tests/_loading_worker.py load MODEL OUT.json     # actor.load_actor: rank 0 reads, the others receive shards
-python tests/_loading_worker.py shared DIR_RANK0 DIR_RANK1  # train.check_shared_out with each rank's own --out
+python tests/_loading_worker.py shared DIR_RANK0 DIR_RANK1  # collectives.check_shared_out, each rank's own --out
 """
 
 import json
@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import actor  # noqa: E402
-import train  # noqa: E402
+from collectives import check_shared_out  # noqa: E402
 from _helpers import full_state_dict  # noqa: E402
 
 if __name__ == "__main__":
@@ -38,7 +38,7 @@ if __name__ == "__main__":
             }
             Path(sys.argv[3]).write_text(json.dumps(result))
     else:
-        train.check_shared_out(Path(sys.argv[2 + rank]), rank, dist.get_world_size())
+        check_shared_out(Path(sys.argv[2 + rank]), rank, dist.get_world_size())
         print(f"rank {rank}: shared --out ok", flush=True)
     dist.barrier()
     dist.destroy_process_group()

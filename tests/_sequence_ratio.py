@@ -16,11 +16,11 @@ class SequenceRatioGRPO(GRPO):
 
     calls: list = []  # the test reads what the loop handed over
 
-    def token_losses(self, logp, old_logp, advantages, mask, args):
+    def token_losses(self, logp, old_logp, advantages, mask, settings):
         """[b, R] each -> (losses [b, R], clipped [b, R] bool): -min(s_i A_i, clip(s_i) A_i) on every token of i."""
         log_ratio = ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)  # [b] mean over the response
         ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))[:, None]  # [b, 1]
         unclipped = ratio * advantages
-        clipped = ratio.clamp(1 - args.clip_low, 1 + args.clip_high) * advantages
+        clipped = ratio.clamp(1 - settings.clip_low, 1 + settings.clip_high) * advantages
         SequenceRatioGRPO.calls.append((mask.shape, float(mask.sum()), float(ratio.detach().max())))
         return -torch.minimum(unclipped, clipped), (clipped < unclipped) & mask.bool()

@@ -38,7 +38,8 @@ def test_grpo_class_follows_no_std_flag_as_train_parses_it(flags):
     """GRPO.advantages with train.py's parsed flags: (r - mean) / (std + 1e-6) by default, Dr.GRPO's r - mean under
     --no-std, on every real response token. Two groups of unequal spread, so std-normalisation changes the values."""
     import train
-    from rollout import Sample, build_rollout_batch
+    from engine import Sample
+    from rollout import Step, build_rollout_batch
     args = train.parse_args(["--algo", "grpo", *flags])
     assert args.no_std == bool(flags)
     lengths = [3, 1, 2, 4, 2, 3, 1, 4]
@@ -48,11 +49,32 @@ def test_grpo_class_follows_no_std_flag_as_train_parses_it(flags):
     centred = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.5, -0.5, 0.5, -0.5])  # group means 0.25 and 0.5
     std = torch.tensor([0.5] * 4 + [math.sqrt(1 / 3)] * 4)  # unbiased: sqrt(0.75 / 3), sqrt(1 / 3)
     expected = centred if flags else centred / (std + 1e-6)
-    adv, metrics = A.GRPO(args, None, None, torch.device("cpu"), 1).advantages(batch, problems=None)
+    step = Step(index=0, seed=0, generate=None, actor_passes=None, engine=None)
+    adv, metrics = A.GRPO(args, None, None, torch.device("cpu"), 1).advantages(batch, None, step)
     assert adv.shape == (8, 4) and metrics == {}
     for i, n in enumerate(lengths):
         assert torch.allclose(adv[i, :n], expected[i].expand(n), atol=1e-6), (i, adv[i])
         assert float(adv[i, n:].abs().sum()) == 0  # padding carries no advantage
+
+
+def test_rloo_class_takes_the_loops_step_and_gives_leave_one_out_advantages():
+    """RLOO through the algorithm interface as train.run_step calls it, advantages(batch, problems, step): r_i minus
+    the mean of its siblings on every real response token, 0 on padding."""
+    import train
+    from engine import Sample
+    from rollout import Step, build_rollout_batch
+    args = train.parse_args(["--algo", "rloo"])
+    lengths = [2, 1, 3, 2, 1]
+    samples = [[Sample([7] * n, [0.0] * n, "", "stop") for n in lengths[:3]],
+               [Sample([7] * n, [0.0] * n, "", "stop") for n in lengths[3:]]]
+    batch = build_rollout_batch([[1, 2], [3]], samples, [1, 0, 0, 1, 0], pad_id=0)
+    step = Step(index=0, seed=0, generate=None, actor_passes=None, engine=None)
+    adv, metrics = A.RLOO(args, None, None, torch.device("cpu"), 1).advantages(batch, None, step)
+    expected = torch.tensor([1.0, -0.5, -0.5, 1.0, -1.0])  # group 0: 1 - 0, 0 - 0.5, 0 - 0.5; group 1: 1 - 0, 0 - 1
+    assert adv.shape == (5, 3) and metrics == {}
+    for i, n in enumerate(lengths):
+        assert torch.allclose(adv[i, :n], expected[i].expand(n), atol=1e-6), (i, adv[i])
+        assert float(adv[i, n:].abs().sum()) == 0
 
 
 def test_ppo_token_losses_and_clipping():

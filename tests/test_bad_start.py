@@ -180,7 +180,8 @@ class read_only:
 def test_every_algorithm_takes_its_flags_from_its_torch_free_class():
     """train.py parses and checks an algorithm's own flags without importing it (no torch: argument errors in < 2 s);
     the algorithm class inherits that flags class unchanged, so tools calling GRPO.add_arguments get the same."""
-    from flags import ALGORITHM_FLAGS, ALGORITHMS, algorithm_class
+    from algo_flags import ALGORITHM_FLAGS
+    from flags import ALGORITHMS, algorithm_class
     code = ("import sys, flags; [flags.parse_train_args(['--algo', a]) for a in flags.ALGORITHMS]; "
             "print(sorted(m for m in ('torch', 'advantage', 'critic', 'genac', 'prior', 'probe') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -110,7 +110,7 @@ def test_export_writes_hugging_face_folders_that_load(tiny_model, tmp_path):
 def test_exported_folder_loads_in_vllm(tiny_model, tmp_path):
     pytest.importorskip("vllm")
     import checkpoint
-    from rollout import VLLMEngine
+    from engine import VLLMEngine
     _checkpoint_folder(tiny_model, tmp_path / "checkpoint-000001")
     checkpoint.export_checkpoint(tmp_path / "checkpoint-000001")  # in place, as the last checkpoint of a run
     engine = VLLMEngine(str(tmp_path / "checkpoint-000001"), dtype="float32", max_model_len=128)
@@ -140,7 +140,7 @@ def test_hf_engine_loads_streamed_weights(tiny_model):
     """HFEngine.load_weights copies each tensor as it arrives (a generator), the tied lm_head following the
     embedding."""
     import actor
-    from rollout import HFEngine
+    from engine import HFEngine
     from transformers import AutoModelForCausalLM
     engine = HFEngine(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -158,6 +158,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model):
     """--gradient-checkpointing recomputes activations in the backward: the same weights after an update (1e-6)."""
     import actor
     from _fsdp_update import fixed_batch
+    from update import UpdateSettings, ppo_update
     weights = []
     for checkpointing in (False, True):
         args = SimpleNamespace(ppo_epochs=1, mini_batches=1, micro_batch_size=4, loss_agg="token-mean", clip_low=0.2,
@@ -166,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model):
         model = actor.load_actor(tiny_model, torch.device("cpu"), 1, args).train()
         assert model.is_gradient_checkpointing == checkpointing
         optimizer = actor.adamw(model.parameters(), lr=1e-3, weight_decay=0.01)
-        actor.ppo_update(model, optimizer, fixed_batch(), args, torch.device("cpu"), 1)
+        ppo_update(model, optimizer, fixed_batch(), UpdateSettings.of(args), torch.device("cpu"), 1)
         weights.append(full_state_dict(model))
     for k in weights[0]:
         assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), k

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from _helpers import masked_whiten
 from advantage import gae_advantages
 from critic import PPO, discriminative_value_fn, value_clip_active, value_forward
-from rollout import Sample, build_rollout_batch
+from engine import Sample
+from rollout import Step, build_rollout_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,11 @@ def _args(**kw):
     return SimpleNamespace(**{**base, **kw})
 
 
+def _step(index: int = 0) -> Step:
+    """What the loop hands the algorithm in iteration `index` (PPO reads only the index: its mini-batch order)."""
+    return Step(index=index, seed=0, generate=None, actor_passes=None, engine=None)
+
+
 def _ppo(tiny_model, **kw):
     """The PPO algorithm with a critic started from the tiny model."""
     return PPO(_args(critic_model=tiny_model, model=tiny_model, **kw), None, None, torch.device("cpu"), 1)
@@ -72,15 +78,15 @@ def test_critic_values_line_up_with_response_tokens(tiny_model, share):
 def test_critic_update_fits_returns_and_gae_whitening(tiny_model):
     critic = _ppo(tiny_model, critic_lr=1e-3)
     batch, _, _ = _batch()
-    adv, metrics = critic.advantages(batch, problems=None)
+    adv, metrics = critic.advantages(batch, None, _step(0))
     raw, returns = gae_advantages(batch.old_values, batch.rewards, batch.response_mask)
     assert torch.allclose(adv, masked_whiten(raw, batch.response_mask), atol=1e-5)  # one rank: the same whitening
     # lambda = 1: returns = r
     assert torch.allclose(batch.returns, returns) and torch.allclose(returns[0, :4], torch.ones(4))
-    first = critic.after_update(batch)["critic/mse_to_returns"]
-    for _ in range(15):
+    first = critic.after_update(batch, _step(0))["critic/mse_to_returns"]
+    for step in range(1, 16):
         batch.old_values = critic.values(batch)
-        last = critic.after_update(batch)["critic/mse_to_returns"]
+        last = critic.after_update(batch, _step(step))["critic/mse_to_returns"]
     assert last < 0.5 * first, (first, last)
     assert metrics["critic/values_mse"] == pytest.approx(first, rel=1e-4)
 
@@ -167,8 +173,8 @@ def test_critic_update_is_the_same_with_shared_prompt_packing(tiny_model):
         critic.optimizer.register_step_pre_hook(
             lambda o, *_: steps.append(torch.cat([p.grad.flatten() for p in o.param_groups[0]["params"]])))
         batch, _, _ = _batch()
-        critic.advantages(batch, problems=None)
-        metrics = critic.after_update(batch)
+        critic.advantages(batch, None, _step(0))
+        metrics = critic.after_update(batch, _step(0))
         results.append((torch.cat(steps), metrics))
     (grad_a, m_a), (grad_b, m_b) = results
     assert grad_a.abs().max() > 1e-3 and torch.allclose(grad_a, grad_b, atol=1e-6)

@@ -13,7 +13,7 @@ def test_weight_sync_makes_engine_and_trainer_logprobs_agree(default_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import actor
-    from rollout import VLLMEngine
+    from engine import VLLMEngine
     tok = AutoTokenizer.from_pretrained(default_model)
     model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
     engine = VLLMEngine(default_model, dtype="float32", max_model_len=512)
@@ -51,7 +51,7 @@ def test_loading_fp32_weights_into_a_bf16_engine_does_not_flood_the_console(tiny
     import subprocess
     import sys
     from pathlib import Path
-    code = ("from rollout import VLLMEngine; e = VLLMEngine(%r, dtype='bfloat16', max_model_len=128); "
+    code = ("from engine import VLLMEngine; e = VLLMEngine(%r, dtype='bfloat16', max_model_len=128); "
             "e.generate([[1, 2, 3]], 1, 2, 1.0, 1.0, 0); e.close()" % tiny_model)
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})

@@ -2,7 +2,7 @@
 
 train.main runs on the tiny model with the REAL VLLMEngine methods (sleep, wake, load_weights, generate) in their GPU
 mode (sleep mode on) over a recording stand-in for vllm.LLM: no vLLM engine is built, the trainer, GenAC's critic and
-their updates are real. The rules checked (rollout.VLLMEngine):
+their updates are real. The rules checked (engine.VLLMEngine):
     GRPO    generate(actor) -> sleep(2) -> actor update (engine asleep) -> wake(weights) -> load(actor)
             -> wake(kv_cache)
     GenAC   generate(actor) -> sleep(2) -> wake(weights) -> load(critic) -> wake(kv_cache) -> generate(critic)
@@ -64,8 +64,8 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
     import torch
     from transformers import AutoTokenizer
 
+    import engine
     import genac
-    import rollout
     import train
 
     events, engines = [], []  # engines: the loop's, as train.py builds it
@@ -73,7 +73,7 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
     text = "I think it is \\boxed{5}"
     answer_ids = tok(text, add_special_tokens=False)["input_ids"]
 
-    class RecordingEngine(rollout.VLLMEngine):
+    class RecordingEngine(engine.VLLMEngine):
         def __init__(self, model_path, dtype="bfloat16", **_):
             self.on_gpu, self.sleeps, self.dtype, self.model_path = False, True, getattr(torch, dtype), model_path
             self.holder, self.asleep, self.closed = "actor", set(), False
@@ -86,13 +86,13 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
 
     def recorded_update(name, update):
         def wrapper(*args, **kwargs):
-            engine = engines[0]
-            events.append((name, tuple(sorted(engine.asleep)), engine.holder))
+            loop_engine = engines[0]
+            events.append((name, tuple(sorted(loop_engine.asleep)), loop_engine.holder))
             return update(*args, **kwargs)
 
         return wrapper
 
-    monkeypatch.setattr(rollout, "VLLMEngine", RecordingEngine)
+    monkeypatch.setattr(engine, "VLLMEngine", RecordingEngine)
     monkeypatch.setattr(train, "ppo_update", recorded_update("actor update", train.ppo_update))
     monkeypatch.setattr(genac, "ppo_update", recorded_update("critic update", genac.ppo_update))
     train.main(

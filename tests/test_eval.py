@@ -71,4 +71,4 @@ def test_speed_runs_on_a_math_jsonl(tiny_model, tmp_path, capsys):
                       "--repeats", "1", "--micro-batch-size", "4"])
     out = capsys.readouterr().out
     assert ("| 2 x 2 |" in out and "bare vLLM" in out and "| bare forward + backward" in out
-            and "(actor.ppo_update) |" in out)
+            and "(update.ppo_update) |" in out)

@@ -251,7 +251,7 @@ def test_guided_decoding_makes_the_real_model_answer_in_format(default_model):
     from transformers import AutoTokenizer
 
     from genac import answer_regex, icc_prompt, parse_critic_value
-    from rollout import VLLMEngine
+    from engine import VLLMEngine
     tok = AutoTokenizer.from_pretrained(default_model)
     states = [("What is 17 + 25?", "17 + 25 = 42, so"), ("Compute 8 * 7 - 5.", "8 * 7 = 56"),
               ("What is 144 / 12 + 3?", "")]
@@ -332,7 +332,7 @@ class _FakeEngine:
         self.kwargs = kwargs
 
     def generate(self, prompts, n, max_tokens, temperature, top_p, seed, regex=None):
-        from rollout import Sample
+        from engine import Sample
         return [[Sample([5, 6, 7], [0.0] * 3, "fine \\boxed{5}", "stop")] for _ in prompts]
 
     def load_weights(self, weights, holder="actor"):
@@ -357,7 +357,8 @@ def _genac(tiny_model, monkeypatch, *flags, checkpoint=None):
 def _actor_batch(tokenizer):
     """2 rollouts of one prompt, ~40 response tokens each, rewards 1 and 0 -> (batch, problems)."""
     from data import Problem
-    from rollout import Sample, build_rollout_batch
+    from engine import Sample
+    from rollout import build_rollout_batch
     problem = Problem("What is 19 * 2?", "38", "int", "p0")
     text = ("First, 19 + 19 = 38.\n\nThen 38 is twice 19. So we get 38.\nThe answer is \\boxed{38}. "
             "Done, and checked twice.")
@@ -365,8 +366,14 @@ def _actor_batch(tokenizer):
     samples = [[Sample(ids, [0.0] * len(ids), text, "stop"),
                 Sample(ids[:20], [0.0] * 20, tokenizer.decode(ids[:20]), "length")]]
     batch = build_rollout_batch([tokenizer.encode(problem.problem)], samples, [1.0, 0.0], tokenizer.eos_token_id)
-    batch.extras["step"] = 0
     return batch, [problem]
+
+
+def _step(index: int = 0, engine=None):
+    """What the loop hands GenAC in iteration `index` (rollout.Step): no loop engine by default, so the critic
+    judges and gets its new weights on its own engine."""
+    from rollout import Step
+    return Step(index=index, seed=0, generate=None, actor_passes=None, engine=engine)
 
 
 class _RecordingEngine(_FakeEngine):
@@ -378,7 +385,7 @@ class _RecordingEngine(_FakeEngine):
         self.calls = []
 
     def generate(self, prompts, n, max_tokens, temperature, top_p, seed, regex=None):
-        from rollout import Sample
+        from engine import Sample
         self.calls.append([list(p) for p in prompts])
         return [[Sample([5, 6, 7], [0.0] * 3, "I think \\boxed{3}" if j == 0 else "no idea", "stop")]
                 for j in range(len(prompts))]
@@ -395,7 +402,7 @@ def test_tau_takes_this_batchs_rewards_before_the_critic_judges(tiny_model, monk
     for step, (rewards, tau) in enumerate((([1.0, 1.0], 1.0), ([0.0, 0.0], 0.2))):
         batch.rewards = torch.tensor(rewards)
         values, m = critic.segment_values(batch, problems, seed=step)  # [N, R]
-        assert len(engine.calls) == step + 1 and engine.calls[-1] == critic.answers["prompts"]
+        assert len(engine.calls) == step + 1 and engine.calls[-1] == batch.extras["critic_states"]["prompts"]
         hint = f"the average success rate of the model on the dataset is {tau:.2f}."
         assert all(hint in critic.tokenizer.decode(p) for p in engine.calls[-1]), hint
         assert m["genac/states"] >= 4 and m["genac/parse_failures"] == m["genac/states"] - 1
@@ -424,7 +431,8 @@ def test_critic_prompts_fit_by_default_and_a_smaller_limit_is_counted(tiny_model
     small = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8",
                    "--critic-max-prompt-tokens", "40")
     _, m = small.segment_values(batch, problems, seed=0)
-    assert m["genac/critic_prompts_cut"] == m["genac/states"] and all(len(p) == 40 for p in small.answers["prompts"])
+    assert m["genac/critic_prompts_cut"] == m["genac/states"]
+    assert all(len(p) == 40 for p in batch.extras["critic_states"]["prompts"])
     with pytest.raises(ValueError, match="max_position_embeddings"):  # 512 + 1000 + template + 1024 > 2048 positions
         _genac(tiny_model, monkeypatch, "--max-new-tokens", "1000")
 
@@ -488,12 +496,12 @@ def test_critic_takes_one_reinforce_step_per_iteration_unless_asked(tiny_model, 
         batch, problems = _actor_batch(critic.actor_tokenizer)
         critic.engine = _RecordingEngine()  # answers that differ: a signal
         critic.segment_values(batch, problems, seed=0)
-        m = critic.after_update(batch)
+        m = critic.after_update(batch, _step(0))
         assert calls[-1] == (steps, 1, steps) and m["genac/critic_optimizer_steps"] == steps
         assert m["genac/critic_update_skipped"] == 0
         critic.engine, ran = _FakeEngine(), len(calls)  # no signal
         critic.segment_values(batch, problems, seed=1)
-        m = critic.after_update(batch)
+        m = critic.after_update(batch, _step(1))
         assert len(calls) == ran and m["genac/critic_update_skipped"] == 1 == m["genac/critic_zero_ranks"]
         assert m["genac/critic_optimizer_steps"] == steps
 
@@ -528,14 +536,17 @@ def test_a_critic_update_without_signal_skips_its_compute_and_equals_the_full_up
              "--weight-decay", "0.1")
     full, skip, planted = (_genac(tiny_model, monkeypatch, *flags) for _ in range(3))
     full.zero_advantage_ranks = lambda advantages: 0  # never skips: forward and backward on zero advantages
-    planted.step_on_zero_gradients = lambda *a: {"policy_loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 1}
+    real_skip = genac.steps_on_zero_gradients  # update.steps_on_zero_gradients, as genac calls it
+    monkeypatch.setattr(genac, "steps_on_zero_gradients", lambda model, optimizer, steps: (
+        {"policy_loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 1} if model is planted.model
+        else real_skip(model, optimizer, steps)))  # the plant: no optimizer step at all, for `planted` only
     metrics = {}
     for name, critic in (("full", full), ("skip", skip), ("planted", planted)):
         batch, problems = _actor_batch(critic.actor_tokenizer)
         for step, engine in enumerate((_RecordingEngine(), _FakeEngine())):  # a real step, then all R_v = 0.75
             critic.engine = engine
             critic.segment_values(batch, problems, seed=step)
-            metrics[name, step] = critic.after_update(batch)
+            metrics[name, step] = critic.after_update(batch, _step(step))
     assert [metrics[n, 0]["genac/critic_update_skipped"] for n in ("full", "skip", "planted")] == [0, 0, 0]
     assert metrics["full", 0]["genac/critic_grad_norm"] > 0
     assert [metrics[n, 1]["genac/critic_update_skipped"] for n in ("full", "skip", "planted")] == [0, 1, 1]
@@ -552,7 +563,7 @@ def test_parse_failures_warn_once_naming_the_fix(capsys):
     """A parse rate below 0.5 for 3 steps in a row prints one warning line naming guided answers and a staged critic;
     a good step resets the count; once per run."""
     from types import SimpleNamespace
-    critic = SimpleNamespace(PARSE_WARNING=GenAC.PARSE_WARNING, low_parse_steps=0, parse_warned=False, _rank=0)
+    critic = SimpleNamespace(PARSE_WARNING=GenAC.PARSE_WARNING, low_parse_steps=0, parse_warned=False, rank=0)
     for rate in (0.0, 0.2, 0.9, 0.0, 0.0):
         GenAC.warn_on_parse_failures(critic, rate)
     assert capsys.readouterr().err == ""
@@ -596,7 +607,8 @@ def critic_states_batch(generator: torch.Generator, responses=((0, 3, 8), (0, 5)
     """A critic batch shaped like GenAC's: per response, states head + y[:b_k] + closing with answers z_k (random
     tokens; one answer empty); group_index = the response. cut_one: the last response's first state is cut from the
     left (a small --critic-max-prompt-tokens), so it shares nothing. -> (batch, prompts, samples)."""
-    from rollout import Sample, build_rollout_batch
+    from engine import Sample
+    from rollout import build_rollout_batch
     rand = lambda n: torch.randint(10, 400, (n,), generator=generator).tolist()  # noqa: E731
     prompts, samples, owners = [], [], []
     for owner, starts in enumerate(responses):
@@ -619,11 +631,12 @@ def test_packed_critic_states_score_like_their_own_rows(tiny_model):
     from transformers import AutoModelForCausalLM
 
     import actor
+    import packing
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     batch, prompts, samples = critic_states_batch(torch.Generator().manual_seed(4))
     batch = batch.select(torch.randperm(len(batch), generator=torch.Generator().manual_seed(1)))  # groups interleaved
-    inputs, _, _ = actor.pack_shared_prefixes(batch)
-    widths = [actor.shared_prefix_tokens(batch, torch.nonzero(batch.group_index == g).flatten()) for g in range(3)]
+    inputs, _, _ = packing.pack_shared_prefixes(batch)
+    widths = [packing.shared_prefix_tokens(batch, torch.nonzero(batch.group_index == g).flatten()) for g in range(3)]
     assert inputs["input_ids"].shape == (3, max(widths))
     # response 0: head 6 + y[:8] + closing 4 once (the trunk), then closing + answer for states b = 0 and 3, and answers
     first = torch.nonzero(batch.group_index == 0).flatten()
@@ -639,14 +652,14 @@ def test_packed_critic_states_score_like_their_own_rows(tiny_model):
 
 @pytest.mark.parametrize("mini_batches", [1, 2])
 def test_packed_critic_update_has_the_gradients_of_unpacked_rows(tiny_model, mini_batches):
-    """The critic's REINFORCE step through actor.ppo_update: packed (any micro-batch split, a response's states split
+    """The critic's REINFORCE step through update.ppo_update: packed (any micro-batch split, a response's states split
     into chunks too) = unpacked, gradient by gradient (fp32). mini_batches 2: the old log-probs of the second step come
     from a packed no-grad pass."""
     from types import SimpleNamespace
 
     from transformers import AutoModelForCausalLM
 
-    import actor
+    from update import UpdateSettings, ppo_update
     batch, _, _ = critic_states_batch(torch.Generator().manual_seed(5))
     advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(6))  # [M]
     batch.advantages = advantages[:, None] * batch.response_mask
@@ -660,7 +673,8 @@ def test_packed_critic_update_has_the_gradients_of_unpacked_rows(tiny_model, min
         steps = []  # the gradient each optimizer step sees (the update frees gradients after its last step)
         opt.register_step_pre_hook(
             lambda o, *_: steps.append(torch.cat([p.grad.flatten() for p in o.param_groups[0]["params"]])))
-        stats = actor.ppo_update(model, opt, batch, args, torch.device("cpu"), world=1, share_prefixes=packed)
+        settings = UpdateSettings.of(args, share_prefixes=packed)
+        stats = ppo_update(model, opt, batch, settings, torch.device("cpu"), world=1)
         assert stats["optimizer_steps"] == mini_batches == len(steps)
         grads.append(torch.cat(steps))
     assert grads[0].abs().sum() > 0
@@ -703,7 +717,7 @@ def test_critic_prompts_are_token_exact_states_sharing_their_prefix(tiny_model, 
         critic.engine = _RecordingEngine()  # answers that differ: a nonzero gradient to compare (not the skip)
         batch, problems = _actor_batch(critic.actor_tokenizer)
         critic.segment_values(batch, problems, seed=0)
-        prompts, owners = critic.answers["prompts"], critic.answers["owners"]
+        prompts, owners = batch.extras["critic_states"]["prompts"], batch.extras["critic_states"]["owners"]
         head, closing = critic.prompt_parts(problems[0].problem)
         y = batch.response_ids[0, : int(batch.response_lens[0])].tolist()
         states = [p for p, o in zip(prompts, owners) if o == 0]
@@ -714,7 +728,7 @@ def test_critic_prompts_are_token_exact_states_sharing_their_prefix(tiny_model, 
             state_text = critic.icc_text(problems[0].problem, critic.actor_tokenizer.decode(y[:b]))
             assert critic.tokenizer.decode(p) == critic.tokenizer.apply_chat_template(
                 [{"role": "user", "content": state_text}], add_generation_prompt=True, tokenize=False)
-        m = critic.after_update(batch)
+        m = critic.after_update(batch, _step(0))
         runs[bool(flags)] = m
         J = sum(map(len, prompts)) + 3 * len(prompts)  # the fake engine caches nothing, answers 3 tokens
         T = int(batch.attention_mask.sum())
@@ -766,7 +780,7 @@ def test_judging_reuses_the_shared_prefix_of_critic_states_in_one_engine_call(ti
     """vLLM's prefix cache on CPU, within one call: five states head (300) + y[:b] + closing reuse each other's whole
     128-token KV blocks; the engine reports the prompt tokens it found cached (VLLMEngine.cached_prompt_tokens)."""
     pytest.importorskip("vllm", reason="vLLM is not installed (bash install_cpu.sh)")
-    from rollout import VLLMEngine
+    from engine import VLLMEngine
     g = torch.Generator().manual_seed(0)
     head, response = (torch.randint(10, 400, (n,), generator=g).tolist() for n in (300, 200))
     prompts = [head + response[:b] + [5, 6, 7] for b in (0, 50, 100, 150, 200)]

@@ -223,7 +223,8 @@ def test_a_killed_worker_is_replaced_warm_before_the_next_deadline():
 
 def test_evaluate_counts_timeouts_as_wrong_samples():
     """A timed-out answer is a wrong sample in avg@k and is counted (it used to vanish from the report)."""
-    from rollout import Sample, evaluate
+    from rollout import evaluate
+    from engine import Sample
 
     class ScriptedEngine:  # a fake engine: only evaluate's bookkeeping is under test
         def generate(self, prompt_ids, n, max_tokens, temperature, top_p, seed):

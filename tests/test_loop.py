@@ -101,7 +101,7 @@ def test_imports_run_one_way():
     entry_points, tools = {"train", "eval", "genac_stages"}, {m for m in imports if m.startswith("tools.")}
     algorithm_files = {path.rsplit(".", 1)[0] for path in ALGORITHMS.values()}
     shared_parts = {"actor", "rollout", "data", "reward", "verifier", "advantage", "checkpoint", "flags", "trackers",
-                    "genac_segments"}
+                    "genac_segments", "algo_flags", "engine", "collectives", "packing", "update"}
     run_parts = {"memory", "runrecord"}  # the loop's own infrastructure: the memory plan, the run record
     unplaced = set(imports) - entry_points - tools - algorithm_files - shared_parts - run_parts
     assert not unplaced, f"modules in no layer of this test: {unplaced} (add them to a layer on purpose)"
@@ -113,11 +113,13 @@ def test_imports_run_one_way():
         assert imports[part] <= shared_parts, (part, imports[part] - shared_parts)
     for part in run_parts:
         assert imports[part] <= shared_parts, (part, imports[part] - shared_parts)
-    assert not imports["reward"] and imports["flags"] <= {"trackers"} and not imports["trackers"]  # the ground
+    assert not imports["reward"] and imports["flags"] <= {"trackers", "algo_flags"} and not imports["trackers"]
+    assert not imports["algo_flags"], imports["algo_flags"]  # the ground: the algorithms' flags below flags.py
     assert not imports["data"], imports["data"]  # the problems and their prompts import none of our modules
     assert imports["verifier"] == {"reward"}  # the workers import the answer reading and nothing heavier
     assert not imports["genac_segments"], imports["genac_segments"]  # GenAC's segments: pure functions
     assert "actor" not in imports["rollout"] | imports["advantage"] and "rollout" not in imports["advantage"]
+    assert not imports["engine"] and not imports["collectives"], (imports["engine"], imports["collectives"])  # leaves
     assert imports["checkpoint"] <= {"actor", "flags"} and not [m for m in shared_parts if "checkpoint" in imports[m]]
     seen, on_path = set(), []  # depth-first search for a circle
 

@@ -5,8 +5,8 @@ import json
 
 import torch
 
-import actor
 import flags
+import update
 
 
 def test_a_loss_changing_algorithm_trains_through_the_real_loop(monkeypatch, tiny_model, tmp_path):
@@ -17,7 +17,7 @@ def test_a_loss_changing_algorithm_trains_through_the_real_loop(monkeypatch, tin
     monkeypatch.setitem(flags.ALGORITHMS, "seqratio", "_sequence_ratio.SequenceRatioGRPO")
     monkeypatch.setattr(_sequence_ratio.SequenceRatioGRPO, "calls", [])
     default_calls = []
-    monkeypatch.setattr(actor, "ppo_clip_losses", lambda *a: default_calls.append(1) or None)
+    monkeypatch.setattr(update, "ppo_clip_losses", lambda *a: default_calls.append(1) or None)
     out = tmp_path / "run"
     train.main(["--algo", "seqratio", "--model", tiny_model, "--out", str(out), "--prompts-per-step", "2",
                 "--rollouts-per-prompt", "4", "--max-new-tokens", "8", "--steps", "1", "--no-eval", "--engine", "hf",
@@ -34,13 +34,13 @@ def test_a_loss_changing_algorithm_trains_through_the_real_loop(monkeypatch, tin
 
 
 def test_the_default_loss_is_ppo_clip_with_verls_guards():
-    """actor.ppo_clip_losses = advantage.ppo_token_losses at the run's clip flags (what every built-in uses)."""
+    """update.ppo_clip_losses = advantage.ppo_token_losses at the run's clip flags (what every built-in uses)."""
     from types import SimpleNamespace
 
     from advantage import ppo_token_losses
     g = torch.Generator().manual_seed(0)
     logp, old, adv = (torch.randn(3, 5, generator=g) for _ in range(3))
     args = SimpleNamespace(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0)
-    got = actor.ppo_clip_losses(logp, old, adv, torch.ones(3, 5), args)
+    got = update.ppo_clip_losses(logp, old, adv, torch.ones(3, 5), args)
     want = ppo_token_losses(logp, old, adv, 0.2, 0.28, 3.0)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

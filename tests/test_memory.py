@@ -206,25 +206,53 @@ def test_train_stops_before_loading_a_model_when_the_plan_does_not_fit(tiny_mode
     assert fits.returncode != 0 and "DOES NOT FIT" not in fits.stderr
 
 
+def train_flags(config, algo: str):
+    """train.py's parsed flags as the plan reads them, every planned flag and --share-prompts left unset."""
+    import memory
+
+    args = SimpleNamespace(model=str(config), algo=algo, max_prompt_tokens=512, max_new_tokens=2048,
+                           sync_bucket_mb=64.0, margin_gb=8.0, share_prompts=None, critic_max_new_tokens=1024,
+                           segment_tokens=120, pack_critic_states=True, **dict.fromkeys(memory.PLANNED_FLAGS))
+    if algo != "genac":
+        del args.critic_max_new_tokens, args.segment_tokens
+    return args
+
+
+def test_run_plan_reads_its_args_and_returns_the_chosen_flags(qwen3_8b):
+    """run_plan writes nothing into the flags it is given: it returns the value of each planned flag and of
+    --share-prompts, the plan's choice for those left unset (on a CPU target the engine's batch limits stay unset)."""
+    import memory
+    from flags import ENGINE_MAX_NUM_SEQS
+
+    args = train_flags(qwen3_8b, "grpo")
+    before = dict(vars(args))
+    line, planned = memory.run_plan(args, 8, 80.0, None, target="cuda")
+    assert vars(args) == before
+    chosen, *_ = plan_for(qwen3_8b, "grpo", 80.0)  # choose_defaults on the same inputs
+    assert planned == {**{k: getattr(chosen, k) for k in memory.PLANNED_FLAGS}, "share_prompts": False}
+    assert planned["micro_batch_size"] == 1 and planned["engine_max_num_seqs"] == ENGINE_MAX_NUM_SEQS
+    assert f"--micro-batch-size {planned['micro_batch_size']} " in line
+    cpu_line, on_cpu = memory.run_plan(args, 8, None, None, target="cpu")
+    assert vars(args) == before
+    assert on_cpu == {**memory.CPU_DEFAULTS, "engine_max_num_seqs": None, "engine_max_num_batched_tokens": None,
+                      "share_prompts": True}
+    resumed = train_flags(qwen3_8b, "grpo")
+    resumed.model = None  # train.py's --model left unset: the plan reads the folder it resolved (model_path)
+    assert memory.run_plan(resumed, 8, None, None, "cpu", model_path=str(qwen3_8b)) == (cpu_line, on_cpu)
+
+
 @pytest.mark.parametrize("algo", ["grpo", "genac"])
 def test_train_and_eval_memory_print_the_same_plan_for_the_same_card(qwen3_8b, algo, capsys):
     """train.py's [plan] line names the eval.py memory command of its table; that command, run, reaches the same
     verdict with the same chosen flags (an H100's reported 85.5 GB: `--gpu h100`)."""
     import shlex
-    from types import SimpleNamespace
 
     import memory
-    args = SimpleNamespace(model=str(qwen3_8b), algo=algo, max_prompt_tokens=512, max_new_tokens=2048,
-                           sync_bucket_mb=64.0, margin_gb=8.0, share_prompts=None, critic_max_new_tokens=1024,
-                           segment_tokens=120, pack_critic_states=True,
-                           **dict.fromkeys(memory.PLANNED_FLAGS))
-    if algo != "genac":
-        del args.critic_max_new_tokens, args.segment_tokens
-    line = memory.run_plan(args, 8, memory.CARD_GB["h100"], None, target="cuda")
+    line, planned = memory.run_plan(train_flags(qwen3_8b, algo), 8, memory.CARD_GB["h100"], None, target="cuda")
     command = shlex.split(line.split("the same table: ")[1])
     assert command[:3] == ["python", "eval.py", "memory"]
     memory.memory_main(command[3:])
     table = capsys.readouterr().out
     verdict = line.split(": ", 1)[1].split("; per phase")[0]
     assert table.splitlines()[-2 if "chosen from the plan" in table else -1] == verdict, (verdict, table[-400:])
-    assert f"--micro-batch-size {args.micro_batch_size} " in table
+    assert f"--micro-batch-size {planned['micro_batch_size']} " in table

@@ -187,10 +187,11 @@ def test_osla_metrics():
 def test_v05_advantages_follow_each_rollouts_own_prompt():
     """The fused baseline of prompt p goes to the rollouts whose group_index is p, in whatever order the rows come."""
     algo = prior.V05.__new__(prior.V05)  # advantages() reads only the step's fused baselines and the std mode
-    algo.args, algo.fused_baseline = SimpleNamespace(v05_std="none"), t64(0.5, -1.0, 0.2)
+    algo.args = SimpleNamespace(v05_std="none")
     batch = SimpleNamespace(rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]), group_index=torch.tensor([2, 0, 1, 0]),
-                            response_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
-    advantages, _ = algo.advantages(batch, problems=None)  # [N, R]: s_i - b̂ on every token, s = 2r - 1
+                            response_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]),
+                            extras={"fused_baseline": t64(0.5, -1.0, 0.2)})  # from `sample`, put there by the loop
+    advantages, _ = algo.advantages(batch, None, step(0))  # [N, R]: s_i - b̂ on every token, s = 2r - 1
     assert advantages.flatten().tolist() == pytest.approx([0.8, 0.8, -1.5, 0.0, 2.0, 2.0, 0.5, 0.5])
 
 
@@ -281,8 +282,15 @@ def fake_v05(prior_of: dict, kmax=None, cost=0.0039, min_frac=0.1):
     return algo
 
 
+def step(index: int, generate=None, seed: int = 0):
+    """What the loop hands V05 in iteration `index` (rollout.Step), with a fake train.py `generate`."""
+    from rollout import Step
+    return Step(index=index, seed=seed, generate=generate, actor_passes=None, engine=None)
+
+
 def run_v05_sample(algo, streams: dict, calls=None):
-    """algo.sample over the problems in `streams` (text -> its fixed rewards) with a fake train.py `generate`."""
+    """algo.sample over the problems in `streams` (text -> its fixed rewards) with a fake train.py `generate`.
+    -> (samples, rewards, metrics, extras)."""
     problems, served = [SimpleNamespace(problem=t) for t in streams], dict.fromkeys(streams, 0)
     calls = [] if calls is None else calls
 
@@ -294,18 +302,26 @@ def run_v05_sample(algo, streams: dict, calls=None):
             samples.append([f"{p.problem} #{i}" for i in range(s, s + n)])
             rewards += streams[p.problem][s:s + n]
         return samples, rewards
-    return algo.sample(problems, [[0]] * len(problems), generate, seed=0)
+    return algo.sample(problems, [[0]] * len(problems), step(0, generate))
 
 
 def test_v05_sample_runs_the_rounds_other_ranks_need(monkeypatch):
     other_rank = iter([[1, 2], [1, 2]])  # another rank with 2 prompts: 1 wants more after rounds 1 and 2, then none
     monkeypatch.setattr(prior, "all_reduce", lambda x: x + torch.tensor(next(other_rank, [0, 2])))
     calls = []
-    samples, rewards, metrics = run_v05_sample(fake_v05({"a": 1.0, "b": 0.0, "c": 1.0}),
-                                               {"a": [1.0] * 16, "b": [0.0] * 16, "c": [1.0] * 16}, calls)
+    algo = fake_v05({"a": 1.0, "b": 0.0, "c": 1.0})
+    samples, rewards, metrics, extras = run_v05_sample(algo, {"a": [1.0] * 16, "b": [0.0] * 16, "c": [1.0] * 16}, calls)
     assert calls == [[4, 4, 4]]  # rounds 2 and 3 ask nothing of this rank: no engine call
     assert metrics["osla_rounds"] == 3 and [len(s) for s in samples] == [4, 4, 4]
     assert rewards == [1.0] * 4 + [0.0] * 4 + [1.0] * 4
+    # what `advantages` and `after_update` read from batch.extras: b̂ [P] (±1: the priors were right), (texts, rates)
+    assert extras["fused_baseline"].tolist() == [1.0, -1.0, 1.0]
+    texts, rates = extras["observed"]
+    assert texts == ["a", "b", "c"] and rates.tolist() == [1.0, 0.0, 1.0]
+    learned = []  # the prior learns the step's (texts, rates) from the batch, after the actor's update
+    algo.prior.update = lambda texts, rates: learned.append((texts, rates.tolist()))
+    assert algo.after_update(SimpleNamespace(extras=extras), step(0)) == {}
+    assert learned == [(["a", "b", "c"], [1.0, 0.0, 1.0])]
 
 
 def test_v05_metrics_cover_every_ranks_prompts(monkeypatch):
@@ -316,9 +332,9 @@ def test_v05_metrics_cover_every_ranks_prompts(monkeypatch):
     monkeypatch.setattr(prior, "all_gather_objects", lambda obj: gathered.append(obj) or [obj])
     run_v05_sample(fake_v05(prior_of), shards[1])
     monkeypatch.setattr(prior, "all_gather_objects", lambda obj: [obj, gathered[0]])  # rank 0 sees both ranks
-    _, _, rank0 = run_v05_sample(fake_v05(prior_of), shards[0])
+    _, _, rank0, _ = run_v05_sample(fake_v05(prior_of), shards[0])
     monkeypatch.undo()
-    _, rewards, union = run_v05_sample(fake_v05(prior_of), streams)  # one rank holding every prompt
+    _, rewards, union, _ = run_v05_sample(fake_v05(prior_of), streams)  # one rank holding every prompt
     assert rank0 == pytest.approx(union) and rank0["rollouts_total"] == len(rewards)
     assert rank0["rollouts_hist_k4"] + rank0["rollouts_hist_k16"] == 8 and 0 < rank0["prior_rejected_share"] < 1
 
@@ -339,7 +355,7 @@ def test_kmax_follows_the_cost_unless_given():
 def test_v05_sample_caps_at_the_effective_kmax():
     # prior 0, every rollout right: Δ̂² = 3.75 -> k* = 31.62 − 0.27 -> K_max = 31 (c = 0.001): 27 more, then stop
     calls = []
-    samples, _, metrics = run_v05_sample(fake_v05({"a": 0.0}, cost=0.001), {"a": [1.0] * 40}, calls)
+    samples, _, metrics, _ = run_v05_sample(fake_v05({"a": 0.0}, cost=0.001), {"a": [1.0] * 40}, calls)
     assert calls == [[4], [27]] and len(samples[0]) == 31 and metrics["rollouts_per_prompt_max"] == 31
 
 

@@ -455,20 +455,39 @@ def test_cross_rollout_gradient_unbiased_own_feature_baseline_biased():
 
 
 def test_the_probes_feature_settings_travel_with_its_state_and_its_run(smollm2_tokenizer, tmp_path):
-    """A run trained with --probe-layer 5: its state says so, a POISE built otherwise refuses it naming the flag,
-    and tools/values (eval.py probe) builds POISE from the checkpoint's settings, else from the run's run.json."""
+    """A run trained with --probe-layer 5: its state says so, and a POISE built otherwise refuses it naming the flag.
+    tools/values (eval.py probe) builds POISE from the run's arguments (run_arguments: run.json's args with every
+    resume's changed flags; without run.json, train.py's defaults), so it reads the run's --probe-layer and
+    --probe-standardize-hidden, and a checkpoint whose features were made otherwise is refused naming the flag."""
     import json
 
-    from tools.values import run_probe_settings
+    import train
+    from tools.values import run_arguments
+    actor = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=30, hidden_size=8))
     trained = poise_algorithm(smollm2_tokenizer, "--probe-layer", "5")
     state = trained.state_dict()
     assert state["features"] == {"probe_layer": 5, "probe_standardize_hidden": False}
     with pytest.raises(ValueError, match="--probe-layer 5"):
         poise_algorithm(smollm2_tokenizer).load_state_dict(state)  # the default layer: 16 of 30
     poise_algorithm(smollm2_tokenizer, "--probe-layer", "5").load_state_dict(state)
-    assert run_probe_settings(tmp_path, state) == state["features"]  # no run.json: the checkpoint's
-    old_state = {"poise": state["poise"]}  # a checkpoint from before the settings were saved: run.json's flags
-    (tmp_path / "run.json").write_text(json.dumps({"args": {"probe_layer": 3, "probe_standardize_hidden": True},
-                                                   "resumes": [{"changed_args": {"probe_layer": 4}}]}))
-    assert run_probe_settings(tmp_path, old_state) == {"probe_layer": 4, "probe_standardize_hidden": True}
-    poise_algorithm(smollm2_tokenizer).load_state_dict(old_state)  # nothing to check against: accepted
+    # no run.json: train.py's defaults for --algo poise (layer 16 of 30, raw hidden states)
+    default = POISE(run_arguments(tmp_path, "poise"), actor, smollm2_tokenizer, "cpu", 1)
+    assert default.feature_settings() == {"probe_layer": 16, "probe_standardize_hidden": False}
+    with pytest.raises(ValueError, match="--probe-layer 5"):
+        default.load_state_dict(state)
+    # a run started with --probe-layer 3 --probe-standardize-hidden, resumed with --probe-layer 4: what it ended with
+    args = vars(train.parse_args(["--algo", "poise", "--probe-layer", "3", "--probe-standardize-hidden"]))
+    (tmp_path / "run.json").write_text(json.dumps({"args": args, "resumes": [{"changed_args": {"probe_layer": 4}}]}))
+    ran = run_arguments(tmp_path, "poise")
+    assert (ran.probe_layer, ran.probe_standardize_hidden) == (4, True)
+    built = POISE(ran, actor, smollm2_tokenizer, "cpu", 1)
+    assert built.layer == 4 and built.baseline.probe.standardize_hidden is True
+    assert built.feature_settings() == {"probe_layer": 4, "probe_standardize_hidden": True}
+    with pytest.raises(ValueError, match="--probe-layer 5"):
+        built.load_state_dict(state)  # the run's layer is 4, the checkpoint's features came from layer 5
+    same_layer = poise_algorithm(smollm2_tokenizer, "--probe-layer", "4").state_dict()  # raw hidden states
+    with pytest.raises(ValueError, match="--probe-standardize-hidden False"):
+        built.load_state_dict(same_layer)
+    matching = poise_algorithm(smollm2_tokenizer, "--probe-layer", "4", "--probe-standardize-hidden").state_dict()
+    built.load_state_dict(matching)  # the same feature settings: accepted
+    built.load_state_dict({"poise": state["poise"]})  # a checkpoint from before the settings were saved: accepted

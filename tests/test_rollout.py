@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from data import DataError, Problem, arithmetic_problems, load_jsonl, load_problems
+from engine import Sample
 from reward import extract_integer_answer, last_boxed, reward_for
-from rollout import Sample, build_rollout_batch
+from rollout import build_rollout_batch
 from verifier import MathVerifier, _math_verify_worker, score_responses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,6 +256,7 @@ def test_shared_prompt_packing_gives_the_same_logprobs_and_entropies(tiny_model)
     from transformers import AutoModelForCausalLM
 
     import actor
+    import packing
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, 400, (n,), generator=g).tolist() for n in (6, 2, 9)]
@@ -262,7 +264,7 @@ def test_shared_prompt_packing_gives_the_same_logprobs_and_entropies(tiny_model)
                for lens in ((3, 7, 1), (5, 0), (2, 4, 4, 6))]
     batch = build_rollout_batch(prompts, samples, [0.0] * 9, pad_id=0)
     batch = batch.select(torch.tensor([4, 0, 8, 2, 5, 1, 7, 3, 6]))  # groups interleaved, as in a shuffled mini-batch
-    inputs, packed_row, where = actor.pack_shared_prompts(batch)
+    inputs, packed_row, where = packing.pack_shared_prompts(batch)
     # 3 rows, 2+4+4+6
     assert inputs["input_ids"].shape[0] == 3 and inputs["input_ids"].shape[1] == batch.prompt_width + 16
     with torch.no_grad():
@@ -276,12 +278,13 @@ def test_shared_prompt_packing_gives_the_same_logprobs_and_entropies(tiny_model)
 
 def test_shared_prompt_packing_rejects_different_prompts_under_one_group():
     import actor
+    import packing
     batch = build_rollout_batch([[11, 12], [13, 14]],
                                 [[Sample([1], [0.0], "", "stop")], [Sample([2], [0.0], "", "stop")]],
                                 [0.0, 0.0], pad_id=0)
     batch.group_index = torch.tensor([0, 0])
     with pytest.raises(ValueError, match="different prompts"):
-        actor.pack_shared_prompts(batch)
+        packing.pack_shared_prompts(batch)
     with pytest.raises(ValueError, match="use one or the other"):  # POISE's hidden states need unpacked rows
         actor.policy_forward(None, batch, hidden_layer=0, share_prompts=True)
 

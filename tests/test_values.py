@@ -9,7 +9,7 @@ import pytest
 
 from tools.values import ranking_top1, value_quality, value_targets
 from data import Problem, format_prompt
-from rollout import Sample
+from engine import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -89,31 +89,31 @@ def sample_and_score(engine, tokenizer, problems, n, max_new_tokens: int, verifi
 
 
 def probe_features(model, tokenizer, prompt_ids, samples, rewards):
-    """POISE's features of the rollouts samples[x][i] from the trainer's old-log-prob pass (probe.POISE.hidden_features)
-    -> (features z [N, 2H + 3], group index [N], the POISE object whose probe is fitted on them)."""
+    """POISE's features of the rollouts samples[x][i] from the trainer's no-grad pass (probe.POISE.features), POISE
+    as train.py builds it -> (features z [N, 2H + 3], group index [N], the POISE whose probe is fitted on them)."""
     import actor
+    from flags import parse_train_args
     from probe import POISE
     from rollout import build_rollout_batch
-    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=0, rollouts_per_prompt=2,
-                                  probe_standardize_hidden=False), model, tokenizer, None, 1)
+    poise = POISE(parse_train_args(["--algo", "poise", "--probe-bootstrap-steps", "0"]), model, tokenizer, None, 1)
     batch = build_rollout_batch(prompt_ids, samples, [r for rs in rewards for r in rs], tokenizer.pad_token_id)
-    pass_args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
-    actor.compute_old_logprobs(model, batch, pass_args, torch.device("cpu"), poise.hidden_features)
-    return batch.features, batch.group_index, poise
+    passes = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
+    features = poise.features(batch, actor.old_logprob_passes(model, batch, passes, torch.device("cpu"),
+                                                              hidden_layer=poise.layer))
+    return features, batch.group_index, poise
 
 
 def value_critic(policy: str, tokenizer, seed: int):
     """VC-PPO's critic (critic.VCPPO with train.py's defaults: Monte-Carlo targets, clipped value loss 0.5, AdamW at
     lr 5e-6, 2 mini-batches), a fresh scalar head on the policy's body: before pretraining, PPO's starting critic."""
-    from actor import add_update_arguments
     from critic import VCPPO
+    from flags import add_update_arguments
     parser = argparse.ArgumentParser()
     add_update_arguments(parser)
     VCPPO.add_arguments(parser)
-    args = parser.parse_args([])
-    args.model, args.critic_model, args.seed, args.out = policy, policy, seed, None
-    args.critic_warmup_steps = 0  # after_update writes no critic-pretrained/ folder (it saves at the last warm-up step)
-    return VCPPO(args, None, tokenizer, torch.device("cpu"), 1)
+    # no warm-up: after_update writes no critic-pretrained/ folder (it saves at the last warm-up step)
+    parser.set_defaults(model=policy, critic_model=policy, seed=seed, out=None, critic_warmup_steps=0)
+    return VCPPO(parser.parse_args([]), None, tokenizer, torch.device("cpu"), 1)
 
 
 def pretrain_value_critic(algo, tokenizer, prompt_ids, samples, rewards, iterations: int, prompts_per_iteration: int,
@@ -121,15 +121,15 @@ def pretrain_value_critic(algo, tokenizer, prompt_ids, samples, rewards, iterati
     """VC-PPO's value pretraining (arXiv:2503.01491 §4) on the frozen policy's rollouts: `iterations` batches of
     `prompts_per_iteration` prompts (train.py: 4 x 8 rollouts), each through VCPPO.advantages (the returns) and
     VCPPO.after_update (the critic's step). -> the critic's squared error to the returns of each iteration."""
-    from rollout import build_rollout_batch
+    from rollout import Step, build_rollout_batch
     errors = []
     for it in progress(range(iterations), desc="VC-PPO value pretraining"):
         part = range(it * prompts_per_iteration, (it + 1) * prompts_per_iteration)
         batch = build_rollout_batch([prompt_ids[i] for i in part], [samples[i] for i in part],
                                     [r for i in part for r in rewards[i]], tokenizer.pad_token_id)
-        batch.extras["step"] = it
-        algo.advantages(batch, None)
-        errors.append(algo.after_update(batch)["critic/mse_to_returns"])
+        step = Step(index=it, seed=it, generate=None, actor_passes=None, engine=None)
+        algo.advantages(batch, None, step)
+        errors.append(algo.after_update(batch, step)["critic/mse_to_returns"])
     return errors
 
 
@@ -149,18 +149,19 @@ def judged_values(genac, problems: list[str], partials: list[str], seed: int):
     return values, [len(p) for p in prompts], [len(s.token_ids) for s in samples], sum(v is None for v in parsed)
 
 
-def run_benchmark(args) -> dict:
-    """Everything above, in order -> the JSON document (`write_report` writes it)."""
+def run_benchmark(args, paths: dict) -> dict:
+    """Everything above, in order -> the JSON document (`write_report` writes it). paths: the model folders of
+    --policy, --critic and --genac (None when not given)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engine import make_engine
     from prior import ValuePrior
-    from rollout import make_engine
     from verifier import MathVerifier
     from tools.values import build_value_states, constant_baselines, load_generative_critic, value_quality
     started, seconds = time.time(), {}
     bench, fit = split_prompts(args.data, args.prompts, args.fit_prompts, args.seed, args.problem_key, args.answer_key)
-    tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
+    tokenizer = AutoTokenizer.from_pretrained(paths["policy"])
     verifier = MathVerifier() if any(p.kind == "math" for p in bench + fit) else None
     phases = tqdm(total=7, desc="baselines", file=sys.stderr)
     pool_size = max(max(GROUP_SIZES), effective_k_max(0.0039))  # V0.5's default c = 0.0039 -> K_max = 16
@@ -173,7 +174,7 @@ def run_benchmark(args) -> dict:
         phases.set_postfix_str(name)
     phase.t = time.time()
 
-    engine = make_engine("vllm", args.policy_path, dtype=args.engine_dtype, seed=args.seed, max_model_len=2048)
+    engine = make_engine("vllm", paths["policy"], dtype=args.engine_dtype, seed=args.seed, max_model_len=2048)
     try:
         bench_ids, _, truth_rewards = sample_and_score(engine, tokenizer, bench, args.truth_samples,
                                                        args.max_new_tokens, verifier, args.seed)
@@ -209,7 +210,7 @@ def run_benchmark(args) -> dict:
 
     # POISE: the probe fitted on the fitting prompts' first 2 rollouts (targets: the sibling's reward), then g(z) of
     # the benchmark's first 2 pool rollouts
-    model = AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=torch.float32).eval()
     fit_features, fit_groups, poise = probe_features(model, tokenizer, fit_ids, [g[:2] for g in fit_samples],
                                                      [r[:2] for r in fit_rewards])
     targets = cross_rollout_targets(torch.tensor([r for rs in fit_rewards for r in rs[:2]]), fit_groups)
@@ -226,7 +227,7 @@ def run_benchmark(args) -> dict:
     texts, blank = [p.problem for p in bench], [""] * len(bench)
     path_texts = [s["problem"] for s in states], [s["partial_response"] for s in states]
     path_models: dict[str, list[float]] = dict(constant_baselines(states)) if states else {}
-    critic = value_critic(args.policy_path, tokenizer, args.seed)
+    critic = value_critic(paths["policy"], tokenizer, args.seed)
     methods.append(critic_method("PPO critic, fresh head", "ppo", critic_values(critic.model, tokenizer, texts, blank),
                                  prompt_lens, [0] * len(bench), pool_rewards, "the value head PPO starts from"))
     if states:
@@ -240,26 +241,28 @@ def run_benchmark(args) -> dict:
     if states:
         path_models[name] = critic_values(critic.model, tokenizer, *path_texts)
     del critic
-    if args.critic:
+    if paths["critic"]:
         from critic import load_value_model
-        loaded = load_value_model(args.critic, torch.device("cpu"), 1, seed=args.seed)
-        methods.append(critic_method(f"critic {args.critic}", "vcppo", critic_values(loaded, tokenizer, texts, blank),
-                                     prompt_lens, [0] * len(bench), pool_rewards, "loaded"))
+        loaded = load_value_model(paths["critic"], torch.device("cpu"), 1, seed=args.seed)
+        methods.append(critic_method(f"critic {paths['critic']}", "vcppo",
+                                     critic_values(loaded, tokenizer, texts, blank), prompt_lens,
+                                     [0] * len(bench), pool_rewards, "loaded"))
         if states:
-            path_models[f"critic {args.critic}"] = critic_values(loaded, tokenizer, *path_texts)
+            path_models[f"critic {paths['critic']}"] = critic_values(loaded, tokenizer, *path_texts)
         del loaded
     phase("value critics")
 
     # GenAC: the generative critic at the prompt state (and the path states), one guided answer each
-    genac_path = args.genac or args.policy_path
-    genac = load_generative_critic(genac_path, args, not args.genac_unguided, args.genac_max_new_tokens)
+    genac_path = paths["genac"] or paths["policy"]
+    genac = load_generative_critic(genac_path, args, paths["policy"], not args.genac_unguided,
+                                   args.genac_max_new_tokens)
     if genac.success_rate.value is None:  # the ICC hint: the policy's success rate on the fitting prompts
         genac.success_rate.update([sum(fit_rates) / len(fit_rates)])
     try:
         values, read, generated, failures = judged_values(genac, texts + path_texts[0], blank + path_texts[1],
                                                           args.seed + 7)
         guided = "unguided" if args.genac_unguided else "guided"
-        gname = f"GenAC critic ({'base model' if not args.genac else args.genac}, {guided})"
+        gname = f"GenAC critic ({'base model' if not paths['genac'] else paths['genac']}, {guided})"
         methods.append(critic_method(gname, "genac", values[: len(bench)], read[: len(bench)], generated[: len(bench)],
                                      pool_rewards, f"{failures} of {len(values)} answers unparsable (valued at tau)"))
         if states:
@@ -276,7 +279,7 @@ def run_benchmark(args) -> dict:
     path_table = {name: value_quality(states, preds, sizes=()) for name, preds in path_models.items()} if states else {}
     phase("statistics")
     phases.close()
-    return {"meta": {"policy": args.policy_path, "data": args.data, "prompts": len(bench),
+    return {"meta": {"policy": paths["policy"], "data": args.data, "prompts": len(bench),
                      "truth_samples": args.truth_samples,
                      "fit_prompts": len(fit), "pool_size": pool_size, "critic_iterations": args.critic_iterations,
                      "critic_mse_to_returns_per_iteration": critic_errors, "path_prompts": len(path_problems),
@@ -366,13 +369,12 @@ def baselines_main(argv: list[str]) -> None:
     from data import DataError
     from rollout import resolve_model_path
     try:
-        args.policy_path = resolve_model_path(args.policy)
-        args.critic = resolve_model_path(args.critic) if args.critic else None
-        args.genac = resolve_model_path(args.genac) if args.genac else None
+        paths = {flag: resolve_model_path(getattr(args, flag)) if getattr(args, flag) or flag == "policy" else None
+                 for flag in ("policy", "critic", "genac")}
         slug = lambda s: Path(str(s).rstrip("/")).name.replace(":", "_").replace(",", "_")  # noqa: E731
-        name = f"{slug(args.policy_path)}-{slug(args.data)}-n{args.prompts}-m{args.truth_samples}"
+        name = f"{slug(paths['policy'])}-{slug(args.data)}-n{args.prompts}-m{args.truth_samples}"
         out = Path(args.out or f"runs/baselines/{name}")
-        doc = run_benchmark(args)
+        doc = run_benchmark(args, paths)
     except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(write_report(doc, out), end="")

@@ -6,11 +6,11 @@ fake tensors, each phase measured by PyTorch's FSDPMemTracker and set beside the
 No GPU is needed and no weight is read: CONFIG is a config.json or model folder. What runs, per algorithm:
   load            actor.load_actor at world W: meta build, fully_shard, to_empty, rank 0's broadcast (this process
                   is rank 1 of a fake process group of W ranks: torch.testing._internal.distributed.fake_pg)
-  actor update    actor.ppo_update at the plan's micro-batch, checkpointing and shared-prompt choice: one optimizer
+  actor update    update.ppo_update at the plan's micro-batch, checkpointing and shared-prompt choice: one optimizer
                   step of two micro-batches (the first's gradients held at the second's peak), run twice (AdamW's
                   states resident at the second run's peak)
-  old log-probs   actor.compute_old_logprobs with POISE's hidden-state pooling (poise only)
-  critic update   critic.PPO.after_update (ppo, vcppo); GenAC's packed critic update through actor.ppo_update on
+  old log-probs   actor.old_logprob_passes with POISE's hidden-state pooling (poise only)
+  critic update   critic.PPO.after_update (ppo, vcppo); GenAC's packed critic update through update.ppo_update on
                   its critic states (genac)
   sync            actor.stream_full_parameters to the end, in the engine's bf16
 How: every tensor of a million elements or more, and everything computed from one, is a FakeTensor (shape, dtype,
@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -186,19 +185,21 @@ def rehearsal_args(model: str, algo: str, world: int, gpu_gb: float, extra: list
     import argparse
 
     import memory
-    from flags import add_run_arguments, algorithm_class, follow_world_size, run_argument_error
+    from flags import add_run_arguments, algorithm_class, fill_planned_flags, follow_world_size, run_argument_error
     parser = argparse.ArgumentParser(prog="rehearse", add_help=False, allow_abbrev=False)
     add_run_arguments(parser)
     parser.set_defaults(micro_batch_size=None, gradient_checkpointing=None, share_prompts=None)  # as train.py
     algorithm_class(algo).add_arguments(parser)
-    argv = ["--algo", algo, "--model", model, "--no-eval", *(extra or [])]
+    # --mini-batches 1: one optimizer step per update, whose peak is every step's (FSDPMemTracker: one per run)
+    argv = ["--algo", algo, "--model", model, "--no-eval", "--mini-batches", "1", *(extra or [])]
     args = parser.parse_args(argv)
     follow_world_size(args, argv, world)
     if (message := run_argument_error(args, world)) is not None:
         raise SystemExit(f"rehearse: error: {message}")
     algorithm_class(algo).check_arguments(args)
     critic = getattr(args, "critic_model", None) or None
-    memory.run_plan(args, world, gpu_gb, critic, target="cuda")
+    _, planned = memory.run_plan(args, world, gpu_gb, critic, target="cuda")
+    fill_planned_flags(args, planned)  # the last step of parsing, as in train.py
     return args, memory.plan_namespace(args, world, gpu_gb, critic)
 
 
@@ -206,10 +207,11 @@ def rehearse(model: str, algo: str, world: int = 8, gpu_gb: float = 80.0, extra:
     """Every trainer phase of `algo` at world `world`, measured; -> {"phases": {phase: {"tracker", "plan"}}, ...}
     (bytes). The plan's trainer part of a phase is compared: the engine and the 2 GB context are not the trainer's."""
     import memory
-    from actor import adamw, compute_old_logprobs, load_actor, ppo_update, stream_full_parameters
+    from actor import adamw, load_actor, old_logprob_passes, stream_full_parameters
     from flags import algorithm_class
+    from rollout import Step
+    from update import UpdateSettings, ppo_update
     args, plan_args = rehearsal_args(model, algo, world, gpu_gb, extra)
-    args.mini_batches = 1  # one optimizer step per update: its peak is every step's (FSDPMemTracker: one per run)
     rows, facts = memory.plan(plan_args)
     parts = algorithm_class(algo).memory_parts
     device = torch.device("cpu")  # the fake tensors' device; the choices are made for "cuda"
@@ -232,13 +234,16 @@ def rehearse(model: str, algo: str, world: int = 8, gpu_gb: float = 80.0, extra:
         def actor_update():
             b = batch()
             b.advantages = torch.ones_like(b.response_mask)
-            ppo_update(actor, optimizer, b, args, device, world)
+            ppo_update(actor, optimizer, b, UpdateSettings.of(args), device, world)
 
         measured = {"actor update": Measured(actor, optimizer).run(actor_update)}
         if "hidden states" in parts:
             probe = algorithm_class(algo)(args, actor, _MarkerTokenizer(), device, world)
-            measured["actor update"] = _max(measured["actor update"], Measured(actor).run(
-                lambda: compute_old_logprobs(actor, batch(), args, device, probe.hidden_features), 1))
+            def features():  # the actor's no-grad pass with POISE's hidden states, pooled as they come
+                b = batch()
+                probe.features(b, old_logprob_passes(actor, b, args, device, hidden_layer=probe.layer))
+
+            measured["actor update"] = _max(measured["actor update"], Measured(actor).run(features, 1))
         if "value critic" in parts:
             import critic as critic_module
             cuda_value_model = functools.partial(critic_module.load_value_model, target="cuda")
@@ -249,23 +254,22 @@ def rehearse(model: str, algo: str, world: int = 8, gpu_gb: float = 80.0, extra:
             def value_update():
                 b = batch()
                 b.old_values, b.returns = torch.zeros_like(b.response_mask), torch.ones_like(b.response_mask)
-                critic.after_update(b)
+                critic.after_update(b, Step(index=0, seed=0, generate=None, actor_passes=None, engine=None))
 
             measured["critic update"] = Measured(critic.model, critic.optimizer).run(value_update)
             held["critic"] = resident_bytes(critic.model, critic.optimizer)
         if "generative critic" in parts:
             critic_model = load_actor(plan_args.critic or model, device, world, args, target="cuda")
             critic_opt = adamw(critic_model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-            update_args = SimpleNamespace(**{**vars(args), "kl_coef": 0.0, "ppo_epochs": 1, "mini_batches": 1,
-                                             "share_prompts": False})
+            settings = UpdateSettings.of(args, kl_coef=0.0, ppo_epochs=1, mini_batches=1, share_prompts=False,
+                                         temperature=args.critic_temperature, share_prefixes=args.pack_critic_states)
 
             def critic_update():
                 b = genac_critic_batch(plan_args.prompt_tokens, plan_args.response_tokens, args.segment_tokens,
                                        memory.ICC_TEMPLATE_TOKENS, plan_args.critic_new_tokens, 1, shape.vocab)
                 b = b.select(torch.arange(len(b))[-2 * mb:])  # two micro-batches of the longest states: the peak
                 b.advantages = torch.ones_like(b.response_mask)
-                ppo_update(critic_model, critic_opt, b, update_args, device, world,
-                           share_prefixes=args.pack_critic_states)
+                ppo_update(critic_model, critic_opt, b, settings, device, world)  # GenerativeCritic.update's
 
             measured["critic update"] = Measured(critic_model, critic_opt).run(critic_update)
             held["critic"] = resident_bytes(critic_model, critic_opt)

@@ -2,9 +2,9 @@
 
 In one process, on one batch, each phase next to its bare counterpart:
 
-    generation  the loop's engine call (rollout.VLLMEngine.generate: sampled log-probs, Sample objects) vs a bare
+    generation  the loop's engine call (engine.VLLMEngine.generate: sampled log-probs, Sample objects) vs a bare
                 vLLM `LLM.generate` of the same prompts, n, max_tokens and temperature (no log-probs), per shape
-    update      the loop's update (actor.ppo_update: the old-log-prob pass where it is needed, PPO-clip loss,
+    update      the loop's update (update.ppo_update: the old-log-prob pass where it is needed, PPO-clip loss,
                 normaliser, metrics, gradient clipping, optimizer steps) vs a bare forward+backward of the same
                 micro-batches (same rows, same shared-prompt packing, a trivial loss) and the same optimizer steps;
                 and the update as it was before the on-policy shortcut (a separate no-grad pass first)
@@ -34,13 +34,14 @@ def bare_generate(engine, prompt_ids: list[list[int]], n: int, max_tokens: int) 
 def bare_update(model, optimizer, batch, steps: list[torch.Tensor], size: int, share: bool, args, device) -> None:
     """Forward + backward of the loop's micro-batches with a trivial loss, one optimizer step per mini-batch."""
     import actor
+    import packing
     for mini in steps:
         optimizer.zero_grad(set_to_none=True)
         mini_batch = batch.select(mini)
-        for idx in actor.rollout_micro_batches(mini_batch, size, share):
+        for idx in packing.rollout_micro_batches(mini_batch, size, share):
             mb = mini_batch.select(idx)
             if share and mb.group_index.unique().numel() < len(mb):
-                inputs, _, _ = actor.pack_shared_prompts(mb)
+                inputs, _, _ = packing.pack_shared_prompts(mb)
             else:
                 inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                               position_ids=(mb.attention_mask.cumsum(1) - 1).clamp(min=0))
@@ -56,7 +57,10 @@ def speed_main(argv: list[str]) -> None:
 
     import actor
     from data import DataError, format_prompt, load_problems
-    from rollout import build_rollout_batch, make_engine, resolve_model_path
+    from engine import make_engine
+    from flags import add_update_arguments
+    from rollout import build_rollout_batch, resolve_model_path
+    from update import UpdateSettings, mini_batch_indices, ppo_update
     from verifier import MathVerifier, score_responses
     ap = argparse.ArgumentParser(prog="eval.py speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,21 +116,21 @@ def speed_main(argv: list[str]) -> None:
     model = actor.load_actor(model_path, device, 1)
     optimizer = actor.adamw(model.parameters(), lr=1e-7, weight_decay=0.0)  # tiny steps: the batch stays on-policy
     update_defaults = argparse.ArgumentParser()
-    actor.add_update_arguments(update_defaults)  # train.py's update flags and defaults
+    add_update_arguments(update_defaults)  # train.py's update flags and defaults
+    update_defaults.set_defaults(seed=0, temperature=1.0)
     run_args = update_defaults.parse_args(["--micro-batch-size", str(pa.micro_batch_size),
                                            "--mini-batches", str(pa.mini_batches)])
-    run_args.seed, run_args.temperature = 0, 1.0
-    first.extras["step"] = 0
+    settings = UpdateSettings.of(run_args)
     first.advantages = (first.rewards - first.rewards.mean())[:, None] * first.response_mask
-    steps = actor.mini_batch_indices(first, pa.mini_batches, torch.Generator().manual_seed(0))
+    steps = mini_batch_indices(first, pa.mini_batches, torch.Generator().manual_seed(0))
     tokens = float(first.attention_mask.sum())
 
     def loop_update(separate_pass: bool) -> float:
         first.old_logprobs = first.entropies = None
         start = time.time()
         if separate_pass:  # before the on-policy shortcut: a no-grad pass over every rollout first
-            actor.compute_old_logprobs(model.eval(), first, run_args, device)
-        actor.ppo_update(model.train(), optimizer, first, run_args, device, 1)
+            actor.compute_old_logprobs(model.eval(), first, settings, device)
+        ppo_update(model.train(), optimizer, first, settings, device, 1)
         return time.time() - start
 
     def bare() -> float:
@@ -146,7 +150,7 @@ def speed_main(argv: list[str]) -> None:
           f"{pa.mini_batches} mini-batch(es), micro-batch {pa.micro_batch_size} | seconds | rollout tokens/s | "
           "vs bare |\n|---|---|---|---|")
     for name, label in (("bare", "bare forward + backward + optimizer step"),
-                        ("loop", "the loop's update (actor.ppo_update)"),
+                        ("loop", "the loop's update (update.ppo_update)"),
                         ("separate", "the loop's update after a separate old-log-prob pass (before the shortcut)")):
         print(f"| {label} | {mean[name]:.2f} | {tokens / mean[name]:.0f} | {mean[name] / mean['bare'] - 1:+.0%} |",
               flush=True)

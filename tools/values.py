@@ -166,11 +166,13 @@ def load_or_build_states(cache: Path, meta: dict, build) -> list[dict]:
     return states
 
 
-def load_generative_critic(path: str, args, guided: bool = False, critic_max_new_tokens: int | None = None):
+def load_generative_critic(path: str, args, policy_path: str, guided: bool = False,
+                           critic_max_new_tokens: int | None = None):
     """GenAC's critic (genac.GenAC, its own vLLM engine) with GenAC's defaults as train.py picks them
     (GenAC.check_arguments: cpu profile for the offline default policy, else the paper's); its prompts are sized for a
-    512-token problem prompt + args.max_new_tokens of response. args: policy (as given), policy_path, engine_dtype,
-    seed, max_new_tokens. guided: answers constrained to '<reasoning> \\boxed{0..10}' (--critic-guided);
+    512-token problem prompt + args.max_new_tokens of response. args: policy (as given), engine_dtype, seed,
+    max_new_tokens; policy_path: its folder. guided: answers constrained to '<reasoning> \\boxed{0..10}'
+    (--critic-guided);
     critic_max_new_tokens: the critic's reasoning budget (None: the profile's)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -179,26 +181,25 @@ def load_generative_critic(path: str, args, guided: bool = False, critic_max_new
     from genac import GenAC
     defaults = argparse.ArgumentParser()
     GenAC.add_arguments(defaults)
-    critic_args = argparse.Namespace(**{
-        **vars(defaults.parse_args([])), "critic_model": path, "critic_lr": 0.0, "weight_decay": 0.0, "engine": "vllm",
-        "engine_dtype": args.engine_dtype, "seed": args.seed, "gpu_memory_utilization": 0.2, "model": args.policy,
-        "icc_carry_over": True, "max_prompt_tokens": 512, "max_new_tokens": args.max_new_tokens,
-        "gradient_checkpointing": False, "critic_guided": guided, "critic_max_new_tokens": critic_max_new_tokens,
-        "sync_bucket_mb": SYNC_BUCKET_MB})
+    defaults.set_defaults(critic_model=path, critic_lr=0.0, weight_decay=0.0, engine="vllm",
+                          engine_dtype=args.engine_dtype, seed=args.seed, gpu_memory_utilization=0.2, model=args.policy,
+                          icc_carry_over=True, max_prompt_tokens=512, max_new_tokens=args.max_new_tokens,
+                          gradient_checkpointing=False, critic_guided=guided,
+                          critic_max_new_tokens=critic_max_new_tokens, sync_bucket_mb=SYNC_BUCKET_MB)
+    critic_args = defaults.parse_args([])
     GenAC.check_arguments(critic_args)  # the profile follows --policy as given (None: the offline default model)
-    critic_args.model = args.policy_path
     with torch.device("meta"):  # the actor's size for the ICC hint
-        actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.policy_path))
-    return GenAC(critic_args, actor, AutoTokenizer.from_pretrained(args.policy_path), torch.device("cpu"), 1)
+        actor = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy_path))
+    return GenAC(critic_args, actor, AutoTokenizer.from_pretrained(policy_path), torch.device("cpu"), 1)
 
 
 def generative_values(path: str, states: list[dict], problems_text: list[str], partials: list[str],
-                      args) -> list[float]:
+                      args, policy_path: str) -> list[float]:
     """GenAC's critic through the value-model interface: the mean of --genac-samples answers per state (temperature
     0.6), an unparsable answer valued at tau and counted. Its ICC hint tau is the one it was trained with
     (genac_state.json), else the policy's success rate on these prompts (the mean state-zero value)
     (`load_generative_critic`)."""
-    critic = load_generative_critic(path, args)
+    critic = load_generative_critic(path, args, policy_path)
     if critic.success_rate.value is None:
         zero = [s["value"] for s in states if s["kind"] == "path" and s["segment"] == 0]
         critic.success_rate.update([sum(zero) / len(zero)])
@@ -252,7 +253,8 @@ def values_main(argv: list[str]) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from rollout import make_engine, resolve_model_path
+    from engine import make_engine
+    from rollout import resolve_model_path
     try:
         policy = resolve_model_path(args.policy)
         problems = load_problems(args.data, "benchmark", args.seed, args.problem_key, args.answer_key)[: args.n]
@@ -268,7 +270,6 @@ def values_main(argv: list[str]) -> None:
             "rank_prompts": args.rank_prompts, "segment_tokens": args.segment_tokens, "max_segments": args.max_segments,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    args.policy_path = policy
 
     def build():
         engine = make_engine("vllm", policy, dtype=args.engine_dtype, seed=args.seed, max_model_len=2048)
@@ -298,7 +299,7 @@ def values_main(argv: list[str]) -> None:
         models[name] = discriminative_value_fn(model, tokenizer, torch.device("cpu"))(problems_text, partials)
         del model
     for spec, path in zip(args.genac, genac_paths):
-        models[f"generative critic {spec}"] = generative_values(path, states, problems_text, partials, args)
+        models[f"generative critic {spec}"] = generative_values(path, states, problems_text, partials, args, policy)
     n_path = sum(s["kind"] == "path" for s in states)
     n_groups = len({s["group"] for s in states if s["kind"] == "candidate"})
     print(f"{n_path} path states from {len(problems)} prompts of {args.data}, {n_groups} ranking groups of "
@@ -333,8 +334,9 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import actor
+    from engine import default_engine, make_engine
     from probe import POISE, probe_quality
-    from rollout import build_rollout_batch, default_engine, make_engine
+    from rollout import build_rollout_batch
     done = sorted(p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.pt").is_file())
     ckpt = done[-1] if done else None
     if ckpt is None:
@@ -344,9 +346,8 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
         raise ValueError(f"{ckpt} was not trained with --algo poise (no probe in its trainer_state.pt)")
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    poise = POISE(SimpleNamespace(probe_bootstrap_steps=0, rollouts_per_prompt=samples,
-                                  **run_probe_settings(run_dir, state)), model, tokenizer, None, 1)
-    poise.load_state_dict(state)
+    poise = POISE(run_arguments(run_dir, "poise"), model, tokenizer, None, 1)  # the run's probe layer, pooling
+    poise.load_state_dict(state)  # refused, naming the flag, if the checkpoint's features were made otherwise
     problems = load_problems(data, "benchmark", seed)[:num_prompts]
     prompt_ids = [format_prompt(tokenizer, p) for p in problems]
     engine = make_engine(default_engine(), str(ckpt), seed=seed, max_model_len=1024)
@@ -355,9 +356,10 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
     flat = [(p, s) for p, group in enumerate(rollouts) for s in group]
     rewards, _ = score_responses([s.text for _, s in flat], [problems[p] for p, _ in flat], None)
     batch = build_rollout_batch(prompt_ids, rollouts, rewards, tokenizer.pad_token_id)
-    args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
-    actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), poise.hidden_features)
-    values = poise.baseline.predict_values(batch.features)  # [N]
+    passes = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
+    features = poise.features(batch, actor.old_logprob_passes(model, batch, passes, torch.device("cpu"),
+                                                              hidden_layer=poise.layer))  # [N, F]
+    values = poise.baseline.predict_values(features)  # [N]
     count = torch.zeros(len(problems)).index_add_(0, batch.group_index, torch.ones(len(batch)))
     predicted = torch.zeros(len(problems)).index_add_(0, batch.group_index, values.float()) / count  # [P]
     observed = torch.zeros(len(problems)).index_add_(0, batch.group_index, batch.rewards) / count  # [P]
@@ -366,15 +368,16 @@ def probe_heldout_quality(run_dir: str, data: str = "arithmetic", num_prompts: i
             "mae_of_constant": float((observed - observed.mean()).abs().mean())}
 
 
-def run_probe_settings(run_dir, state: dict) -> dict:
-    """The probe's feature settings a POISE run trained with: its checkpoint's (POISE.feature_settings), else its
-    run.json's flags, else the defaults. -> {"probe_layer", "probe_standardize_hidden"}."""
+def run_arguments(run_dir, algo: str):
+    """The train.py arguments a run finished with (its run.json: runrecord.effective_args), so an algorithm built
+    from them reads what the run read (POISE's probe layer, pooling and standardisation); a run without run.json (an
+    older one): train.py's defaults for `algo`."""
+    import argparse
+
     import runrecord
+    from flags import parse_train_args
     record = runrecord.load(run_dir)
-    ran = runrecord.effective_args(record) if record else {}
-    settings = {"probe_layer": ran.get("probe_layer"),
-                "probe_standardize_hidden": bool(ran.get("probe_standardize_hidden", False))}
-    return {**settings, **state.get("features", {})}
+    return argparse.Namespace(**runrecord.effective_args(record)) if record else parse_train_args(["--algo", algo])
 
 
 def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int = 45,
@@ -388,8 +391,10 @@ def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import actor
+    from engine import Sample
+    from flags import parse_train_args
     from probe import POISE, RidgeProbe
-    from rollout import Sample, build_rollout_batch, resolve_model_path
+    from rollout import build_rollout_batch, resolve_model_path
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(None), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(None))
     g = torch.Generator().manual_seed(0)
@@ -399,14 +404,17 @@ def probe_feature_cost(repeats: int = 3, rollouts: int = 32, prompt_tokens: int 
                 for _ in range(2)] for _ in prompts]
     batch = build_rollout_batch(prompts, samples, [0.0] * rollouts, pad_id=2)
     args = SimpleNamespace(micro_batch_size=16, dtype="bf16", share_prompts=False, temperature=1.0)
-    poise = POISE(SimpleNamespace(probe_layer=None, probe_bootstrap_steps=16, rollouts_per_prompt=2,
-                                  probe_standardize_hidden=False), model, tokenizer, None, 1)
+    poise = POISE(parse_train_args(["--algo", "poise"]), model, tokenizer, None, 1)  # train.py's POISE
+    cpu = torch.device("cpu")
     plain, with_features = [], []
-    actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), None)  # warm-up
+    actor.compute_old_logprobs(model, batch, args, cpu)  # warm-up
     for _ in range(repeats):
-        for hidden_features, out in ((None, plain), (poise.hidden_features, with_features)):
+        for features, out in ((False, plain), (True, with_features)):
             start = time.perf_counter()
-            actor.compute_old_logprobs(model, batch, args, torch.device("cpu"), hidden_features)
+            if features:
+                poise.features(batch, actor.old_logprob_passes(model, batch, args, cpu, hidden_layer=poise.layer))
+            else:
+                actor.compute_old_logprobs(model, batch, args, cpu)
             out.append(time.perf_counter() - start)
     base, feat = min(plain), min(with_features)
     H = model.config.hidden_size  # the closed-form refit at a full buffer of 4096 rows
