@@ -268,11 +268,12 @@ class _FlagNames:
 
 
 def flag_owner_hint(message: str, algo: str, prog: str) -> str:
-    """For "unrecognized arguments: --x 3": which algorithms own --x, and the command that lists this run's flags."""
+    """For "unrecognized arguments: --x 3": which algorithms own --x (those with a torch-free flags class: the hint
+    imports no algorithm module), and the command that lists this run's flags."""
     owners = {}
-    for name in ALGORITHMS:
+    for name in [a for a in ALGORITHMS if a in ALGORITHM_FLAGS]:
         declared = _FlagNames()
-        algorithm_flags(name).add_arguments(declared)
+        ALGORITHM_FLAGS[name].add_arguments(declared)
         for flag in declared.names:
             owners.setdefault(flag, []).append(name)
     unknown = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]

@@ -185,7 +185,7 @@ def resume_error(out, args, keep: tuple[str, ...]) -> str | None:
         if _same(was, now):
             continue
         flag = f"--{dest.replace('_', '-')}"
-        said = lambda v: (f"without {flag}" if v in (None, False)  # noqa: E731
+        said = lambda v: (f"without {flag}" if v is None or v is False  # noqa: E731 (0 is a value: --probe-layer 0)
                           else f"with {flag}" + ("" if v is True else f" {v}"))
         return (f"--resume: {out} holds a run {said(was)} (its {RECORD}), not {said(now)}; resume it {said(was)}, "
                 "or start this run in another --out")

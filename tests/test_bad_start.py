@@ -178,18 +178,38 @@ class read_only:
 
 
 def test_every_algorithm_takes_its_flags_from_its_torch_free_class():
-    """train.py parses and checks an algorithm's own flags without importing it (no torch: argument errors in < 2 s);
-    the algorithm class inherits that flags class unchanged, so tools calling GRPO.add_arguments get the same."""
+    """train.py parses and checks an algorithm's own flags without importing it (no torch: argument errors in < 2 s)
+    for every algorithm with a flags class in algo_flags.py (the project's seven all have one; a user's algorithm may
+    skip it: README "Add an algorithm" step 5); the algorithm class inherits that flags class unchanged, so tools
+    calling GRPO.add_arguments get the same."""
     from algo_flags import ALGORITHM_FLAGS
     from flags import ALGORITHMS, algorithm_class
-    code = ("import sys, flags; [flags.parse_train_args(['--algo', a]) for a in flags.ALGORITHMS]; "
+    assert {"grpo", "rloo", "ppo", "vcppo", "genac", "v05", "poise"} <= set(ALGORITHM_FLAGS)
+    code = ("import sys, flags, algo_flags; [flags.parse_train_args(['--algo', a]) for a in flags.ALGORITHMS "
+            "if a in algo_flags.ALGORITHM_FLAGS]; "
             "print(sorted(m for m in ('torch', 'advantage', 'critic', 'genac', 'prior', 'probe') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "[]", (p.stdout, p.stderr[-2000:])
-    for name in ALGORITHMS:
+    for name in set(ALGORITHMS) & set(ALGORITHM_FLAGS):
         cls, flags = algorithm_class(name), ALGORITHM_FLAGS[name]
         assert issubclass(cls, flags) and cls.add_arguments is flags.add_arguments, name
         assert cls.check_arguments is flags.check_arguments, name
+
+
+def test_a_resume_names_a_zero_valued_flag_as_given(tmp_path):
+    """A recorded --probe-layer 0 is a value, not an unset flag: the refusal says to resume with --probe-layer 0."""
+    import runrecord
+    import train
+    folder = tmp_path / "poise"
+    folder.mkdir()
+    args = train.parse_args(["--algo", "poise", "--probe-layer", "0", "--out", str(folder)])
+    (folder / "run.json").write_text(json.dumps({"args": vars(args), "argv": [], "resumes": []}))
+    other = train.parse_args(["--algo", "poise", "--probe-layer", "1", "--resume"])
+    assert runrecord.resume_error(folder, other, ("probe_layer",)) == (
+        f"--resume: {folder} holds a run with --probe-layer 0 (its run.json), not with --probe-layer 1; resume it "
+        "with --probe-layer 0, or start this run in another --out")
+    assert runrecord.resume_error(folder, train.parse_args(["--algo", "poise", "--probe-layer", "0"]),
+                                  ("probe_layer",)) is None
 
 
 def test_a_resume_keeps_the_flags_its_checkpoint_depends_on(tmp_path):

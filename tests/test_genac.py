@@ -311,17 +311,21 @@ def test_eval_generative_values_picks_the_profile_from_the_policy_as_given(tiny_
         pass
 
     class Spy(genac.GenAC):
-        def __init__(self, args, *rest):
-            seen.append(args)
+        def __init__(self, args, actor, tokenizer, *rest):
+            seen.append((args, actor, tokenizer))
             raise Stop
 
     monkeypatch.setattr(genac, "GenAC", Spy)
     for policy, profile in ((None, "cpu"), (tiny_model, "paper")):
-        args = SimpleNamespace(policy=policy, policy_path=tiny_model, engine_dtype="float32", seed=0, max_new_tokens=12)
+        args = SimpleNamespace(policy=policy, engine_dtype="float32", seed=0, max_new_tokens=12)
         with pytest.raises(Stop):
-            E.generative_values("critic", [], [], [], args)
-        assert seen[-1].genac_profile == profile and seen[-1].model == tiny_model and seen[-1].icc_carry_over
-        assert seen[-1].critic_max_new_tokens == (128 if profile == "cpu" else 1024)
+            E.generative_values("critic", [], [], [], args, tiny_model)  # tiny_model: the policy's folder
+        critic_args, actor, tokenizer = seen[-1]
+        assert critic_args.genac_profile == profile and critic_args.icc_carry_over
+        assert critic_args.model == policy  # as given (None: the offline default, which GenAC resolves itself)
+        assert critic_args.critic_max_new_tokens == (128 if profile == "cpu" else 1024)
+        assert tokenizer.name_or_path == tiny_model
+        assert actor.config.hidden_size == 128  # the ICC size hint reads the policy's folder (the default: 576)
 
 
 class _FakeEngine:
