@@ -264,30 +264,31 @@ PLANNED_FLAGS = ("micro_batch_size", "gradient_checkpointing", "gpu_memory_utili
                  "engine_max_num_batched_tokens")
 
 
-def choose_defaults(args, margin_gb: float = MARGIN_GB) -> list[str]:
-    """Fill the flags left None from the plan: the largest micro-batch without gradient checkpointing whose updates
-    leave `margin_gb` (else with checkpointing), then the largest engine share (<= 0.85) whose generate/judge/sync
-    leave it, and vLLM's batch limits (ENGINE_MAX_NUM_SEQS / _BATCHED_TOKENS). -> the names it chose."""
-    chosen = [k for k in PLANNED_FLAGS if getattr(args, k) is None]
-    if args.engine_max_num_seqs is None:
-        args.engine_max_num_seqs = ENGINE_MAX_NUM_SEQS
-    if args.engine_max_num_batched_tokens is None:
-        args.engine_max_num_batched_tokens = ENGINE_MAX_NUM_BATCHED_TOKENS
-    share = args.gpu_memory_utilization
-    args.gpu_memory_utilization = 0.5 if share is None else share  # the updates do not depend on it
-    candidates = [(c if args.gradient_checkpointing is None else args.gradient_checkpointing,
-                   m if args.micro_batch_size is None else args.micro_batch_size)
+def choose_defaults(inputs, margin_gb: float = MARGIN_GB) -> list[str]:
+    """Fill the flags left None in the plan's inputs (plan_namespace's, or eval.py memory's flags; never a run's
+    args): the largest micro-batch without gradient checkpointing whose updates leave `margin_gb` (else with
+    checkpointing), then the largest engine share (<= 0.85) whose generate/judge/sync leave it, and vLLM's batch
+    limits (ENGINE_MAX_NUM_SEQS / _BATCHED_TOKENS). -> the names it chose."""
+    chosen = [k for k in PLANNED_FLAGS if getattr(inputs, k) is None]
+    if inputs.engine_max_num_seqs is None:
+        inputs.engine_max_num_seqs = ENGINE_MAX_NUM_SEQS
+    if inputs.engine_max_num_batched_tokens is None:
+        inputs.engine_max_num_batched_tokens = ENGINE_MAX_NUM_BATCHED_TOKENS
+    share = inputs.gpu_memory_utilization
+    inputs.gpu_memory_utilization = 0.5 if share is None else share  # the updates do not depend on it
+    candidates = [(c if inputs.gradient_checkpointing is None else inputs.gradient_checkpointing,
+                   m if inputs.micro_batch_size is None else inputs.micro_batch_size)
                   for c in (False, True) for m in (16, 8, 4, 2, 1)]
     for checkpointing, micro in candidates:
-        args.gradient_checkpointing, args.micro_batch_size = checkpointing, micro
-        rows, facts = plan(args)
+        inputs.gradient_checkpointing, inputs.micro_batch_size = checkpointing, micro
+        rows, facts = plan(inputs)
         total = totals(rows, facts["phases"])
         if all(total[p] <= facts["gpu"] - margin_gb * GB for p in facts["phases"] if "update" in p):
             break
     if share is None:
         for share in [x / 100 for x in range(85, 4, -1)]:
-            args.gpu_memory_utilization = share
-            rows, facts = plan(args)
+            inputs.gpu_memory_utilization = share
+            rows, facts = plan(inputs)
             total = totals(rows, facts["phases"])
             if all(total[p] <= facts["gpu"] - margin_gb * GB for p in facts["phases"] if "update" not in p):
                 break
