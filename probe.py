@@ -15,8 +15,9 @@ rollouts per prompt (the authors use G = 2). One step of `--algo poise` (command
        regression, α = 100, unpenalised intercept: w = (ΦᵀΦ + αI)⁻¹Φᵀ(y − ȳ), Φ centred
     3. cross-rollout advantages (`PoiseBaseline`), the probe fitted on EARLIER steps only:
            y_i = mean_{j≠i} r_j        b_i = mean_{j≠i} g(z_j)        A_i = r_i − b_i   (no std scaling)
-       Given x, b_i depends only on the siblings' responses, so E[b_i ∇log π(y_i|x)|x] = E[b_i|x]·E[∇log π(y_i|x)|x]
-       = 0: unbiased although z_j reads a whole trajectory (g(z_i) would not be; tests/test_probe.py, a toy bandit)
+       Given x, b_i depends only on the siblings' responses, so E[b_i ∇log π(y_i|x)|x]
+       = E[b_i|x]·E[∇log π(y_i|x)|x] = 0: unbiased although z_j reads a whole trajectory (g(z_i) would not be;
+       tests/test_probe.py, a toy bandit)
     4. this step's (z, y) rows enter a FIFO buffer of the newest 4096 and the probe is refitted in closed form; the
        first 16 steps use RLOO (b_i = y_i) while it fills. Every rank fits the same probe on all ranks' rows.
 """
