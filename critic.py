@@ -34,7 +34,6 @@ from actor import adamw, autocast_context, load_actor, to_device
 from advantage import whitened_gae
 from algo_flags import PPOFlags, VCPPOFlags
 from checkpoint import load_sharded, save_model_folder
-from collectives import all_reduce
 from packing import pack_shared_prompts, rollout_micro_batches
 from rollout import RolloutBatch, resolve_model_path
 from update import mini_batch_indices, optimizer_steps
@@ -141,7 +140,7 @@ class PPO(PPOFlags):
         batch.old_values = self.values(batch)  # [N, R]
         returns_lam = args.lam if args.critic_lam is None else args.critic_lam
         advantages, batch.returns, metrics = whitened_gae(batch.old_values, batch.rewards, batch.response_mask,
-                                                                   args.gamma, args.lam, returns_lam, all_reduce)
+                                                                   args.gamma, args.lam, returns_lam, step.all_reduce)
         metrics["time/value"] = time.time() - t
         return advantages, metrics
 

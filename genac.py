@@ -34,12 +34,11 @@ from actor import adamw, load_actor, stream_full_parameters
 from advantage import whitened_gae
 from algo_flags import GenACFlags
 from checkpoint import load_sharded, save_model_folder
-from collectives import all_gather_objects, all_reduce
 from engine import make_engine, same_architecture, serving
 from genac_segments import retokenized_prefixes, segment_boundaries, segment_values_to_tokens, token_texts
 from packing import shared_prefix_tokens
 from rollout import RolloutBatch, build_rollout_batch, resolve_model_path
-from update import UpdateSettings, mini_batch_indices, ppo_update, steps_on_zero_gradients
+from update import UpdateSettings, mini_batch_indices, steps_on_zero_gradients
 
 # answer_regex may compile past vLLM's default limit, failing every answer (docs/genac.md); a value already set wins
 os.environ.setdefault("VLLM_REGEX_COMPILATION_TIMEOUT_S", "120")
@@ -268,22 +267,24 @@ class GenerativeCritic:
         samples = [g[0] for g in outputs]
         return prompts, samples, [parse_critic_value(s.text) for s in samples]
 
-    def update(self, states: RolloutBatch, step: int) -> dict:
-        """Step 5's REINFORCE step on the judged `states` (advantages set): ppo_update with the critic's own settings.
+    def update(self, states: RolloutBatch, step) -> dict:
+        """Step 5's REINFORCE step on the judged `states` (advantages set): the loop's update (step.update, a
+        rollout.Step) with the critic's own settings.
         Every advantage 0 on every rank (all R_v equal, e.g. no answer parses): the gradient is exactly 0, so the
         optimizer steps on zeros without a forward or backward. -> its stats and zero_ranks (ranks with no signal)."""
         settings = UpdateSettings.of(self.args, kl_coef=0.0, ppo_epochs=1, mini_batches=self.args.critic_mini_batches,
                                      temperature=self.args.critic_temperature, share_prompts=False,
                                      share_prefixes=self.args.pack_critic_states)
-        zero_ranks = self.zero_advantage_ranks(states.advantages)
+        zero_ranks = self.zero_advantage_ranks(states.advantages, step.all_reduce)
         if zero_ranks == self.world:  # no signal on any rank: the gradient is exactly 0, so is what is skipped
             steps = settings.ppo_epochs * len(mini_batch_indices(states, settings.mini_batches, torch.Generator()))
             return {**steps_on_zero_gradients(self.model, self.optimizer, steps), "zero_ranks": zero_ranks}
-        stats = ppo_update(self.model.train(), self.optimizer, states, settings, self.device, self.world, step=step)
+        stats = step.update(self.model.train(), self.optimizer, states, settings, self.device, self.world,
+                            step=step.index)
         return {**stats, "zero_ranks": zero_ranks}
 
-    def zero_advantage_ranks(self, advantages: torch.Tensor) -> int:
-        """How many ranks' critic advantages [M, R] (masked) are all exactly 0 (all-reduced)."""
+    def zero_advantage_ranks(self, advantages: torch.Tensor, all_reduce) -> int:
+        """How many ranks' critic advantages [M, R] (masked) are all exactly 0 (summed by the loop's all_reduce)."""
         return int(all_reduce(torch.tensor([float(not advantages.count_nonzero())], dtype=torch.float64))[0])
 
     def trained_tokens(self, states: RolloutBatch) -> int:
@@ -338,11 +339,12 @@ class GenAC(GenACFlags, GenerativeCritic):
         """A state whose answer does not parse takes the running success rate tau as its value."""
         return self.success_rate.value if self.success_rate.value is not None else 0.5
 
-    def segment_values(self, batch, problems, seed: int, loop_engine=None) -> tuple[torch.Tensor, dict]:
-        """Steps 1-3 for this rank's rollouts -> token values [N, R] (v_k on every token of segment k), metrics; the
-        judged states (critic prompts, answers, rewards R_v, owners) go to batch.extras["critic_states"]."""
-        args, tokenizer, rewards = self.args, self.actor_tokenizer, batch.rewards.tolist()
-        for rs in all_gather_objects(rewards):  # every rank's tau sees every rollout, in rank order
+    def segment_values(self, batch, problems, step, seed: int) -> tuple[torch.Tensor, dict]:
+        """Steps 1-3 for this rank's rollouts, judged with `seed` on step.engine (a rollout.Step; None: the critic's own
+        engine) -> token values [N, R] (v_k on every token of segment k), metrics; the judged states (critic prompts,
+        answers, rewards R_v, owners) go to batch.extras["critic_states"]."""
+        args, tokenizer, rewards, loop_engine = self.args, self.actor_tokenizer, batch.rewards.tolist(), step.engine
+        for rs in step.all_gather(rewards):  # every rank's tau sees every rollout, in rank order
             self.success_rate.update(rs)
         owners, prompts, all_ends, parts, cut = [], [], [], {}, self.prompts_cut  # parts: problem -> (head, closing)
         for i in range(len(batch)):
@@ -365,7 +367,7 @@ class GenAC(GenACFlags, GenerativeCritic):
             length = int(batch.response_lens[i])
             token_values[i, :length] = segment_values_to_tokens(values[k:k + len(ends)], ends, length)
             k += len(ends)
-        totals = all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards),
+        totals = step.all_reduce(torch.tensor([len(parsed), sum(v is None for v in parsed), sum(critic_rewards),
                                           int(batch.attention_mask.sum()), sum(map(len, prompts)),
                                           sum(len(s.token_ids) for s in samples), cut, cached], dtype=torch.float64))
         states, failures, reward_sum, actor_tokens, prompt_tokens, generated_tokens, cut, cached = totals.tolist()
@@ -399,9 +401,9 @@ class GenAC(GenACFlags, GenerativeCritic):
     def advantages(self, batch, problems, step) -> tuple[torch.Tensor, dict]:
         """Step 4: segment values -> whitened token-level GAE. -> (token advantages [N, R], metrics)."""
         seed = step.index * 31 + 5 + 1_000_003 * step.rank  # per rank: ranks judge different states
-        token_values, metrics = self.segment_values(batch, problems, seed, step.engine)  # [N, R]
+        token_values, metrics = self.segment_values(batch, problems, step, seed)  # [N, R]
         advantages, _, gae = whitened_gae(token_values, batch.rewards, batch.response_mask, self.args.gamma,
-                                          self.args.lam, self.args.lam, all_reduce)
+                                          self.args.lam, self.args.lam, step.all_reduce)
         return advantages, {**metrics, **gae}
 
     def after_update(self, batch, step) -> dict:
@@ -416,11 +418,12 @@ class GenAC(GenACFlags, GenerativeCritic):
                                      self.pad_id)  # one answer per prompt
         states.group_index = torch.tensor(judged["owners"], dtype=torch.long)  # [M] each state's response
         trained = self.trained_tokens(states)
-        totals = all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards)), trained], dtype=torch.float64))
+        totals = step.all_reduce(torch.tensor([float(rewards.sum()), float(len(rewards)), trained],
+                                              dtype=torch.float64))
         batch_mean, trained = float(totals[0]) / max(float(totals[1]), 1.0), float(totals[2])
         states.advantages = (critic_advantages(rewards, self.args.critic_baseline, batch_mean)[:, None]
                              * states.response_mask)
-        stats = self.update(states, step.index)
+        stats = self.update(states, step)
         zero_ranks = stats["zero_ranks"]
         t_update, t = time.time() - t, time.time()
         if not self.shares(step.engine):

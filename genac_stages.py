@@ -37,7 +37,7 @@ from flags import add_update_arguments
 from genac import GenAC, critic_reward
 from genac_segments import critic_state_prefixes, segment_boundaries, token_texts
 from rollout import Step, build_rollout_batch, resolve_model_path
-from update import optimizer_steps
+from update import optimizer_steps, ppo_update
 from verifier import MathVerifier, score_responses
 
 
@@ -318,8 +318,9 @@ def pretrain_main(argv: list[str]) -> None:
         rewards, _ = score_responses([s.text for _, s in flat], [q for q, _ in flat], verifier,
                                      [s.finish_reason for _, s in flat])
         batch = build_rollout_batch(prompt_ids, samples, rewards, critic.pad_id)
-        critic_step = Step(index=step, seed=args.seed + 2000 + step, generate=None, actor_passes=None, engine=None)
-        _, m = critic.segment_values(batch, problems, critic_step.seed)  # on the critic's own engine
+        critic_step = Step(index=step, seed=args.seed + 2000 + step, generate=None, actor_passes=None, engine=None,
+                           update=ppo_update)  # no loop engine: the critic judges on its own
+        _, m = critic.segment_values(batch, problems, critic_step, critic_step.seed)
         m.update(critic.after_update(batch, critic_step))
         row = {"step": step + 1, "reward": sum(rewards) / len(rewards), **m, "time/step": time.time() - t0}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -351,7 +352,8 @@ def explain_main(argv: list[str]) -> None:
                  key=lambda s: len(s.token_ids))
     reward = score_responses([sample.text], [problem], verifier)[0][0]  # the longest of 4 samples: most segments
     batch = build_rollout_batch(prompt_ids, [[sample]], [reward], critic.pad_id)
-    values, m = critic.segment_values(batch, [problem], seed=args.seed + 1)
+    alone = Step(index=0, seed=args.seed + 1, generate=None, actor_passes=None, engine=None)  # the critic's engine
+    values, m = critic.segment_values(batch, [problem], alone, seed=args.seed + 1)
     ends = segment_boundaries(token_texts(tokenizer, sample.token_ids), args.segment_tokens, args.max_segments)
     print(f"problem: {problem.problem}   (answer {problem.answer})\nreward r = {reward:.0f}    ICC success rate "
           f"tau = {critic.fallback_value():.2f}    parse failures {m['genac/parse_failures']}/{m['genac/states']}\n")

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from advantage import broadcast_to_tokens
 from algo_flags import V05Flags, effective_k_max  # K_max = floor(1/sqrt(c)) unless --v05-kmax (App. A.6)
-from collectives import all_gather_objects, all_reduce
 
 # ----------------------------------------------------------------------------------------------
 # 1. Shrinkage fusion, OSLA targets and advantages: pure functions on tensors (±1 scale)
@@ -340,10 +339,10 @@ class V05(V05Flags):
             return [[next(flat_rewards) for _ in group] for group in samples]
 
         res = sample_with_osla(prior_values, sample_round, args.v05_n0, self.k_max(args), args.v05_cost, args.v05_pad,
-                               args.v05_min_frac, args.v05_fixed, lambda x: all_reduce(x.to(self.device)).cpu())
+                               args.v05_min_frac, args.v05_fixed, lambda x: step.all_reduce(x.to(self.device)).cpu())
         rates = torch.tensor([sum(r) / len(r) for r in res.rewards])  # [P]
         union = [torch.cat(xs)
-                 for xs in zip(*all_gather_objects((res.counts, res.weight, res.rejected, prior_values, rates)))]
+                 for xs in zip(*step.all_gather((res.counts, res.weight, res.rejected, prior_values, rates)))]
         # all ranks' prompts
         metrics = {**osla_metrics(replace(res, counts=union[0], weight=union[1], rejected=union[2])),
                    **prior_metrics(union[3], union[4]), **self.prior.last_head_params}
@@ -360,7 +359,7 @@ class V05(V05Flags):
 
     def after_update(self, batch, step) -> dict:
         """Every rank's prior takes every rank's (prompt, success rate) pairs, in rank order."""
-        for texts, rates in all_gather_objects(batch.extras["observed"]):
+        for texts, rates in step.all_gather(batch.extras["observed"]):
             self.prior.update(texts, rates)
         return {}
 

@@ -32,7 +32,6 @@ import torch
 
 from advantage import broadcast_to_tokens
 from algo_flags import POISEFlags
-from collectives import all_gather_objects
 
 POOL_TOKENS = 10  # tokens averaged for each hidden-state feature [code]
 ENTROPY_FEATURES = 3  # whole-response, reasoning-span and answer-span mean entropy
@@ -407,7 +406,7 @@ class POISE(POISEFlags):
         t = time.time()
         features = self.features(batch, step.actor_passes(batch, hidden_layer=self.layer))  # [N, F]
         seconds = time.time() - t
-        rows = all_gather_objects((features, batch.rewards, batch.group_index))
+        rows = step.all_gather((features, batch.rewards, batch.group_index))
         group_offsets = [0]
         for _, _, groups in rows:
             group_offsets.append(group_offsets[-1] + int(groups.max()) + 1)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from collectives import all_reduce
+from collectives import all_gather_objects, all_reduce
 from data import Problem, format_prompt
 from engine import Sample
 from verifier import score_responses
@@ -158,6 +158,10 @@ class Step:
         time, with decoder `hidden_layer`'s output (POISE reads it; the pass fills the old log-probs for the update).
     engine: the loop's engine; engine.serving(engine, weights, holder) serves other weights on it for a while (GenAC's
         critic judges on it with its own weights; the loop gives the actor's back at the sync).
+    all_reduce(tensor, op=SUM) -> the tensor reduced over every rank, in place; all_gather(obj) -> [every rank's obj]
+        in rank order: the loop's collectives (collectives.py; one process: the tensor, [obj]).
+    update(model, optimizer, batch, settings, device, world, step=) -> stats: the loop's update (update.ppo_update),
+        for any policy model's rows with its own update.UpdateSettings (GenAC's critic takes its REINFORCE step on it).
     """
     index: int  # the iteration, from 0, warm-up iterations included
     seed: int  # this rank's seed for the iteration's sampling
@@ -166,6 +170,9 @@ class Step:
     engine: Any
     rank: int = 0
     world: int = 1
+    all_reduce: Callable = all_reduce
+    all_gather: Callable = all_gather_objects
+    update: Callable | None = None  # None: the algorithm trains no model of its own through it (tests, tools)
 
 
 def generate_and_score(engine, problems: list[Problem], prompt_ids: list[list[int]], args, verifier, stats: dict,

@@ -15,7 +15,7 @@ the loop never asks which one it got:
 The algorithm interface (every class in ALGORITHMS has these; advantage.GRPO is the shortest example). The loop owns
 every side effect (the engine, scoring, the actor's passes, logging, checkpoints) and hands the algorithm what it needs
 in a rollout.Step, once per iteration: its index and seed, generate(counts, seed), actor_passes(batch, layer), the
-engine, the rank and world:
+engine, the rank and world, the collectives (all_reduce, all_gather) and the update (update.ppo_update, for any model):
 
     add_arguments(parser)            static: its own flags, and its defaults for shared ones (parser.set_defaults)
     check_arguments(args)            static, at parse time: raise ValueError naming a bad flag (one line); may fill
@@ -141,7 +141,7 @@ from transformers import AutoTokenizer
 
 from actor import adamw, load_actor, old_logprob_passes, stream_full_parameters
 from checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from collectives import check_shared_out, setup_distributed
+from collectives import all_gather_objects, all_reduce, check_shared_out, setup_distributed
 from data import PromptStream
 from engine import default_engine, make_engine, quiet_third_party_output, serve, serving
 from memory import device_capacity_gb, run_plan
@@ -312,7 +312,7 @@ def run_step(run: Run, step: int) -> dict:
     ctx = Step(index=step, seed=args.seed * 1_000_003 + step * 7 + run.rank, rank=run.rank, world=run.world,
                generate=functools.partial(generate_and_score, engine, problems, prompt_ids, args, run.verifier, stats),
                actor_passes=functools.partial(old_logprob_passes, model, settings=run.settings, device=run.device),
-               engine=engine)
+               engine=engine, all_reduce=all_reduce, all_gather=all_gather_objects, update=ppo_update)
     times = {}
 
     # 1. generate + score: the algorithm decides how many rollouts each prompt gets. Then the GPU memory goes to the

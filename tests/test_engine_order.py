@@ -65,7 +65,6 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
     from transformers import AutoTokenizer
 
     import engine
-    import genac
     import train
 
     events, engines = [], []  # engines: the loop's, as train.py builds it
@@ -84,17 +83,20 @@ def run_recorded(monkeypatch, tiny_model, tmp_path, *flags) -> list:
             super().load_weights(named_tensors, holder)
             events.append(("load", holder))
 
-    def recorded_update(name, update):
+    def recorded_update(update):
+        models = []  # [the first model updated]: the actor (its update comes before any critic's)
+
         def wrapper(*args, **kwargs):
-            loop_engine = engines[0]
+            if not models:
+                models.append(args[0])
+            loop_engine, name = engines[0], "actor update" if args[0] is models[0] else "critic update"
             events.append((name, tuple(sorted(loop_engine.asleep)), loop_engine.holder))
             return update(*args, **kwargs)
 
         return wrapper
 
     monkeypatch.setattr(engine, "VLLMEngine", RecordingEngine)
-    monkeypatch.setattr(train, "ppo_update", recorded_update("actor update", train.ppo_update))
-    monkeypatch.setattr(genac, "ppo_update", recorded_update("critic update", genac.ppo_update))
+    monkeypatch.setattr(train, "ppo_update", recorded_update(train.ppo_update))  # the actor's, and step.update
     train.main(
         [
             "--model",
@@ -138,7 +140,7 @@ def test_genac_judges_on_the_actor_engine_and_holds_nothing_in_the_updates(monke
     advantages are all 0; zero_advantage_ranks reports signal anyway, so the critic's full update runs (as when
     some answer differs) and must find the engine asleep."""
     import genac
-    monkeypatch.setattr(genac.GenAC, "zero_advantage_ranks", lambda self, advantages: 0)
+    monkeypatch.setattr(genac.GenAC, "zero_advantage_ranks", lambda self, advantages, all_reduce: 0)
     events = run_recorded(monkeypatch, tiny_model, tmp_path, *GENAC_FLAGS)
     step = [*GENAC_JUDGE, ("critic update", ASLEEP, "critic"), *SYNC]
     assert events == step + step

@@ -373,11 +373,12 @@ def _actor_batch(tokenizer):
     return batch, [problem]
 
 
-def _step(index: int = 0, engine=None):
+def _step(index: int = 0, engine=None, update=None):
     """What the loop hands GenAC in iteration `index` (rollout.Step): no loop engine by default, so the critic
-    judges and gets its new weights on its own engine."""
+    judges and gets its new weights on its own engine; the loop's update (update.ppo_update) unless `update`."""
     from rollout import Step
-    return Step(index=index, seed=0, generate=None, actor_passes=None, engine=engine)
+    from update import ppo_update
+    return Step(index=index, seed=0, generate=None, actor_passes=None, engine=engine, update=update or ppo_update)
 
 
 class _RecordingEngine(_FakeEngine):
@@ -405,7 +406,7 @@ def test_tau_takes_this_batchs_rewards_before_the_critic_judges(tiny_model, monk
     batch, problems = _actor_batch(critic.actor_tokenizer)
     for step, (rewards, tau) in enumerate((([1.0, 1.0], 1.0), ([0.0, 0.0], 0.2))):
         batch.rewards = torch.tensor(rewards)
-        values, m = critic.segment_values(batch, problems, seed=step)  # [N, R]
+        values, m = critic.segment_values(batch, problems, _step(), seed=step)  # [N, R]
         assert len(engine.calls) == step + 1 and engine.calls[-1] == batch.extras["critic_states"]["prompts"]
         hint = f"the average success rate of the model on the dataset is {tau:.2f}."
         assert all(hint in critic.tokenizer.decode(p) for p in engine.calls[-1]), hint
@@ -430,11 +431,11 @@ def test_critic_prompts_fit_by_default_and_a_smaller_limit_is_counted(tiny_model
     assert critic.max_prompt_tokens == 512 + 40 + template
     assert critic.engine.kwargs["max_model_len"] == critic.max_prompt_tokens + 1024  # the paper profile's critic budget
     batch, problems = _actor_batch(critic.actor_tokenizer)
-    _, m = critic.segment_values(batch, problems, seed=0)
+    _, m = critic.segment_values(batch, problems, _step(), seed=0)
     assert m["genac/states"] >= 4 and m["genac/critic_prompts_cut"] == 0
     small = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8",
                    "--critic-max-prompt-tokens", "40")
-    _, m = small.segment_values(batch, problems, seed=0)
+    _, m = small.segment_values(batch, problems, _step(), seed=0)
     assert m["genac/critic_prompts_cut"] == m["genac/states"]
     assert all(len(p) == 40 for p in batch.extras["critic_states"]["prompts"])
     with pytest.raises(ValueError, match="max_position_embeddings"):  # 512 + 1000 + template + 1024 > 2048 positions
@@ -450,7 +451,7 @@ def test_cost_ratio_measured_and_the_papers_estimate(tiny_model, monkeypatch):
     T, L1, L2 = 1200, 120, 1024  # 10 segments of 1024 critic tokens
     assert flops_vs_ppo(T, T + T / L1 * L2) == pytest.approx((12000 + 8 * 11440) / 21600)
     critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8")
-    _, m = critic.segment_values(*_actor_batch(critic.actor_tokenizer), seed=0)
+    _, m = critic.segment_values(*_actor_batch(critic.actor_tokenizer), _step(), seed=0)
     T, G = m["cost/actor_tokens"], m["cost/critic_generated_tokens"]
     assert G == 3 * m["genac/states"] and m["cost/critic_prompt_tokens_cached"] == 0  # the fake engine reports none
     assert m["cost/flops_vs_ppo_paper_estimate"] == pytest.approx((10 * T + 8 * (T + G)) / (18 * T))
@@ -485,27 +486,26 @@ def test_critic_takes_one_reinforce_step_per_iteration_unless_asked(tiny_model, 
     """The actor's --mini-batches 2 does not reach the critic: one optimizer step (ratio 1, REINFORCE) per iteration,
     as in the pretraining stage; --critic-mini-batches 2 asks for two. An update without signal (every answer
     'fine \\boxed{5}': R_v = 0.75 for r = 1 and r = 0) takes as many steps without ppo_update."""
-    import genac
-    real, calls = genac.ppo_update, []
+    from update import ppo_update
+    calls = []
 
-    def spy(*args, **kwargs):
-        stats = real(*args, **kwargs)
+    def spy(*args, **kwargs):  # the update the loop hands over (step.update), recorded
+        stats = ppo_update(*args, **kwargs)
         calls.append((args[3].mini_batches, args[3].ppo_epochs, stats["optimizer_steps"]))
         return stats
 
-    monkeypatch.setattr(genac, "ppo_update", spy)
     for flags, steps in (([], 1), (["--critic-mini-batches", "2"], 2)):
         critic = _genac(tiny_model, monkeypatch, "--max-new-tokens", "40", "--segment-tokens", "8", *flags)
         assert critic.args.mini_batches == 2  # the actor's
         batch, problems = _actor_batch(critic.actor_tokenizer)
         critic.engine = _RecordingEngine()  # answers that differ: a signal
-        critic.segment_values(batch, problems, seed=0)
-        m = critic.after_update(batch, _step(0))
+        critic.segment_values(batch, problems, _step(), seed=0)
+        m = critic.after_update(batch, _step(0, update=spy))
         assert calls[-1] == (steps, 1, steps) and m["genac/critic_optimizer_steps"] == steps
         assert m["genac/critic_update_skipped"] == 0
         critic.engine, ran = _FakeEngine(), len(calls)  # no signal
-        critic.segment_values(batch, problems, seed=1)
-        m = critic.after_update(batch, _step(1))
+        critic.segment_values(batch, problems, _step(), seed=1)
+        m = critic.after_update(batch, _step(1, update=spy))
         assert len(calls) == ran and m["genac/critic_update_skipped"] == 1 == m["genac/critic_zero_ranks"]
         assert m["genac/critic_optimizer_steps"] == steps
 
@@ -534,12 +534,13 @@ def test_a_critic_update_without_signal_skips_its_compute_and_equals_the_full_up
     full update's bit for bit; loss and grad norm are logged as 0, the skip counted. The plant (skipping the
     optimizer step too) differs: weight decay, moments and step count did not move."""
     import genac
-    real, forwards = genac.ppo_update, []
-    monkeypatch.setattr(genac, "ppo_update", lambda *a, **k: forwards.append(a[0]) or real(*a, **k))
+    from update import ppo_update
+    forwards = []
+    spy = lambda *a, **k: forwards.append(a[0]) or ppo_update(*a, **k)  # noqa: E731  the loop's update, recorded
     flags = ("--max-new-tokens", "40", "--segment-tokens", "8", "--dtype", "fp32", "--critic-lr", "1e-3",
              "--weight-decay", "0.1")
     full, skip, planted = (_genac(tiny_model, monkeypatch, *flags) for _ in range(3))
-    full.zero_advantage_ranks = lambda advantages: 0  # never skips: forward and backward on zero advantages
+    full.zero_advantage_ranks = lambda advantages, all_reduce: 0  # never skips: forward and backward on zero advantages
     real_skip = genac.steps_on_zero_gradients  # update.steps_on_zero_gradients, as genac calls it
     monkeypatch.setattr(genac, "steps_on_zero_gradients", lambda model, optimizer, steps: (
         {"policy_loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 1} if model is planted.model
@@ -549,8 +550,8 @@ def test_a_critic_update_without_signal_skips_its_compute_and_equals_the_full_up
         batch, problems = _actor_batch(critic.actor_tokenizer)
         for step, engine in enumerate((_RecordingEngine(), _FakeEngine())):  # a real step, then all R_v = 0.75
             critic.engine = engine
-            critic.segment_values(batch, problems, seed=step)
-            metrics[name, step] = critic.after_update(batch, _step(step))
+            critic.segment_values(batch, problems, _step(), seed=step)
+            metrics[name, step] = critic.after_update(batch, _step(step, update=spy))
     assert [metrics[n, 0]["genac/critic_update_skipped"] for n in ("full", "skip", "planted")] == [0, 0, 0]
     assert metrics["full", 0]["genac/critic_grad_norm"] > 0
     assert [metrics[n, 1]["genac/critic_update_skipped"] for n in ("full", "skip", "planted")] == [0, 1, 1]
@@ -720,7 +721,7 @@ def test_critic_prompts_are_token_exact_states_sharing_their_prefix(tiny_model, 
                         *flags)
         critic.engine = _RecordingEngine()  # answers that differ: a nonzero gradient to compare (not the skip)
         batch, problems = _actor_batch(critic.actor_tokenizer)
-        critic.segment_values(batch, problems, seed=0)
+        critic.segment_values(batch, problems, _step(), seed=0)
         prompts, owners = batch.extras["critic_states"]["prompts"], batch.extras["critic_states"]["owners"]
         head, closing = critic.prompt_parts(problems[0].problem)
         y = batch.response_ids[0, : int(batch.response_lens[0])].tolist()

@@ -109,6 +109,7 @@ def test_imports_run_one_way():
     assert not [m for m, deps in imports.items() if m not in entry_points | tools and deps & tools]
     for algorithm_file in algorithm_files:
         assert imports[algorithm_file] <= shared_parts, (algorithm_file, imports[algorithm_file] - shared_parts)
+        assert "collectives" not in imports[algorithm_file], f"{algorithm_file}: the loop hands step.all_reduce"
     for part in shared_parts - algorithm_files:
         assert imports[part] <= shared_parts, (part, imports[part] - shared_parts)
     for part in run_parts:

@@ -282,14 +282,14 @@ def fake_v05(prior_of: dict, kmax=None, cost=0.0039, min_frac=0.1):
     return algo
 
 
-def step(index: int, generate=None, seed: int = 0):
-    """What the loop hands V05 in iteration `index` (rollout.Step), with a fake train.py `generate`."""
+def step(index: int, generate=None, seed: int = 0, **collectives):
+    """What the loop hands V05 in iteration `index` (rollout.Step), with a fake `generate` (and collectives)."""
     from rollout import Step
-    return Step(index=index, seed=seed, generate=generate, actor_passes=None, engine=None)
+    return Step(index=index, seed=seed, generate=generate, actor_passes=None, engine=None, **collectives)
 
 
-def run_v05_sample(algo, streams: dict, calls=None):
-    """algo.sample over the problems in `streams` (text -> its fixed rewards) with a fake train.py `generate`.
+def run_v05_sample(algo, streams: dict, calls=None, **collectives):
+    """algo.sample over the problems in `streams` (text -> its fixed rewards) with a fake `generate`.
     -> (samples, rewards, metrics, extras)."""
     problems, served = [SimpleNamespace(problem=t) for t in streams], dict.fromkeys(streams, 0)
     calls = [] if calls is None else calls
@@ -302,15 +302,16 @@ def run_v05_sample(algo, streams: dict, calls=None):
             samples.append([f"{p.problem} #{i}" for i in range(s, s + n)])
             rewards += streams[p.problem][s:s + n]
         return samples, rewards
-    return algo.sample(problems, [[0]] * len(problems), step(0, generate))
+    return algo.sample(problems, [[0]] * len(problems), step(0, generate, **collectives))
 
 
 def test_v05_sample_runs_the_rounds_other_ranks_need(monkeypatch):
     other_rank = iter([[1, 2], [1, 2]])  # another rank with 2 prompts: 1 wants more after rounds 1 and 2, then none
-    monkeypatch.setattr(prior, "all_reduce", lambda x: x + torch.tensor(next(other_rank, [0, 2])))
+    two_ranks = lambda x: x + torch.tensor(next(other_rank, [0, 2]))  # noqa: E731  the loop's all_reduce, 2 ranks
     calls = []
     algo = fake_v05({"a": 1.0, "b": 0.0, "c": 1.0})
-    samples, rewards, metrics, extras = run_v05_sample(algo, {"a": [1.0] * 16, "b": [0.0] * 16, "c": [1.0] * 16}, calls)
+    samples, rewards, metrics, extras = run_v05_sample(algo, {"a": [1.0] * 16, "b": [0.0] * 16, "c": [1.0] * 16}, calls,
+                                                       all_reduce=two_ranks)
     assert calls == [[4, 4, 4]]  # rounds 2 and 3 ask nothing of this rank: no engine call
     assert metrics["osla_rounds"] == 3 and [len(s) for s in samples] == [4, 4, 4]
     assert rewards == [1.0] * 4 + [0.0] * 4 + [1.0] * 4
@@ -324,16 +325,14 @@ def test_v05_sample_runs_the_rounds_other_ranks_need(monkeypatch):
     assert learned == [(["a", "b", "c"], [1.0, 0.0, 1.0])]
 
 
-def test_v05_metrics_cover_every_ranks_prompts(monkeypatch):
+def test_v05_metrics_cover_every_ranks_prompts():
     prior_of = {"a": 0.0, "b": 1.0, "c": 0.5, "d": 0.9, "e": 0.2, "f": 1.0, "g": 0.0, "h": 0.6}
     streams = {t: [float((3 * i + j) % 4 != 0) for j in range(16)] for i, t in enumerate(prior_of)}
     shards = [dict(list(streams.items())[:4]), dict(list(streams.items())[4:])]
-    gathered = []  # rank 1's all_gather_objects argument
-    monkeypatch.setattr(prior, "all_gather_objects", lambda obj: gathered.append(obj) or [obj])
-    run_v05_sample(fake_v05(prior_of), shards[1])
-    monkeypatch.setattr(prior, "all_gather_objects", lambda obj: [obj, gathered[0]])  # rank 0 sees both ranks
-    _, _, rank0, _ = run_v05_sample(fake_v05(prior_of), shards[0])
-    monkeypatch.undo()
+    gathered = []  # rank 1's all_gather argument
+    run_v05_sample(fake_v05(prior_of), shards[1], all_gather=lambda obj: gathered.append(obj) or [obj])
+    _, _, rank0, _ = run_v05_sample(fake_v05(prior_of), shards[0],
+                                    all_gather=lambda obj: [obj, gathered[0]])  # rank 0 sees both ranks
     _, rewards, union, _ = run_v05_sample(fake_v05(prior_of), streams)  # one rank holding every prompt
     assert rank0 == pytest.approx(union) and rank0["rollouts_total"] == len(rewards)
     assert rank0["rollouts_hist_k4"] + rank0["rollouts_hist_k16"] == 8 and 0 < rank0["prior_rejected_share"] < 1
