@@ -131,6 +131,15 @@ class RunningSuccessRate:
 
 
 # ---- 2. The critic (its model, optimizer, prompts, engine and update), then the algorithm around it ----
+def critic_update_settings(args) -> UpdateSettings:
+    """The critic's REINFORCE step (Alg. 1 l. 23) as the loop's update: one epoch of --critic-mini-batches optimizer
+    steps (1: ratio 1, plain REINFORCE), log-probs at --critic-temperature, no KL, a response's states packed in one
+    row (--pack-critic-states)."""
+    return UpdateSettings.of(args, kl_coef=0.0, ppo_epochs=1, mini_batches=args.critic_mini_batches,
+                             temperature=args.critic_temperature, share_prompts=False,
+                             share_prefixes=args.pack_critic_states)
+
+
 def flops_vs_ppo(actor_tokens: float, critic_tokens: float, critic_trained_tokens: float | None = None) -> float:
     """Training FLOPs over PPO's, same-size critic (App. C): PPO = 10 P T + 8 P T, GenAC = 10 P T + 8 P T_c, the
     critic's 8 P per token being 2 P to judge and 6 P to train; with its judged tokens J (prompt tokens computed +
@@ -272,9 +281,7 @@ class GenerativeCritic:
         rollout.Step) with the critic's own settings.
         Every advantage 0 on every rank (all R_v equal, e.g. no answer parses): the gradient is exactly 0, so the
         optimizer steps on zeros without a forward or backward. -> its stats and zero_ranks (ranks with no signal)."""
-        settings = UpdateSettings.of(self.args, kl_coef=0.0, ppo_epochs=1, mini_batches=self.args.critic_mini_batches,
-                                     temperature=self.args.critic_temperature, share_prompts=False,
-                                     share_prefixes=self.args.pack_critic_states)
+        settings = critic_update_settings(self.args)
         zero_ranks = self.zero_advantage_ranks(states.advantages, step.all_reduce)
         if zero_ranks == self.world:  # no signal on any rank: the gradient is exactly 0, so is what is skipped
             steps = settings.ppo_epochs * len(mini_batch_indices(states, settings.mini_batches, torch.Generator()))

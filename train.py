@@ -345,9 +345,10 @@ def run_step(run: Run, step: int) -> dict:
 
     # 4. sync: the new actor weights into the engine, or the actor's back where the critic's were served (GenAC)
     t = time.time()
-    if actor_trains or engine.holder != "actor":
+    if actor_trains or engine.holder != "actor":  # serve leaves it awake
         serve(engine, stream_full_parameters(model, args.sync_bucket_mb, engine.dtype), "actor")
-    engine.wake()  # the KV cache (level 1: the weights too) for the evaluation and the next generation
+    else:  # a warm-up step: the level-1 sleep kept the actor's weights; the KV cache back for the next generation
+        engine.wake()
     times["time/sync"], times["time/step"] = time.time() - t, time.time() - t_step
 
     # 5. the step's record

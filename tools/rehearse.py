@@ -261,15 +261,15 @@ def rehearse(model: str, algo: str, world: int = 8, gpu_gb: float = 80.0, extra:
         if "generative critic" in parts:
             critic_model = load_actor(plan_args.critic or model, device, world, args, target="cuda")
             critic_opt = adamw(critic_model.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-            settings = UpdateSettings.of(args, kl_coef=0.0, ppo_epochs=1, mini_batches=1, share_prompts=False,
-                                         temperature=args.critic_temperature, share_prefixes=args.pack_critic_states)
+            from genac import critic_update_settings
+            settings = critic_update_settings(args)  # GenerativeCritic.update's
 
             def critic_update():
                 b = genac_critic_batch(plan_args.prompt_tokens, plan_args.response_tokens, args.segment_tokens,
                                        memory.ICC_TEMPLATE_TOKENS, plan_args.critic_new_tokens, 1, shape.vocab)
                 b = b.select(torch.arange(len(b))[-2 * mb:])  # two micro-batches of the longest states: the peak
                 b.advantages = torch.ones_like(b.response_mask)
-                ppo_update(critic_model, critic_opt, b, settings, device, world)  # GenerativeCritic.update's
+                ppo_update(critic_model, critic_opt, b, settings, device, world)
 
             measured["critic update"] = Measured(critic_model, critic_opt).run(critic_update)
             held["critic"] = resident_bytes(critic_model, critic_opt)
